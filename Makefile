@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine: `make demo` (set up + run the main job) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN_DIR ?= runs/demo
+SHARED_DATA ?= ../shared/data
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/darp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/darp
+
+setup: $(BIN)/darp
+
+demo: setup
+	$(BIN)/darp demo --run-dir $(RUN_DIR) --shared-data $(SHARED_DATA)
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+bench: setup
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,374 @@
+"""The one on-disk format every stage reads: a data-set directory of Parquet tables.
+
+Layout of a data set directory::
+
+    manifest.json     {"schema_version": 1, "name": ..., "n_sketches": ..., "n_photos": ..., "source": ...}
+    sketches.parquet  sketch_id, photo_id, split, drawer, canvas_width, canvas_height, x, y, pen
+    photos.parquet    photo_id, split, image (encoded PNG/JPEG bytes)
+
+Coordinates are stored normalised to the unit square [0, 1]^2 of the canvas (a non-square canvas is
+scaled by its longer side and centred), y pointing down as on screen. ``pen`` is 1 on the last point
+of every stroke, 0 elsewhere. Writes go to a temporary sibling directory that is renamed at the end,
+so a crash never leaves a half-written data set.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the problem."""
+
+
+@dataclass
+class SketchSet:
+    """A batch of variable-length sketches stored as one flat point array.
+
+    points:  (P, 3) float32, columns x, y in [0, 1] and pen (1.0 on the last point of a stroke).
+    offsets: (S + 1,) int64; sketch i is points[offsets[i]:offsets[i + 1]].
+    The per-sketch columns are numpy arrays of length S.
+    """
+
+    points: np.ndarray
+    offsets: np.ndarray
+    sketch_id: np.ndarray
+    photo_id: np.ndarray
+    split: np.ndarray
+    drawer: np.ndarray
+    canvas_width: np.ndarray = field(default=None)
+    canvas_height: np.ndarray = field(default=None)
+
+    def __post_init__(self):
+        n = len(self.offsets) - 1
+        if self.canvas_width is None:
+            self.canvas_width = np.full(n, 256.0, np.float32)
+        if self.canvas_height is None:
+            self.canvas_height = np.full(n, 256.0, np.float32)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def sketch(self, i: int) -> np.ndarray:
+        """The (n_i, 3) points of sketch i."""
+        return self.points[self.offsets[i] : self.offsets[i + 1]]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def subset(self, index) -> "SketchSet":
+        """The sketches at `index` (a boolean mask or integer indices), in that order."""
+        index = np.flatnonzero(index) if np.asarray(index).dtype == bool else np.asarray(index, np.int64)
+        lengths = self.lengths()[index]
+        offsets = np.zeros(len(index) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        if len(index):
+            gather = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in index])
+        else:
+            gather = np.zeros(0, np.int64)
+        return SketchSet(
+            points=self.points[gather],
+            offsets=offsets,
+            sketch_id=self.sketch_id[index],
+            photo_id=self.photo_id[index],
+            split=self.split[index],
+            drawer=self.drawer[index],
+            canvas_width=self.canvas_width[index],
+            canvas_height=self.canvas_height[index],
+        )
+
+    @staticmethod
+    def from_list(
+        sketches: list[np.ndarray],
+        sketch_id,
+        photo_id,
+        split,
+        drawer,
+        canvas_width=None,
+        canvas_height=None,
+    ) -> "SketchSet":
+        """Build from a list of (n_i, 3) arrays (x, y in [0, 1], pen flag)."""
+        lengths = np.array([len(s) for s in sketches], np.int64)
+        offsets = np.zeros(len(sketches) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        points = (
+            np.concatenate(sketches).astype(np.float32) if sketches else np.zeros((0, 3), np.float32)
+        )
+        n = len(sketches)
+        return SketchSet(
+            points=points,
+            offsets=offsets,
+            sketch_id=np.asarray(sketch_id, dtype=object),
+            photo_id=np.asarray(photo_id, dtype=object),
+            split=np.asarray(split, dtype=object),
+            drawer=np.asarray(drawer, np.int32),
+            canvas_width=None if canvas_width is None else np.asarray(canvas_width, np.float32).reshape(n),
+            canvas_height=None if canvas_height is None else np.asarray(canvas_height, np.float32).reshape(n),
+        )
+
+
+@dataclass
+class PhotoSet:
+    """Photos of a data set: ids, splits and the encoded image bytes (decoded on demand)."""
+
+    photo_id: np.ndarray
+    split: np.ndarray
+    image_bytes: list[bytes]
+
+    def __len__(self) -> int:
+        return len(self.photo_id)
+
+    def index_of(self) -> dict[str, int]:
+        return {p: i for i, p in enumerate(self.photo_id)}
+
+    def decode(self, i: int, size: int | None = None) -> np.ndarray:
+        """Photo i as an (H, W, 3) uint8 array, resized to size x size if given."""
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.image_bytes[i])) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, np.uint8)
+
+    def decode_all(self, size: int) -> np.ndarray:
+        """All photos as (N, size, size, 3) uint8."""
+        out = np.empty((len(self), size, size, 3), np.uint8)
+        for i in range(len(self)):
+            out[i] = self.decode(i, size)
+        return out
+
+    def subset(self, index) -> "PhotoSet":
+        index = np.flatnonzero(index) if np.asarray(index).dtype == bool else np.asarray(index, np.int64)
+        return PhotoSet(self.photo_id[index], self.split[index], [self.image_bytes[i] for i in index])
+
+
+@dataclass
+class Dataset:
+    """A loaded data-set directory."""
+
+    sketches: SketchSet
+    photos: PhotoSet
+    manifest: dict
+    path: Path | None = None
+
+    def split(self, name: str) -> "Dataset":
+        """The sketches and photos of one split (photos are split with their sketches)."""
+        if name == "all":
+            return self
+        known = sorted(set(self.sketches.split) | set(self.photos.split))
+        if name not in known:
+            raise DataError(f"{self.path}: no split named {name!r}; the data set has {known}")
+        return Dataset(
+            self.sketches.subset(self.sketches.split == name),
+            self.photos.subset(self.photos.split == name),
+            self.manifest,
+            self.path,
+        )
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Encode an (H, W, 3) uint8 image as PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG", optimize=False, compress_level=3)
+    return buf.getvalue()
+
+
+def _sketch_table(s: SketchSet) -> pa.Table:
+    lengths = s.lengths()
+    offsets32 = pa.array(s.offsets.astype(np.int32))
+
+    def lists(col, typ):
+        return pa.ListArray.from_arrays(offsets32, pa.array(col, type=typ))
+
+    return pa.table(
+        {
+            "sketch_id": pa.array(list(s.sketch_id), pa.string()),
+            "photo_id": pa.array(list(s.photo_id), pa.string()),
+            "split": pa.array(list(s.split), pa.string()),
+            "drawer": pa.array(s.drawer.astype(np.int32)),
+            "canvas_width": pa.array(s.canvas_width.astype(np.float32)),
+            "canvas_height": pa.array(s.canvas_height.astype(np.float32)),
+            "n_points": pa.array(lengths.astype(np.int32)),
+            "x": lists(s.points[:, 0], pa.float32()),
+            "y": lists(s.points[:, 1], pa.float32()),
+            "pen": lists(s.points[:, 2].astype(np.int8), pa.int8()),
+        }
+    )
+
+
+def _atomic_dir(out: Path):
+    """A temporary sibling directory of `out`, to be renamed onto it by `_commit_dir`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def _commit_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "x")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def save_dataset(out: str | Path, sketches: SketchSet, photos: PhotoSet, name: str, source: str) -> Path:
+    """Write a data set directory atomically (temp dir + rename). Returns the directory."""
+    out = Path(out)
+    missing = sorted(set(sketches.photo_id) - set(photos.photo_id))
+    if missing:
+        raise DataError(f"{out}: {len(missing)} sketches point to photos that are not in the set, e.g. {missing[:3]}")
+    tmp = _atomic_dir(out)
+    try:
+        pq.write_table(_sketch_table(sketches), tmp / "sketches.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "photo_id": pa.array(list(photos.photo_id), pa.string()),
+                    "split": pa.array(list(photos.split), pa.string()),
+                    "image": pa.array(photos.image_bytes, pa.binary()),
+                }
+            ),
+            tmp / "photos.parquet",
+        )
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "name": name,
+            "source": source,
+            "n_sketches": len(sketches),
+            "n_photos": len(photos),
+            "splits": {sp: int((sketches.split == sp).sum()) for sp in sorted(set(sketches.split))},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        _commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    mf = path / "manifest.json"
+    if not mf.is_file():
+        raise DataError(f"{path}: not a data set directory (no manifest.json); create one with `darp data generate` or `darp data import-qmul`")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{mf}: not valid JSON ({e})") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(f"{mf}: schema_version {manifest.get('schema_version')!r}, this code reads {SCHEMA_VERSION}")
+    return manifest
+
+
+def load_sketches(path: str | Path) -> SketchSet:
+    """Read sketches.parquet of a data set directory (fast: flat Arrow buffers, no per-point Python)."""
+    path = Path(path)
+    read_manifest(path)
+    f = path / "sketches.parquet"
+    try:
+        t = pq.read_table(f)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{f}: cannot read Parquet table ({e})") from None
+    xs = t.column("x").combine_chunks()
+    offsets = xs.offsets.to_numpy().astype(np.int64)
+    points = np.stack(
+        [
+            xs.flatten().to_numpy(zero_copy_only=False),
+            t.column("y").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+            t.column("pen").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32),
+        ],
+        axis=1,
+    ).astype(np.float32)
+    offsets = offsets - offsets[0]
+    return SketchSet(
+        points=points,
+        offsets=offsets,
+        sketch_id=np.asarray(t.column("sketch_id").to_pylist(), dtype=object),
+        photo_id=np.asarray(t.column("photo_id").to_pylist(), dtype=object),
+        split=np.asarray(t.column("split").to_pylist(), dtype=object),
+        drawer=t.column("drawer").to_numpy().astype(np.int32),
+        canvas_width=t.column("canvas_width").to_numpy().astype(np.float32),
+        canvas_height=t.column("canvas_height").to_numpy().astype(np.float32),
+    )
+
+
+def load_photos(path: str | Path) -> PhotoSet:
+    path = Path(path)
+    f = path / "photos.parquet"
+    try:
+        t = pq.read_table(f)
+    except Exception as e:
+        raise DataError(f"{f}: cannot read Parquet table ({e})") from None
+    return PhotoSet(
+        photo_id=np.asarray(t.column("photo_id").to_pylist(), dtype=object),
+        split=np.asarray(t.column("split").to_pylist(), dtype=object),
+        image_bytes=t.column("image").to_pylist(),
+    )
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    """Load a data set directory written by `save_dataset`."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    return Dataset(load_sketches(path), load_photos(path), manifest, path)
+
+
+def holdout_by_photo(ds: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Split a data set by photo (never by sketch): returns (rest, held_out).
+
+    A fixed share `fraction` of the photos, chosen by a seeded permutation of the sorted photo
+    ids, goes to `held_out` together with every sketch of those photos.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+    ids = np.array(sorted(set(ds.photos.photo_id)), dtype=object)
+    perm = np.random.default_rng(seed).permutation(len(ids))
+    n_out = max(1, int(round(fraction * len(ids))))
+    held = set(ids[perm[:n_out]])
+    sk_mask = np.array([p in held for p in ds.sketches.photo_id], bool)
+    ph_mask = np.array([p in held for p in ds.photos.photo_id], bool)
+    rest = Dataset(ds.sketches.subset(~sk_mask), ds.photos.subset(~ph_mask), ds.manifest, ds.path)
+    out = Dataset(ds.sketches.subset(sk_mask), ds.photos.subset(ph_mask), ds.manifest, ds.path)
+    return rest, out
+
+
+VAL_FRACTION = 0.2
+VAL_SEED = 0
+
+
+def select_split(ds: Dataset, name: str, val_fraction: float = VAL_FRACTION, seed: int = VAL_SEED) -> Dataset:
+    """The project's one definition of the evaluation splits, all by photo.
+
+    - "train": the data set's train split minus the validation photos,
+    - "val":   `val_fraction` of the train split's photos (seeded, see `holdout_by_photo`),
+    - "test":  the data set's test split (absent for the Chair-V2 training data we have),
+    - "train+val": the whole train split, "all": everything.
+    """
+    if name == "all":
+        return ds
+    if name in ("train", "val", "train+val"):
+        train = ds.split("train")
+        if name == "train+val":
+            return train
+        rest, held = holdout_by_photo(train, val_fraction, seed)
+        return rest if name == "train" else held
+    if name == "test":
+        return ds.split("test")
+    raise DataError(f"unknown split {name!r}: use train, val, test, train+val or all")

@@ -1,0 +1,176 @@
+"""The `darp` command line, generated from each subcommand's config dataclass.
+
+Every subcommand is a config dataclass (fields with defaults that work and a `help` in their
+metadata, see `arg`) and a function taking that config, in a module of `tune_runs`. This file only knows the tree of
+names; modules are imported when their command is chosen, so `darp --help` stays instant.
+
+Any subcommand also takes `--config FILE.json`: the file's keys set the dataclass fields, and flags
+given on the command line override them (how `darp sweep`'s best config is re-used by `darp train`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+# name -> ("module:ConfigClass:function", one-line help); nested dicts are command groups.
+COMMANDS: dict[str, Any] = {
+    "data": {
+        "generate": ("tune_runs.data_cmd:GenerateConfig:generate", "generate the built-in fine-grained chair data set"),
+        "import-qmul": ("tune_runs.data_cmd:ImportQMULConfig:import_qmul", "import QMUL Chair/Shoe-V2 coordinate pickles + photos"),
+        "import-sketchy": ("tune_runs.data_cmd:ImportSketchyConfig:import_sketchy", "import Sketchy SVG sketches + photos"),
+        "show": ("tune_runs.data_cmd:ShowConfig:show", "draw the 17 partial sketches of one sketch beside its photo"),
+        "info": ("tune_runs.data_cmd:InfoConfig:info", "print what a data set directory holds"),
+    },
+    "pretrain": ("tune_runs.pretrain:PretrainConfig:run", "phase 1: train the triplet embedding network and export embeddings"),
+    "train": ("tune_runs.train:TrainConfig:run", "phase 2: train DARP (or a baseline) with RLlib"),
+    "evaluate": ("tune_runs.evaluate:EvaluateConfig:run", "evaluate a run on a split: metrics.json, curve.png"),
+    "play": ("tune_runs.play:PlayConfig:run", "step one episode of the environment by hand in the terminal"),
+    "sweep": ("tune_runs.sweep:SweepConfig:run", "Ray Tune search over DARP's std schedule"),
+    "report": ("tune_runs.report:ReportConfig:run", "train + evaluate all models over seeds: the results table"),
+    "demo": ("tune_runs.demo:DemoConfig:run", "the whole pipeline on the built-in data set (the README's first command)"),
+    "serve": ("tune_runs.serve:ServeConfig:run", "live on-the-fly retrieval in the browser (Ray Serve)"),
+}
+
+
+def arg(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> Any:
+    """A dataclass field with a help text for the generated CLI."""
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def _load(target: str):
+    module_name, cls_name, fn_name = target.split(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, cls_name), getattr(module, fn_name)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _unwrap_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp) -> None:
+    tp, optional = _unwrap_optional(tp)
+    help_text = f.metadata.get("help", "")
+    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+    kw: dict[str, Any] = {"dest": f.name, "help": f"{help_text} (default: {default})" if not required else help_text}
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, **kw)
+        return
+    if origin is Literal:
+        choices = list(typing.get_args(tp))
+        kw.update(choices=choices, type=type(choices[0]))
+    elif origin in (list, tuple):
+        (inner, *_) = typing.get_args(tp) or (str,)
+        kw.update(nargs="+", type=inner if inner is not Path else str)
+    elif tp in (int, float, str):
+        kw["type"] = tp
+    elif tp is Path:
+        kw["type"] = str
+    else:
+        raise TypeError(f"config field {f.name}: unsupported type {tp!r} for the CLI")
+    kw["metavar"] = f.name.upper() if origin is not Literal else None
+    if kw["metavar"] is None:
+        del kw["metavar"]
+    parser.add_argument(_flag(f.name), default=argparse.SUPPRESS, **kw)
+
+
+def build_config(cls, values: dict[str, Any], config_file: str | None = None):
+    """Instantiate config `cls` from a JSON file's keys overridden by command-line values."""
+    merged: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"darp: cannot read config file {path}: {e}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise SystemExit(f"darp: {path}: unknown keys {unknown} for {cls.__name__}")
+        merged.update(data)
+    merged.update(values)
+    hints = typing.get_type_hints(cls)
+    missing = [
+        _flag(f.name)
+        for f in dataclasses.fields(cls)
+        if f.name not in merged and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise SystemExit(f"darp: missing required option(s): {' '.join(missing)}")
+    for name, value in list(merged.items()):
+        tp, _ = _unwrap_optional(hints[name])
+        if typing.get_origin(tp) is tuple and isinstance(value, list):
+            merged[name] = tuple(value)
+    return cls(**merged)
+
+
+def _parser_for(cls, prog: str, help_line: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or help_line).strip())
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        _add_field(parser, f, hints[f.name])
+    parser.add_argument("--config", dest="__config", metavar="FILE.json", default=None,
+                        help="JSON file with option values; flags given here override it")
+    return parser
+
+
+def _usage(tree: dict, prog: str) -> str:
+    width = max(len(n) for n in tree)
+    lines = [f"usage: {prog} COMMAND [options]   ({prog} COMMAND --help for its options)", "", "commands:"]
+    for name, entry in tree.items():
+        text = entry[1] if isinstance(entry, tuple) else "commands: " + ", ".join(entry)
+        lines.append(f"  {name.ljust(width)}  {text}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tree: Any = COMMANDS
+    prog = "darp"
+    while isinstance(tree, dict):
+        if not argv or argv[0] in ("-h", "--help"):
+            print(_usage(tree, prog))
+            return 0 if argv else 2
+        name = argv.pop(0)
+        if name not in tree:
+            print(f"{prog}: unknown command {name!r}\n\n{_usage(tree, prog)}", file=sys.stderr)
+            return 2
+        tree, prog = tree[name], f"{prog} {name}"
+    target, help_line = tree
+    cls, fn = _load(target)
+    ns = vars(_parser_for(cls, prog, help_line).parse_args(argv))
+    config_file = ns.pop("__config", None)
+    config = build_config(cls, ns, config_file)
+    from sketch_env.data import DataError
+
+    try:
+        result = fn(config)
+    except DataError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
