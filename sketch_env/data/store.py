@@ -277,45 +277,58 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def _read_table(f: Path) -> pa.Table:
+    # ParquetFile.read avoids pyarrow.dataset, whose first use imports pandas (~1 s cold).
+    try:
+        return pq.ParquetFile(f).read()
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{f}: cannot read Parquet table ({e})") from None
+
+
+def _numpy(arr, dtype) -> np.ndarray:
+    """A null-free primitive Arrow array as numpy, straight from its buffer (no pandas import)."""
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    if arr.null_count:
+        raise DataError(f"unexpected missing values in a {arr.type} column")
+    return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr) + arr.offset)[arr.offset :].copy()
+
+
+def _list_numpy(col, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets (S+1,), flat values) of a list<primitive> column."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    offsets = _numpy(arr.offsets, np.int32).astype(np.int64)
+    values = _numpy(arr.values, dtype)[offsets[0] : offsets[-1]]
+    return offsets - offsets[0], values
+
+
 def load_sketches(path: str | Path) -> SketchSet:
     """Read sketches.parquet of a data set directory (fast: flat Arrow buffers, no per-point Python)."""
     path = Path(path)
     read_manifest(path)
     f = path / "sketches.parquet"
+    t = _read_table(f)
     try:
-        t = pq.read_table(f)
-    except Exception as e:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{f}: cannot read Parquet table ({e})") from None
-    xs = t.column("x").combine_chunks()
-    offsets = xs.offsets.to_numpy().astype(np.int64)
-    points = np.stack(
-        [
-            xs.flatten().to_numpy(zero_copy_only=False),
-            t.column("y").combine_chunks().flatten().to_numpy(zero_copy_only=False),
-            t.column("pen").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32),
-        ],
-        axis=1,
-    ).astype(np.float32)
-    offsets = offsets - offsets[0]
-    return SketchSet(
-        points=points,
-        offsets=offsets,
-        sketch_id=np.asarray(t.column("sketch_id").to_pylist(), dtype=object),
-        photo_id=np.asarray(t.column("photo_id").to_pylist(), dtype=object),
-        split=np.asarray(t.column("split").to_pylist(), dtype=object),
-        drawer=t.column("drawer").to_numpy().astype(np.int32),
-        canvas_width=t.column("canvas_width").to_numpy().astype(np.float32),
-        canvas_height=t.column("canvas_height").to_numpy().astype(np.float32),
-    )
+        offsets, x = _list_numpy(t.column("x"), np.float32)
+        _, y = _list_numpy(t.column("y"), np.float32)
+        _, pen = _list_numpy(t.column("pen"), np.int8)
+        return SketchSet(
+            points=np.stack([x, y, pen.astype(np.float32)], axis=1),
+            offsets=offsets,
+            sketch_id=np.asarray(t.column("sketch_id").to_pylist(), dtype=object),
+            photo_id=np.asarray(t.column("photo_id").to_pylist(), dtype=object),
+            split=np.asarray(t.column("split").to_pylist(), dtype=object),
+            drawer=_numpy(t.column("drawer"), np.int32),
+            canvas_width=_numpy(t.column("canvas_width"), np.float32),
+            canvas_height=_numpy(t.column("canvas_height"), np.float32),
+        )
+    except (KeyError, ValueError, pa.ArrowException) as e:
+        raise DataError(f"{f}: not a sketches table of schema {SCHEMA_VERSION} ({e})") from None
 
 
 def load_photos(path: str | Path) -> PhotoSet:
     path = Path(path)
     f = path / "photos.parquet"
-    try:
-        t = pq.read_table(f)
-    except Exception as e:
-        raise DataError(f"{f}: cannot read Parquet table ({e})") from None
+    t = _read_table(f)
     return PhotoSet(
         photo_id=np.asarray(t.column("photo_id").to_pylist(), dtype=object),
         split=np.asarray(t.column("split").to_pylist(), dtype=object),

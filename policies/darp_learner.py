@@ -1,0 +1,103 @@
+"""DARP's learner: bootstrapped REINFORCE on the locator + lambda x the supervised regression loss.
+
+Loss per module (method.md, "Hybrid loss"), with m the loss mask over (B, T) and K heads:
+- supervised: mean_t ||a_t - e_target||^2, trains glimpse network, core RNN and action network;
+- policy gradient: -sum_{t,k} w_{t,k} log N(v_t | mu_k(h_t), std) (G_t - b_t) / sum w, where w is
+  the bootstrap mask drawn with each experience: head k learns only from experiences with w_k = 1;
+- baseline: mean_t (b_t - G_t)^2 (b_t reads h_t detached, so only the baseline layer learns from it);
+- total = rl_weight x (policy gradient + baseline) + sup_lambda x supervised.
+The locator and baseline read h detached, so the RL term never reaches the core (as in the recurrent
+attention model) and the supervised term never reaches the locator.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from ray.rllib.connectors.connector_v2 import ConnectorV2
+from ray.rllib.connectors.learner import ComputeReturnsToGo
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.learner.learner import Learner
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.utils.annotations import override
+
+from policies.darp_module import BOOTSTRAP_MASK, LOCATION_SAMPLE
+from policies.schedules import StdSchedule
+
+TARGET_EMBEDDING = "target_embedding"
+
+
+class AddTargetEmbeddings(ConnectorV2):
+    """Learner connector: copy each step's infos["target_embedding"] into a train-batch column.
+
+    The env knows the target photo's embedding; the policy must never see it (it is not in the
+    observation), but the supervised loss needs it.
+    """
+
+    @override(ConnectorV2)
+    def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, **kwargs):
+        for episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
+            infos = episode.get_infos(slice(0, len(episode)))
+            targets = np.stack([info[TARGET_EMBEDDING] for info in infos]).astype(np.float32)
+            self.add_n_batch_items(
+                batch, TARGET_EMBEDDING, items_to_add=targets, num_items=len(episode), single_agent_episode=episode
+            )
+        return batch
+
+
+def darp_loss(fwd_out: dict, batch: dict, std: torch.Tensor, rl_weight: float, sup_lambda: float) -> tuple[torch.Tensor, dict]:
+    """The hybrid loss over a (B, T) batch of whole episodes; returns (loss, stats)."""
+    mask = batch[Columns.LOSS_MASK].float()
+    n = mask.sum().clamp(min=1.0)
+    supervised = (((fwd_out["query"] - batch[TARGET_EMBEDDING]) ** 2).sum(-1) * mask).sum() / n
+
+    returns = batch[Columns.RETURNS_TO_GO].float()
+    baseline = fwd_out["baseline"]
+    advantage = (returns - baseline).detach()
+    means = fwd_out["locator_means"]  # (B, T, K, 2)
+    sample = batch[LOCATION_SAMPLE].unsqueeze(-2)  # (B, T, 1, 2)
+    logp = torch.distributions.Normal(means, std).log_prob(sample).sum(-1)  # (B, T, K)
+    weights = batch[BOOTSTRAP_MASK].float() * mask.unsqueeze(-1)
+    policy = -(logp * advantage.unsqueeze(-1) * weights).sum() / weights.sum().clamp(min=1.0)
+    baseline_loss = (((baseline - returns) ** 2) * mask).sum() / n
+
+    loss = rl_weight * (policy + baseline_loss) + sup_lambda * supervised
+    stats = {
+        "supervised_loss": supervised.detach(),
+        "policy_loss": policy.detach(),
+        "baseline_loss": baseline_loss.detach(),
+        "mean_return": ((returns * mask).sum() / n).detach(),
+    }
+    return loss, stats
+
+
+class DARPLearner(TorchLearner):
+    """TorchLearner with DARP's hybrid loss and the std schedule."""
+
+    @override(TorchLearner)
+    def build(self) -> None:
+        super().build()
+        if self.config.add_default_connectors_to_learner_pipeline:
+            self._learner_connector.prepend(AddTargetEmbeddings())
+            self._learner_connector.prepend(ComputeReturnsToGo(gamma=self.config.gamma))
+        self.std_schedule = StdSchedule(**self.config.std_schedule)
+
+    @override(TorchLearner)
+    def compute_loss_for_module(self, *, module_id, config, batch: dict[str, Any], fwd_out):
+        module = self.module[module_id].unwrapped()
+        loss, stats = darp_loss(fwd_out, batch, module.std, config.rl_weight, config.sup_lambda)
+        for key, value in stats.items():
+            self.metrics.log_value((module_id, key), value.item(), window=1)
+        return loss
+
+    @override(Learner)
+    def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
+        super().after_gradient_based_update(timesteps=timesteps)
+        from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+        std = self.std_schedule(timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0) or 0)
+        for module_id in self.module.keys():
+            self.module[module_id].unwrapped().set_std(std)
+            self.metrics.log_value((module_id, "locator_std"), std, window=1)

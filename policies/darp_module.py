@@ -1,0 +1,127 @@
+"""DARP as an RLlib TorchRLModule (new API stack).
+
+The module samples its own actions (no RLlib action distribution): the location comes from the
+acting locator head's Gaussian with the scheduled std, the query is the action network's output.
+Per-episode values live in the recurrent state: at an episode's first step (level 0, glimpse 0) the
+module draws the acting head and initialises h0 from the phase-1 sketch embedding. Every step it
+also draws a bootstrap mask (Bernoulli(p) per head) and returns it, the acting head and the raw
+(unclipped) location sample as extra outputs, which RLlib stores per timestep and hands to the
+learner as train-batch columns (this survives the slicing of episodes across several learners).
+
+Observation (dict, see sketch_env.env): glimpse (k, g, g), location (2,), level (int),
+glimpse_index (int), sketch_embedding (D,). Action (dict): location (2,) in [-1, 1], query (D,).
+
+model_config keys (all optional): hidden (256), glimpse_hidden (128), cell ("gru"|"lstm"),
+h0_init ("sketch"|"zeros"), use_sketch_embedding (True), n_heads (6), bootstrap_p (0.5),
+std (initial std; the learner overwrites it from the schedule), eval_heads ("mean"|"first").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.torch import TorchRLModule
+from ray.rllib.utils.annotations import override
+
+from policies.darp_networks import ActionNetwork, Baseline, CoreNetwork, GlimpseNetwork, LocatorHeads
+
+HEAD = "head"
+BOOTSTRAP_MASK = "bootstrap_mask"
+LOCATION_SAMPLE = "location_sample"
+
+
+class DARPModule(TorchRLModule):
+    """Glimpse network -> core RNN -> (action network, K locator heads, baseline)."""
+
+    @override(TorchRLModule)
+    def setup(self):
+        cfg = self.model_config or {}
+        obs_space = self.observation_space
+        embed_dim = obs_space["sketch_embedding"].shape[0]
+        self.n_heads = int(cfg.get("n_heads", 6))
+        self.bootstrap_p = float(cfg.get("bootstrap_p", 0.5))
+        self.eval_heads = cfg.get("eval_heads", "mean")
+        if self.eval_heads not in ("mean", "first"):
+            raise ValueError(f"eval_heads must be 'mean' or 'first', got {self.eval_heads!r}")
+        hidden = int(cfg.get("hidden", 256))
+        glimpse_hidden = int(cfg.get("glimpse_hidden", 128))
+        self.glimpse_net = GlimpseNetwork(
+            obs_space["glimpse"].shape, embed_dim, glimpse_hidden, bool(cfg.get("use_sketch_embedding", True))
+        )
+        self.core = CoreNetwork(glimpse_hidden, embed_dim, hidden, cfg.get("cell", "gru"), cfg.get("h0_init", "sketch"))
+        self.action_net = ActionNetwork(hidden, embed_dim)
+        self.locator = LocatorHeads(hidden, self.n_heads)
+        self.baseline = Baseline(hidden)
+        # Not learned: set from the std schedule by the learner; a buffer so it syncs with the weights.
+        self.register_buffer("std", torch.tensor(float(cfg.get("std", 0.3))))
+
+    @override(TorchRLModule)
+    def get_initial_state(self) -> dict[str, Any]:
+        state = {k: v.numpy() for k, v in self.core.initial_state().items()}
+        state[HEAD] = np.zeros((), np.int64)
+        return state
+
+    def _core(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Run glimpse net + core over (B, T). Returns h (B, T, H), core state out, starts (B,)."""
+        obs = batch[Columns.OBS]
+        state_in = batch[Columns.STATE_IN]
+        starts = (obs["level"][:, 0] == 0) & (obs["glimpse_index"][:, 0] == 0)
+        g = self.glimpse_net(obs["glimpse"], obs["location"], obs["level"], obs["sketch_embedding"])
+        core_state = {k: state_in[k] for k in ("h", "c") if k in state_in}
+        h, core_out = self.core(g, core_state, starts, obs["sketch_embedding"][:, 0])
+        return h, core_out, starts
+
+    def _act(self, batch, explore: bool) -> dict[str, Any]:
+        h, state_out, starts = self._core(batch)
+        B, T = h.shape[:2]
+        query = self.action_net(h)
+        means = self.locator(h.detach())  # (B, T, K, 2)
+        head = batch[Columns.STATE_IN][HEAD].long().reshape(B)
+        if explore:
+            drawn = torch.randint(0, self.n_heads, (B,), device=h.device)
+            head = torch.where(starts, drawn, head)
+            mean = means[torch.arange(B, device=h.device), :, head]  # (B, T, 2)
+            sample = mean + self.std * torch.randn_like(mean)
+            logp = torch.distributions.Normal(mean, self.std).log_prob(sample).sum(-1)
+            mask = (torch.rand(B, T, self.n_heads, device=h.device) < self.bootstrap_p).float()
+        else:
+            sample = means.mean(dim=2) if self.eval_heads == "mean" else means[:, :, 0]
+            logp = torch.zeros(B, T, device=h.device)
+            mask = torch.ones(B, T, self.n_heads, device=h.device)
+        state_out[HEAD] = head
+        return {
+            Columns.ACTIONS: {"location": sample.clamp(-1.0, 1.0), "query": query},
+            Columns.ACTION_LOGP: logp,
+            Columns.STATE_OUT: state_out,
+            HEAD: head[:, None].expand(B, T),
+            BOOTSTRAP_MASK: mask,
+            LOCATION_SAMPLE: sample,
+        }
+
+    @override(TorchRLModule)
+    def _forward_exploration(self, batch, **kwargs):
+        return self._act(batch, explore=True)
+
+    @override(TorchRLModule)
+    def _forward_inference(self, batch, **kwargs):
+        return self._act(batch, explore=False)
+
+    @override(TorchRLModule)
+    def _forward(self, batch, **kwargs):
+        return self._act(batch, explore=False)
+
+    @override(TorchRLModule)
+    def _forward_train(self, batch, **kwargs):
+        """(B, T) sequences of whole episodes -> query (B, T, D), locator means (B, T, K, 2), baseline (B, T)."""
+        h, _, _ = self._core(batch)
+        return {
+            "query": self.action_net(h),
+            "locator_means": self.locator(h.detach()),
+            "baseline": self.baseline(h.detach()),
+        }
+
+    def set_std(self, value: float) -> None:
+        self.std.fill_(float(value))

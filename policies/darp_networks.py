@@ -1,0 +1,126 @@
+"""DARP's sub-networks, one class each (method.md, "Phase 2"; the decomposition follows the
+recurrent attention model: glimpse network, core RNN, action network, locator).
+
+Shapes use N for any leading batch dimensions (B or B x T), k patches of g x g pixels, D the
+embedding size (64), H the core size (256), K the number of locator heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+N_LEVELS = 17
+
+
+class GlimpseNetwork(nn.Module):
+    """What + where (+ when) -> g_t.
+
+    Input:  glimpse (N, k, g, g) in [0, 1], location (N, 2) in [-1, 1], level (N,) long in [0, 17),
+            sketch_embedding (N, D) (used only when `use_sketch_embedding`).
+    Output: g_t (N, hidden).
+
+    `use_sketch_embedding` adds the phase-1 embedding of the current partial sketch to every step's
+    input (our extension; the paper uses it only to initialise h0). The level is always given: it tells
+    the core how complete the sketch it is looking at is.
+    """
+
+    def __init__(self, retina_shape: tuple[int, int, int], embed_dim: int, hidden: int = 128,
+                 use_sketch_embedding: bool = True):
+        super().__init__()
+        retina_size = retina_shape[0] * retina_shape[1] * retina_shape[2]
+        self.what = nn.Linear(retina_size, hidden)
+        self.where = nn.Linear(2, hidden)
+        self.when = nn.Embedding(N_LEVELS, hidden)
+        self.sketch = nn.Linear(embed_dim, hidden) if use_sketch_embedding else None
+        self.combine_what = nn.Linear(hidden, hidden)
+        self.combine_where = nn.Linear(hidden, hidden)
+
+    def forward(self, glimpse, location, level, sketch_embedding):
+        what = F.relu(self.what(glimpse.flatten(start_dim=-3)))
+        where = F.relu(self.where(location))
+        context = self.when(level.long().clamp(0, N_LEVELS - 1))
+        if self.sketch is not None:
+            context = context + self.sketch(sketch_embedding)
+        return F.relu(self.combine_what(what) + self.combine_where(where) + context)
+
+
+class CoreNetwork(nn.Module):
+    """h_t = RNN(h_{t-1}, g_t) over a (B, T) sequence.
+
+    Input:  g (B, T, in_size), state {"h": (B, H)} (+ "c" for the LSTM), starts (B,) bool: the first
+            step of the sequence is an episode start, so h0 is initialised from `init_embedding`
+            (B, D) through a linear layer (method.md: h0 from the phase-1 sketch embedding), or zeros.
+    Output: h (B, T, H), new state.
+    """
+
+    def __init__(self, in_size: int, embed_dim: int, hidden: int = 256, cell: str = "gru",
+                 h0_init: str = "sketch"):
+        super().__init__()
+        if cell not in ("gru", "lstm"):
+            raise ValueError(f"core cell must be 'gru' or 'lstm', got {cell!r}")
+        if h0_init not in ("sketch", "zeros"):
+            raise ValueError(f"h0_init must be 'sketch' or 'zeros', got {h0_init!r}")
+        self.cell = cell
+        self.hidden = hidden
+        self.rnn = (nn.GRU if cell == "gru" else nn.LSTM)(in_size, hidden, batch_first=True)
+        self.init = nn.Linear(embed_dim, hidden) if h0_init == "sketch" else None
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        state = {"h": torch.zeros(self.hidden)}
+        if self.cell == "lstm":
+            state["c"] = torch.zeros(self.hidden)
+        return state
+
+    def forward(self, g, state, starts, init_embedding):
+        h0 = state["h"]
+        fresh = torch.tanh(self.init(init_embedding)) if self.init is not None else torch.zeros_like(h0)
+        h0 = torch.where(starts[:, None], fresh, h0)
+        if self.cell == "gru":
+            out, h = self.rnn(g, h0.unsqueeze(0).contiguous())
+            return out, {"h": h.squeeze(0)}
+        c0 = torch.where(starts[:, None], torch.zeros_like(state["c"]), state["c"])
+        out, (h, c) = self.rnn(g, (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous()))
+        return out, {"h": h.squeeze(0), "c": c.squeeze(0)}
+
+
+class ActionNetwork(nn.Module):
+    """a_t = ACTN(h_t): the predicted final sketch embedding, L2-normalised like the gallery.
+
+    Input: h (N, H). Output: (N, D) with unit norm (so every component lies in [-1, 1]).
+    """
+
+    def __init__(self, hidden: int, embed_dim: int):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, embed_dim))
+
+    def forward(self, h):
+        return F.normalize(self.fc(h), dim=-1)
+
+
+class LocatorHeads(nn.Module):
+    """K bootstrapped heads, each the mean of a Gaussian over the next location.
+
+    Input: h (N, H), detached by the caller (the locator learns from the policy gradient only).
+    Output: means (N, K, 2) in [-1, 1].
+    """
+
+    def __init__(self, hidden: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.fc = nn.Linear(hidden, 2 * n_heads)
+
+    def forward(self, h):
+        return torch.tanh(self.fc(h)).unflatten(-1, (self.n_heads, 2))
+
+
+class Baseline(nn.Module):
+    """b_t: expected return from h_t (detached), to cut the variance of REINFORCE. (N, H) -> (N,)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.fc = nn.Linear(hidden, 1)
+
+    def forward(self, h):
+        return self.fc(h).squeeze(-1)

@@ -1,0 +1,174 @@
+"""DARP's RLModule and loss on hand-made batches (no env, no Ray cluster)."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from ray.rllib.core.columns import Columns
+
+from policies.darp_learner import TARGET_EMBEDDING, darp_loss
+from policies.darp_module import BOOTSTRAP_MASK, HEAD, LOCATION_SAMPLE, DARPModule
+from policies.schedules import StdSchedule
+
+D, K, G = 16, 4, 3
+
+
+def spaces():
+    obs = gym.spaces.Dict(
+        {
+            "glimpse": gym.spaces.Box(0, 1, (2, 8, 8), np.float32),
+            "location": gym.spaces.Box(-1, 1, (2,), np.float32),
+            "level": gym.spaces.Discrete(17),
+            "glimpse_index": gym.spaces.Discrete(G),
+            "sketch_embedding": gym.spaces.Box(-1, 1, (D,), np.float32),
+        }
+    )
+    act = gym.spaces.Dict(
+        {"location": gym.spaces.Box(-1, 1, (2,), np.float32), "query": gym.spaces.Box(-1, 1, (D,), np.float32)}
+    )
+    return obs, act
+
+
+def make_module(**cfg):
+    obs, act = spaces()
+    cfg = {"n_heads": K, "hidden": 32, "glimpse_hidden": 16, "std": 0.2, **cfg}
+    return DARPModule(observation_space=obs, action_space=act, model_config=cfg)
+
+
+def batch(B, T, start=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    level = torch.zeros(B, T, dtype=torch.long) if start else torch.full((B, T), 3)
+    obs = {
+        "glimpse": torch.rand(B, T, 2, 8, 8, generator=g),
+        "location": torch.rand(B, T, 2, generator=g) * 2 - 1,
+        "level": level,
+        "glimpse_index": torch.zeros(B, T, dtype=torch.long) if start else torch.ones(B, T, dtype=torch.long),
+        "sketch_embedding": torch.nn.functional.normalize(torch.randn(B, T, D, generator=g), dim=-1),
+    }
+    return obs
+
+
+def state(module, B):
+    return {k: torch.as_tensor(np.asarray(v)).unsqueeze(0).repeat(B, *([1] * np.ndim(v)))
+            for k, v in module.get_initial_state().items()}
+
+
+@pytest.mark.parametrize("B", [1, 2, D])
+def test_exploration_outputs_have_per_sample_shapes(B):
+    m = make_module()
+    out = m.forward_exploration({Columns.OBS: batch(B, 1), Columns.STATE_IN: state(m, B)})
+    assert out[Columns.ACTIONS]["location"].shape == (B, 1, 2)
+    assert out[Columns.ACTIONS]["query"].shape == (B, 1, D)
+    assert out[Columns.ACTION_LOGP].shape == (B, 1)
+    assert out[BOOTSTRAP_MASK].shape == (B, 1, K)
+    assert out[HEAD].shape == (B, 1)
+    assert out[LOCATION_SAMPLE].shape == (B, 1, 2)
+    assert out[Columns.ACTIONS]["location"].abs().max() <= 1.0
+    q = out[Columns.ACTIONS]["query"]
+    assert torch.allclose(q.norm(dim=-1), torch.ones(B, 1), atol=1e-5)
+
+
+def test_head_is_drawn_at_episode_start_and_kept_after():
+    torch.manual_seed(0)
+    m = make_module()
+    B = 64
+    out = m.forward_exploration({Columns.OBS: batch(B, 1, start=True), Columns.STATE_IN: state(m, B)})
+    heads = out[Columns.STATE_OUT][HEAD]
+    assert len(set(heads.tolist())) > 1, "episode starts must draw different heads"
+    out2 = m.forward_exploration({Columns.OBS: batch(B, 1, start=False), Columns.STATE_IN: out[Columns.STATE_OUT]})
+    assert torch.equal(out2[Columns.STATE_OUT][HEAD], heads)
+
+
+def test_h0_comes_from_the_sketch_embedding_only_at_episode_start():
+    m = make_module()
+    obs = batch(2, 1, start=True)
+    obs2 = {k: v.clone() for k, v in obs.items()}
+    obs2["sketch_embedding"] = -obs2["sketch_embedding"]
+    a = m.forward_inference({Columns.OBS: obs, Columns.STATE_IN: state(m, 2)})[Columns.STATE_OUT]["h"]
+    b = m.forward_inference({Columns.OBS: obs2, Columns.STATE_IN: state(m, 2)})[Columns.STATE_OUT]["h"]
+    assert not torch.allclose(a, b)
+    zeros = make_module(h0_init="zeros", use_sketch_embedding=False)
+    a = zeros.forward_inference({Columns.OBS: obs, Columns.STATE_IN: state(zeros, 2)})[Columns.STATE_OUT]["h"]
+    b = zeros.forward_inference({Columns.OBS: obs2, Columns.STATE_IN: state(zeros, 2)})[Columns.STATE_OUT]["h"]
+    assert torch.allclose(a, b)
+
+
+def test_inference_is_deterministic():
+    m = make_module()
+    inp = {Columns.OBS: batch(3, 1), Columns.STATE_IN: state(m, 3)}
+    a = m.forward_inference(inp)[Columns.ACTIONS]
+    b = m.forward_inference(inp)[Columns.ACTIONS]
+    assert torch.equal(a["location"], b["location"]) and torch.equal(a["query"], b["query"])
+
+
+def train_batch(m, B=4, T=5, mask_heads=None):
+    obs = batch(B, T)
+    out = m.forward_train({Columns.OBS: obs, Columns.STATE_IN: state(m, B)})
+    bmask = torch.ones(B, T, K) if mask_heads is None else mask_heads.expand(B, T, K).clone()
+    data = {
+        Columns.LOSS_MASK: torch.ones(B, T, dtype=torch.bool),
+        Columns.RETURNS_TO_GO: torch.linspace(-1, 1, B * T).reshape(B, T),
+        TARGET_EMBEDDING: torch.nn.functional.normalize(torch.randn(B, T, D), dim=-1),
+        LOCATION_SAMPLE: torch.rand(B, T, 2) * 2 - 1,
+        BOOTSTRAP_MASK: bmask,
+    }
+    return out, data
+
+
+def test_supervised_loss_never_reaches_the_locator_and_rl_never_reaches_the_core():
+    m = make_module()
+    out, data = train_batch(m)
+    loss, _ = darp_loss(out, data, m.std, rl_weight=0.0, sup_lambda=1.0)
+    loss.backward()
+    assert m.locator.fc.weight.grad is None or m.locator.fc.weight.grad.abs().sum() == 0
+    assert m.action_net.fc[0].weight.grad.abs().sum() > 0
+    m.zero_grad(set_to_none=True)
+    out, data = train_batch(m)
+    loss, _ = darp_loss(out, data, m.std, rl_weight=1.0, sup_lambda=0.0)
+    loss.backward()
+    assert m.core.rnn.weight_ih_l0.grad is None or m.core.rnn.weight_ih_l0.grad.abs().sum() == 0
+    assert m.locator.fc.weight.grad.abs().sum() > 0
+
+
+def test_bootstrap_mask_silences_heads():
+    m = make_module()
+    only_head_1 = torch.zeros(1, 1, K)
+    only_head_1[..., 1] = 1.0
+    out, data = train_batch(m, mask_heads=only_head_1)
+    loss, _ = darp_loss(out, data, m.std, rl_weight=1.0, sup_lambda=0.0)
+    loss.backward()
+    grad = m.locator.fc.weight.grad.reshape(K, 2, -1)
+    assert grad[1].abs().sum() > 0
+    for k in (0, 2, 3):
+        assert grad[k].abs().sum() == 0
+
+
+def test_loss_matches_hand_computation_for_one_step():
+    m = make_module()
+    out, data = train_batch(m, B=1, T=1)
+    loss, stats = darp_loss(out, data, m.std, rl_weight=0.5, sup_lambda=2.0)
+    sup = ((out["query"] - data[TARGET_EMBEDDING]) ** 2).sum()
+    ret = data[Columns.RETURNS_TO_GO][0, 0]
+    adv = ret - out["baseline"][0, 0]
+    logp = torch.distributions.Normal(out["locator_means"][0, 0], m.std).log_prob(data[LOCATION_SAMPLE][0, 0]).sum(-1)
+    pg = -(logp * adv).mean()
+    expected = 0.5 * (pg + adv**2) + 2.0 * sup
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert torch.allclose(stats["supervised_loss"], sup)
+
+
+@pytest.mark.parametrize("shape", ["linear", "exponential", "cosine"])
+def test_std_schedule_runs_from_start_to_end(shape):
+    s = StdSchedule(0.4, 0.1, shape, 1000)
+    assert s(0) == pytest.approx(0.4)
+    assert s(1000) == pytest.approx(0.1)
+    assert s(5000) == pytest.approx(0.1)
+    values = [s(t) for t in range(0, 1001, 100)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_std_schedule_rejects_bad_values():
+    with pytest.raises(ValueError):
+        StdSchedule(0.0, 0.1)
+    with pytest.raises(ValueError):
+        StdSchedule(0.3, 0.1, "linear", 0)
