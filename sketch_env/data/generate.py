@@ -254,6 +254,7 @@ def _bar_stroke(cam: _Camera, p0, p1, w0: float, w1: float, closed: bool) -> np.
 
 
 def _path_stroke(cam: _Camera, pts3d: np.ndarray, closed: bool = False) -> np.ndarray:
+    """A 3D polyline as drawn: projected, closed by repeating its first point if `closed`."""
     p = cam.project(np.asarray(pts3d, float))
     return np.concatenate([p, p[:1]]) if closed else p
 
@@ -277,7 +278,7 @@ def _build(c: Chair) -> tuple[list[_Part], list[tuple[np.ndarray, int]], _Camera
     strokes.append((_seat_edge(cam, top, bottom), STRUCTURE))
 
     _build_back(c, cam, parts, strokes)
-    feet = _build_legs(c, cam, parts, strokes, outline, ht)
+    feet = _build_legs(c, cam, parts, strokes, ht)
     _build_arms(c, cam, parts, strokes, hs, ht)
     return parts, strokes, cam, feet
 
@@ -358,7 +359,9 @@ def _build_back(c: Chair, cam: _Camera, parts: list, strokes: list) -> None:
     def quad(x0f: float, x1f: float, ua: float, ub: float) -> np.ndarray:
         """Corners of a piece spanning fractions x0f..x1f of the inner width between heights ua..ub."""
         xa, xb = inner(ua), inner(ub)
-        return np.array([[-xa + 2 * xa * x0f, ua], [-xb + 2 * xb * x0f, ub], [-xb + 2 * xb * x1f, ub], [-xa + 2 * xa * x1f, ua]])
+        return np.array(
+            [[xa * (2 * x0f - 1), ua], [xb * (2 * x0f - 1), ub], [xb * (2 * x1f - 1), ub], [xa * (2 * x1f - 1), ua]]
+        )
 
     if c.back_style == "slats":
         ub = 0.06 + 0.06 * c.slat_fill  # top of the bottom rail
@@ -379,7 +382,7 @@ def _build_back(c: Chair, cam: _Camera, parts: list, strokes: list) -> None:
         strokes.append((_path_stroke(cam, plane(q), closed=True), DETAIL))
 
 
-def _build_legs(c: Chair, cam: _Camera, parts: list, strokes: list, outline: np.ndarray, ht: float) -> np.ndarray:
+def _build_legs(c: Chair, cam: _Camera, parts: list, strokes: list, ht: float) -> np.ndarray:
     """Legs, cross-bars, pedestal or runners under the seat. Returns (k, 3) floor contact points."""
     sx, sz = c.seat_w / 2, c.seat_d / 2
     if c.leg_style == "pedestal":
@@ -419,7 +422,7 @@ def _build_legs(c: Chair, cam: _Camera, parts: list, strokes: list, outline: np.
     k = 0.7071 ** (2 / c.seat_m)
     cx, cz = sx * k - c.leg_inset, sz * k - c.leg_inset
     tops, foots = [], []
-    for zs in (-1, 1):  # back legs first: painter's order within the layer is by depth anyway
+    for zs in (-1, 1):  # back-left, back-right, front-left, front-right
         for xs in (-1, 1):
             x = xs * cx * (1 + c.seat_taper * zs * k)
             top = np.array([x, ht, zs * cz])
@@ -431,7 +434,7 @@ def _build_legs(c: Chair, cam: _Camera, parts: list, strokes: list, outline: np.
             foots.append(foot)
     if c.stretcher != "none":
         y = c.stretcher_h * ht
-        at = [f + (t - f) * (y / ht) for t, f in zip(tops, foots)]  # 0 back-left, 1 back-right, 2 front-left, 3 front-right
+        at = [f + (t - f) * (y / ht) for t, f in zip(tops, foots)]  # on each leg's axis at height y
         pairs = {"box": [(2, 3), (0, 1), (0, 2), (1, 3)], "H": [(0, 2), (1, 3)], "sides": [(0, 2), (1, 3)]}[c.stretcher]
         ends = [(at[i], at[j]) for i, j in pairs]
         if c.stretcher == "H":
@@ -446,16 +449,19 @@ def _build_legs(c: Chair, cam: _Camera, parts: list, strokes: list, outline: np.
 
 
 def _build_arms(c: Chair, cam: _Camera, parts: list, strokes: list, hs: float, ht: float) -> None:
+    """Armrests on both sides: a board on a front support, a bent tube, or an upholstered block."""
     if c.arms == "none":
         return
     zb, zf = -c.seat_d / 2 + c.back_t, c.seat_d / 2 - 0.08
     for s in (-1, 1):
         if c.arms == "panel":  # an upholstered side block from under the seat to the armrest
             x0, x1 = s * c.seat_w / 2, s * (c.seat_w / 2 + c.arm_w)
-            zy = np.array([[-c.seat_d / 2, ht - 0.05], [-c.seat_d / 2, hs + c.arm_h], [zf, hs + c.arm_h], [zf + 0.06, hs + c.arm_h - 0.06], [zf + 0.06, ht - 0.05]])
-            face = lambda x: np.stack([np.full(len(zy), x), zy[:, 1], zy[:, 0]], 1)  # noqa: E731
-            parts.append(_Part(face(x1), face(x0), _SHELL, 2))
-            strokes.append((_path_stroke(cam, face(x1), closed=True), STRUCTURE))
+            top, front = hs + c.arm_h, zf + 0.06
+            back = -c.seat_d / 2
+            zy = np.array([[back, ht - 0.05], [back, top], [zf, top], [front, top - 0.06], [front, ht - 0.05]])
+            outer, inner = (np.stack([np.full(len(zy), x), zy[:, 1], zy[:, 0]], 1) for x in (x1, x0))
+            parts.append(_Part(outer, inner, _SHELL, 2))
+            strokes.append((_path_stroke(cam, outer, closed=True), STRUCTURE))
             continue
         x = s * (c.seat_w / 2 - c.arm_w / 2)
         if c.arms == "straight":
@@ -468,7 +474,8 @@ def _build_arms(c: Chair, cam: _Camera, parts: list, strokes: list, hs: float, h
         else:  # curved: level from the back, then sweeping down to the front of the seat
             rz = min(c.arm_h, (zf - zb) * 0.6)
             t = np.linspace(np.pi / 2, 0, 6)
-            zy = np.concatenate([[[zb, hs + c.arm_h]], np.stack([zf - rz + rz * np.cos(t), hs + c.arm_h * np.sin(t)], 1)])
+            sweep = np.stack([zf - rz + rz * np.cos(t), hs + c.arm_h * np.sin(t)], 1)
+            zy = np.concatenate([[[zb, hs + c.arm_h]], sweep])
             path = np.stack([np.full(len(zy), x), zy[:, 1], zy[:, 0]], 1)
             for a, b in zip(path[:-1], path[1:]):
                 parts.append(_bar(a, b, 0.03, 0.03, _FRAME, 2, sides=8))
@@ -526,17 +533,20 @@ def _faces(parts: list[_Part], cam: _Camera):
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
     """A studio backdrop (light, soft gradient) or, sometimes, a room corner with a few objects."""
     u = rng.uniform
-    ramp = np.linspace(0, 1, size, dtype=np.float32)[:, None, None]
+    ramp = np.linspace(1, 0.9, size, dtype=np.float32)[:, None, None]  # a little darker downwards
     if u() < 0.7:
-        tone = u(0.88, 1.0) + u(-0.02, 0.02, 3)
-        bg = np.broadcast_to(tone * (1 - 0.07 * ramp), (size, size, 3))
-        return Image.fromarray((np.clip(bg, 0, 1) * 255).astype(np.uint8))
-    wall = np.array(colorsys.hsv_to_rgb(u(), u(0.05, 0.25), u(0.75, 0.95)))
-    floor = np.array(colorsys.hsv_to_rgb(u(0.05, 0.12), u(0.2, 0.5), u(0.45, 0.75)))
+        tone = 255 * np.clip(u(0.88, 1.0) + u(-0.02, 0.02, 3), 0, 1).astype(np.float32)
+        return Image.fromarray(np.broadcast_to(ramp * tone, (size, size, 3)).astype(np.uint8, order="C"))
+    wall = 255 * np.array(colorsys.hsv_to_rgb(u(), u(0.05, 0.25), u(0.75, 0.95)), np.float32)
+    floor = 255 * np.array(colorsys.hsv_to_rgb(u(0.05, 0.12), u(0.2, 0.5), u(0.45, 0.75)), np.float32)
     horizon = int(size * u(0.45, 0.7))
-    bg = np.broadcast_to(wall * (1 - 0.1 * ramp), (size, size, 3)).copy()
-    bg[horizon:] = floor * (0.9 + 0.1 * ramp[horizon:])
-    im = Image.fromarray((np.clip(bg, 0, 1) * 255).astype(np.uint8))
+    bg = np.concatenate(
+        [
+            np.broadcast_to(ramp[:horizon] * wall, (horizon, size, 3)),
+            np.broadcast_to(ramp[horizon:] * floor, (size - horizon, size, 3)),
+        ]
+    )
+    im = Image.fromarray(bg.astype(np.uint8))
     draw = ImageDraw.Draw(im)
     for _ in range(int(rng.integers(1, 4))):
         x = u(0, 0.85) * size
@@ -571,23 +581,27 @@ def _texture(kind: str, noise: np.ndarray, rng: np.random.Generator) -> np.ndarr
 def _render_photo(
     c: Chair, parts: list[_Part], cam: _Camera, feet: np.ndarray, fit: tuple[float, np.ndarray], rng, size: int
 ) -> np.ndarray:
-    """The photo of a chair: (size, size, 3) uint8. Drawn at twice the size and halved (anti-aliasing)."""
+    """The photo of a chair: (size, size, 3) uint8.
+
+    The chair is drawn at twice the size on black, with a material map beside it; both are halved
+    (anti-aliased edges, premultiplied colour) and laid over the backdrop with its floor shadow.
+    """
     scale, offset = fit
     big = 2 * size
 
-    def to_px(p3: np.ndarray, px: int) -> np.ndarray:
+    def to_px(p3: np.ndarray, px: float) -> np.ndarray:
         return (cam.project(p3) * scale + offset) * px
 
-    backdrop = _background(rng, size)
-    shadow = Image.new("L", (size, size), 0)
+    small = max(size // 4, 8)  # the shadow is blurred anyway: draw it small
+    shadow = Image.new("L", (small, small), 0)
     sd = ImageDraw.Draw(shadow)
-    sd.polygon(to_px(parts[0].a * [1.1, 0, 1.1], size).ravel().tolist(), fill=int(rng.uniform(110, 170)))
-    r = 0.03 * size
-    for x, y in to_px(feet, size):
+    sd.polygon(to_px(parts[0].a * [1.1, 0, 1.1], small).ravel().tolist(), fill=int(rng.uniform(110, 170)))
+    r = 0.03 * small
+    for x, y in to_px(feet, small):
         sd.ellipse([x - 1.5 * r, y - r, x + 1.5 * r, y + r], fill=230)
-    shadow = np.asarray(shadow.filter(ImageFilter.GaussianBlur(size * 0.025)), np.float32)[..., None] / 255
-    ground = np.asarray(backdrop, np.float32) * (1 - 0.45 * shadow)
-    ground = Image.fromarray(ground.astype(np.uint8)).resize((big, big), Image.BILINEAR)
+    shadow = shadow.filter(ImageFilter.GaussianBlur(small * 0.025)).resize((size, size), Image.BILINEAR)
+    ground = np.asarray(_background(rng, size), np.float32)
+    ground *= 1 - (0.45 / 255) * np.asarray(shadow, np.float32)[..., None]
 
     polys, normals, owner = _faces(parts, cam)
     light = np.array([rng.uniform(-0.7, 0.2), 1.0, rng.uniform(0.4, 0.9)])
@@ -596,33 +610,33 @@ def _render_photo(
     ambient = rng.uniform(0.45, 0.6)
     mat = np.array([p.mat for p in parts])[owner]
     base = np.where((mat == _FRAME)[:, None], c.frame_rgb, c.shell_rgb)
-    shiny = np.where(mat == _FRAME, c.frame_kind in ("metal", "painted"), c.shell_kind in ("metal", "painted", "plastic"))
+    glossy = ("metal", "painted", "plastic")
+    shiny = np.where(mat == _FRAME, c.frame_kind in glossy, c.shell_kind in glossy)
     lit = ambient + (1 - ambient) * np.maximum(normals @ light, 0)
     colour = base * lit[:, None] + (shiny * 0.35 * np.maximum(normals @ half, 0) ** 24)[:, None]
     fills = [tuple(v) for v in (np.clip(colour, 0, 1) * 255).astype(np.uint8).tolist()]
-    xy = to_px(np.concatenate(polys), big)
-    cuts = np.cumsum([len(p) for p in polys])[:-1]
+    flat = to_px(np.concatenate(polys), big).ravel().tolist()
+    ends = 2 * np.cumsum([len(p) for p in polys])
     last_of = {int(k): i for i, k in enumerate(owner)}  # position of each part's last face
 
-    img, matmap = ground.copy(), Image.new("L", (big, big), _BACKGROUND)
+    img, matmap = Image.new("RGB", (big, big)), Image.new("L", (big, big), _BACKGROUND)
     draw, mdraw = ImageDraw.Draw(img), ImageDraw.Draw(matmap)
-    for i, (poly, fill, m) in enumerate(zip(np.split(xy, cuts), fills, mat.tolist())):
-        flat = poly.ravel().tolist()
-        draw.polygon(flat, fill=fill)
-        mdraw.polygon(flat, fill=m)
+    for i, (start, end, fill, m) in enumerate(zip(np.r_[0, ends[:-1]].tolist(), ends.tolist(), fills, mat.tolist())):
+        draw.polygon(flat[start:end], fill=fill)
+        mdraw.polygon(flat[start:end], fill=m)
         hole = parts[owner[i]].hole
         if hole is not None and last_of[int(owner[i])] == i:
             cut = to_px(hole, big).ravel().tolist()
-            mask = Image.new("L", (big, big), 0)
-            ImageDraw.Draw(mask).polygon(cut, fill=255)
-            img.paste(ground, (0, 0), mask)
+            draw.polygon(cut, fill=(0, 0, 0))
             mdraw.polygon(cut, fill=_BACKGROUND)
 
+    coverage = matmap.point([0] + [255] * 255).reduce(2)  # share of each pixel the chair covers
+    alpha = np.asarray(coverage, np.float32)[..., None] / 255
+    matmap = np.asarray(matmap)
     noise = rng.standard_normal((size, size)).astype(np.float32)
     textures = np.stack([np.ones_like(noise), _texture(c.frame_kind, noise, rng), _texture(c.shell_kind, noise.T, rng)])
-    which = np.asarray(matmap)[::2, ::2].astype(np.intp)
-    factor = np.take_along_axis(textures, which[None], 0)[0]
-    photo = np.asarray(img.reduce(2), np.float32) * factor[..., None]
+    factor = np.take_along_axis(textures, matmap[None, ::2, ::2].astype(np.intp), 0)[0]
+    photo = ground * (1 - alpha) + np.asarray(img.reduce(2), np.float32) * factor[..., None]
     return np.clip(photo, 0, 255).astype(np.uint8)
 
 
@@ -751,8 +765,11 @@ def _draw_sketch(strokes: list[tuple[np.ndarray, int]], rng: np.random.Generator
 # the data set
 
 
-def chair_instance(seed: int, index: int, sketches_per_photo: int = 3, photo_size: int = 256):
-    """Instance `index` of seed `seed`: (Chair, photo (size, size, 3) uint8, list of (P, 3) sketches)."""
+def chair_instance(
+    seed: int, index: int, sketches_per_photo: int = 3, photo_size: int = 256
+) -> tuple[Chair, np.ndarray, list[np.ndarray]]:
+    """Instance `index` of seed `seed`: its parameters, photo (photo_size, photo_size, 3) uint8 and
+    `sketches_per_photo` sketches, each (P, 3) float32 of x, y in [0, 1] and pen flags."""
     chair = sample_chair(np.random.default_rng([seed, index, _CHAIR]))
     parts, strokes, cam, feet = _build(chair)
     fit = _fit(cam.project(np.concatenate([np.concatenate([p.a, p.b]) for p in parts])))
@@ -773,11 +790,14 @@ def _test_photos(seed: int, n_photos: int, test_fraction: float) -> np.ndarray:
 def generate_chairs(
     n_photos: int = 400, sketches_per_photo: int = 3, seed: int = 0, test_fraction: float = 0.25, photo_size: int = 256
 ) -> tuple[SketchSet, PhotoSet]:
-    """The built-in fine-grained data set in memory.
+    """The built-in fine-grained data set in memory: (sketches, photos).
 
-    Photos "chairNNNN" (PNG, photo_size x photo_size RGB), sketches "chairNNNN_k" (k = 1..K, drawer
-    k - 1) on a 256 x 256 canvas; a share `test_fraction` of the photos, with all their sketches,
-    is split "test", the rest "train".
+    n_photos: number of chair instances; photo i is "chair0000"-style id f"chair{i:04d}".
+    sketches_per_photo: K; sketch k (1..K) of photo i is f"chair{i:04d}_{k}", drawn by drawer k - 1,
+        on a 256 x 256 canvas (points normalised to [0, 1]^2).
+    seed: non-negative; the same seed gives byte-identical output, instance i does not depend on n_photos.
+    test_fraction: share of the photos that go, with all their sketches, to split "test" (rest "train").
+    photo_size: side of the square RGB photos, stored as PNG.
     """
     if n_photos < 1 or sketches_per_photo < 1:
         raise ValueError(f"need at least one photo and one sketch per photo, got {n_photos} and {sketches_per_photo}")
@@ -802,7 +822,8 @@ def generate_chairs(
             sketch_photo.append(pid)
             sketch_split.append(split)
             drawers.append(k)
-    sketch_set = SketchSet.from_list(sketches, sketch_ids, sketch_photo, sketch_split, drawers)
+    canvas = np.full(len(sketches), CANVAS, np.float32)
+    sketch_set = SketchSet.from_list(sketches, sketch_ids, sketch_photo, sketch_split, drawers, canvas, canvas)
     photo_set = PhotoSet(np.asarray(photo_ids, dtype=object), np.asarray(photo_split, dtype=object), images)
     return sketch_set, photo_set
 

@@ -1,0 +1,166 @@
+"""`darp data ...`: make, import, describe and draw sketch data sets (the format is sketch_env/data/store.py).
+
+    darp data generate --out runs/data/chairs
+    darp data import-qmul --coords ChairV2_Coordinate_train --photos photo/ --out runs/data/chairv2
+    darp data import-sketchy --svg sketchy/pig/sketch --photos sketchy/pig/photo --out runs/data/pig
+    darp data info --data runs/data/chairv2
+    darp data show --data runs/data/chairv2 --sketch 00140128_v1_1 --out sketch.png
+
+Bad input stops with a `DataError` (exit status 1) that names the file and the problem; the import
+commands can instead skip bad sketches and list them (`--on-error skip`, the default).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from sketch_env.data import DataError, Dataset, load_dataset
+from tune_runs.cli import arg
+
+
+@dataclass
+class GenerateConfig:
+    """Generate the built-in fine-grained chair data set: photos and sketches by simulated drawers."""
+
+    out: Path = arg(Path("runs/data/chairs"), "data-set directory to write (replaced if it exists)")
+    photos: int = arg(400, "number of chair instances, one photo each")
+    sketches_per_photo: int = arg(3, "sketches per photo, each by a different simulated drawer")
+    seed: int = arg(0, "random seed: the same seed gives the same data set")
+    test_fraction: float = arg(0.25, "share of the photos that go, with their sketches, to the test split")
+
+
+@dataclass
+class ImportQMULConfig:
+    """Import an on-the-fly SBIR coordinate pickle (QMUL Chair-V2 / Shoe-V2) and its photo directory."""
+
+    coords: Path = arg(help="coordinate pickle, e.g. ChairV2_Coordinate_train (read with a restricted unpickler)")
+    photos: Path = arg(help="directory of the photos NAME.png / NAME.jpg")
+    split: Literal["all", "train", "test"] = arg("all", "which keys ('/train/...', '/test/...') to import")
+    out: Path = arg(Path("runs/data/chairv2"), "data-set directory to write (replaced if it exists)")
+    on_error: Literal["skip", "fail"] = arg("skip", "bad sketches: skip and report them, or stop at the first")
+
+
+@dataclass
+class ImportSketchyConfig:
+    """Import Sketchy database SVG sketches (PHOTO-N.svg) and their photos (PHOTO.jpg)."""
+
+    svg: Path = arg(help="directory of the SVG sketches of one category")
+    photos: Path = arg(help="directory of the photos PHOTO.jpg / PHOTO.png")
+    out: Path = arg(Path("runs/data/sketchy"), "data-set directory to write (replaced if it exists)")
+    split: Literal["train", "val", "test"] = arg("train", "split of every imported sketch and photo")
+    on_error: Literal["skip", "fail"] = arg("skip", "bad sketches: skip and report them, or stop at the first")
+
+
+@dataclass
+class ShowConfig:
+    """Draw the 17 partial sketches of one sketch beside its photo, as one PNG."""
+
+    data: Path = arg(help="data-set directory")
+    sketch: str = arg("", "sketch id (default: the data set's first sketch)")
+    out: Path = arg(Path("sketch.png"), "PNG file to write")
+    size: int = arg(256, "side in pixels of each partial sketch and of the photo")
+
+
+@dataclass
+class InfoConfig:
+    """Print what a data-set directory holds: counts per split and points / strokes per sketch."""
+
+    data: Path = arg(help="data-set directory")
+
+
+def generate(cfg: GenerateConfig) -> int:
+    from sketch_env.data.generate import generate_dataset
+
+    start = time.perf_counter()
+    out = generate_dataset(Path(cfg.out), cfg.photos, cfg.sketches_per_photo, cfg.seed, cfg.test_fraction)
+    print(f"generated {out} in {time.perf_counter() - start:.1f} s")
+    print(describe(load_dataset(out)))
+    return 0
+
+
+def import_qmul(cfg: ImportQMULConfig) -> int:
+    from sketch_env.data.qmul import import_qmul as run_import
+
+    start = time.perf_counter()
+    summary = run_import(cfg.coords, cfg.photos, cfg.out, split=cfg.split, on_error=cfg.on_error)
+    print(f"{summary.format()}\nwrote {cfg.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def import_sketchy(cfg: ImportSketchyConfig) -> int:
+    from sketch_env.data.sketchy import import_sketchy as run_import
+
+    start = time.perf_counter()
+    summary = run_import(cfg.svg, cfg.photos, cfg.out, split=cfg.split, on_error=cfg.on_error)
+    print(f"{summary.format()}\nwrote {cfg.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def info(cfg: InfoConfig) -> int:
+    start = time.perf_counter()
+    ds = load_dataset(cfg.data)
+    print(f"loaded in {time.perf_counter() - start:.2f} s")
+    print(describe(ds))
+    return 0
+
+
+def describe(ds: Dataset) -> str:
+    """Counts per split, then points, strokes and drawers per sketch, as lines for the terminal."""
+    sk, ph = ds.sketches, ds.photos
+    lines = [f"{ds.path}: {ds.manifest.get('name')} (source {ds.manifest.get('source')})"]
+    lines.append(f"  {'split':<6} {'sketches':>8} {'photos':>7}")
+    for split in sorted(set(sk.split) | set(ph.split)):
+        lines.append(f"  {split:<6} {int((sk.split == split).sum()):>8} {int((ph.split == split).sum()):>7}")
+    lines.append(f"  {'total':<6} {len(sk):>8} {len(ph):>7}")
+    if len(sk):
+        sketch_of_point = np.repeat(np.arange(len(sk)), sk.lengths())
+        strokes = np.bincount(sketch_of_point, weights=sk.points[:, 2], minlength=len(sk))
+        for what, v in (("points per sketch", sk.lengths()), ("strokes per sketch", strokes)):
+            lines.append(f"  {what}: min {v.min():g}, median {np.median(v):g}, mean {v.mean():.1f}, max {v.max():g}")
+        canvases = sorted({(float(w), float(h)) for w, h in zip(sk.canvas_width, sk.canvas_height)})
+        canvas_text = ", ".join(f"{w:g}x{h:g}" for w, h in canvases)
+        lines.append(f"  drawers: {len(set(sk.drawer.tolist()))}; canvas: {canvas_text}")
+    return "\n".join(lines)
+
+
+def show(cfg: ShowConfig) -> int:
+    from PIL import Image, ImageDraw
+
+    from sketch_env.atomic import atomic_write
+    from sketch_env.render import render_levels
+
+    ds = load_dataset(cfg.data)
+    if len(ds.sketches) == 0:
+        raise DataError(f"{cfg.data}: the data set has no sketches")
+    sketch_id = cfg.sketch or ds.sketches.sketch_id[0]
+    found = np.flatnonzero(ds.sketches.sketch_id == sketch_id)
+    if len(found) == 0:
+        raise DataError(f"{cfg.data}: no sketch with id {sketch_id!r}; ids look like {list(ds.sketches.sketch_id[:3])}")
+    i = int(found[0])
+    photo_id = ds.sketches.photo_id[i]
+    levels = render_levels(ds.sketches.subset([i]), cfg.size)[0]  # (17, size, size), ink = 1
+    photo = ds.photos.decode(ds.photos.index_of()[photo_id], cfg.size)
+
+    # A grid of 6 columns: the photo, then levels 0..16; each cell has a caption strip above it.
+    cols, caption, size = 6, 16, cfg.size
+    tiles = [("photo " + photo_id, Image.fromarray(photo))]
+    for lv, level in enumerate(levels):
+        tiles.append((f"level {lv} ({lv + 1}/{len(levels)})", Image.fromarray(((1.0 - level) * 255).astype(np.uint8))))
+    rows = -(-len(tiles) // cols)
+    sheet = Image.new("RGB", (cols * (size + 4), caption + rows * (size + caption + 4)), "white")
+    draw = ImageDraw.Draw(sheet)
+    sk = ds.sketches
+    draw.text((2, 2), f"{sketch_id} ({sk.split[i]}, drawer {sk.drawer[i]}, {len(sk.sketch(i))} points)", fill="black")
+    for k, (label, tile) in enumerate(tiles):
+        x, y = (k % cols) * (size + 4), caption + (k // cols) * (size + caption + 4)
+        draw.text((x + 2, y + 2), label, fill="black")
+        sheet.paste(tile.convert("RGB"), (x, y + caption))
+        draw.rectangle([x, y + caption, x + size - 1, y + caption + size - 1], outline=(160, 160, 160))
+    atomic_write(cfg.out, lambda p: sheet.save(p, format="PNG"))
+    print(f"wrote {cfg.out}: sketch {sketch_id} of photo {photo_id}, 17 levels at {size}x{size}")
+    return 0
