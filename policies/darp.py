@@ -1,0 +1,236 @@
+"""The DARP algorithm on RLlib: `DARPConfig` and `DARP` with its own training step.
+
+Run it (see also `darp train`)::
+
+    from policies.darp import DARPConfig
+    config = (
+        DARPConfig()
+        .environment(env_config={"data": "runs/demo/data", "embedding": "runs/demo/phase1"})
+        .env_runners(num_env_runners=1, num_envs_per_env_runner=16)
+        .learners(num_learners=2)                       # num_gpus_per_learner=1 on a GPU cluster
+        .training(num_episodes_per_train_batch=32, std_start=0.3, std_end=0.05)
+    )
+    algo = config.build_algo()
+    print(algo.train()["validation"]["auir"])
+
+One training step: sample complete episodes from the EnvRunners (whole drawing episodes, 17 levels x
+G glimpses each), update the learners (DARPLearner: bootstrapped REINFORCE + supervised loss), sync
+weights (the scheduled std travels with them as a module buffer), tell the envs the training step
+(for the `threshold` reward), and every `val_interval` iterations evaluate the deterministic policy
+on the validation split (AUIR, acc@5, percentile curve under result["validation"]).
+"""
+
+from __future__ import annotations
+
+import tree
+from ray.rllib.algorithms import Algorithm
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.utils.annotations import override
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    ENV_RUNNER_SAMPLING_TIMER,
+    LEARNER_RESULTS,
+    LEARNER_UPDATE_TIMER,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    SYNCH_WORKER_WEIGHTS_TIMER,
+    TIMERS,
+)
+from ray.tune.registry import register_env
+
+ENV_NAME = "darp-sketch-retrieval"
+
+
+def _make_env(config: dict):
+    from sketch_env.vector_env import make_vector_env
+
+    return make_vector_env(dict(config))
+
+
+register_env(ENV_NAME, _make_env)
+
+
+class DARPConfig(AlgorithmConfig):
+    """AlgorithmConfig for DARP: RLlib's fields plus the hybrid-loss and schedule settings."""
+
+    def __init__(self, algo_class=None):
+        super().__init__(algo_class=algo_class or DARP)
+        self.env = ENV_NAME
+        self.batch_mode = "complete_episodes"
+        self.num_episodes_per_train_batch = 32
+        self.rl_weight = 0.01
+        self.sup_lambda = 1.0
+        self.gamma = 0.99
+        self.lr = 3e-4
+        self.std_start = 0.3
+        self.std_end = 0.05
+        self.std_shape = "exponential"
+        self.std_horizon = 200_000
+        self.val_interval = 5
+        self.val_split = "val"
+        self.val_max_sketches = 0
+        self.num_env_runners = 0
+        self.num_envs_per_env_runner = 16
+        self.gym_env_vectorize_mode = "vector_entry_point"
+        self.normalize_actions = False
+        self.clip_actions = False
+
+    @override(AlgorithmConfig)
+    def training(
+        self,
+        *,
+        num_episodes_per_train_batch=NotProvided,
+        rl_weight=NotProvided,
+        sup_lambda=NotProvided,
+        std_start=NotProvided,
+        std_end=NotProvided,
+        std_shape=NotProvided,
+        std_horizon=NotProvided,
+        val_interval=NotProvided,
+        val_split=NotProvided,
+        val_max_sketches=NotProvided,
+        **kwargs,
+    ):
+        """DARP settings.
+
+        Args:
+            num_episodes_per_train_batch: complete episodes per update; keep it a multiple of
+                num_envs_per_env_runner x max(1, num_env_runners) and of num_learners.
+            rl_weight: weight of the policy-gradient (+ baseline) term; the authors' code used 0.01.
+            sup_lambda: weight of the supervised ||a_t - e_target||^2 term.
+            std_start, std_end, std_shape, std_horizon: the locator's std schedule
+                (policies.schedules.StdSchedule; horizon in env steps).
+            val_interval: evaluate on the validation split every this many iterations (0: never).
+            val_split: the split evaluated (sketch_env.data.select_split names).
+            val_max_sketches: evaluate at most this many sketches (0: all of the split).
+        """
+        super().training(**kwargs)
+        for name, value in dict(
+            num_episodes_per_train_batch=num_episodes_per_train_batch,
+            rl_weight=rl_weight,
+            sup_lambda=sup_lambda,
+            std_start=std_start,
+            std_end=std_end,
+            std_shape=std_shape,
+            std_horizon=std_horizon,
+            val_interval=val_interval,
+            val_split=val_split,
+            val_max_sketches=val_max_sketches,
+        ).items():
+            if value is not NotProvided:
+                setattr(self, name, value)
+        return self
+
+    @property
+    def std_schedule(self) -> dict:
+        return {"start": self.std_start, "end": self.std_end, "shape": self.std_shape, "horizon": self.std_horizon}
+
+    @override(AlgorithmConfig)
+    def validate(self) -> None:
+        super().validate()
+        per_round = self.num_envs_per_env_runner * max(1, self.num_env_runners)
+        if self.num_episodes_per_train_batch % per_round:
+            self._value_error(
+                f"num_episodes_per_train_batch={self.num_episodes_per_train_batch} must be a multiple of "
+                f"num_envs_per_env_runner x num_env_runners = {per_round} (RLlib resets all sub-envs per sample call)"
+            )
+        if self.num_learners > 1 and self.num_episodes_per_train_batch % self.num_learners:
+            self._value_error(
+                f"num_episodes_per_train_batch={self.num_episodes_per_train_batch} must be a multiple of "
+                f"num_learners={self.num_learners}, so no learner gets a cut episode"
+            )
+
+    @override(AlgorithmConfig)
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        from policies.darp_module import DARPModule
+
+        return RLModuleSpec(module_class=DARPModule, model_config={"std": self.std_start})
+
+    @override(AlgorithmConfig)
+    def get_default_learner_class(self):
+        from policies.darp_learner import DARPLearner
+
+        return DARPLearner
+
+    @property
+    @override(AlgorithmConfig)
+    def _model_config_auto_includes(self):
+        return {"max_seq_len": self.episode_length()}
+
+    def episode_length(self) -> int:
+        from sketch_env.render import N_LEVELS
+
+        return N_LEVELS * int(self.env_config.get("n_glimpses", 12))
+
+
+class DARP(Algorithm):
+    """Deep reinforced attention regression (see the module docstring)."""
+
+    @classmethod
+    @override(Algorithm)
+    def get_default_config(cls) -> DARPConfig:
+        return DARPConfig()
+
+    @override(Algorithm)
+    def setup(self, config):
+        super().setup(config)
+        self._validator = None
+
+    @override(Algorithm)
+    def training_step(self) -> None:
+        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+            episodes, runner_metrics = self._sample_episodes()
+        self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
+
+        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+            learner_results = self.learner_group.update(
+                episodes=episodes,
+                timesteps={
+                    NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
+                        (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0
+                    )
+                },
+            )
+        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+
+        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+        step = int(self.training_iteration) + 1
+        self.env_runner_group.foreach_env_runner(
+            lambda runner: _set_training_step(runner, step),
+            local_env_runner=True,
+        )
+        if self.config.val_interval and step % self.config.val_interval == 0:
+            for key, value in self.validate_policy().items():
+                self.metrics.log_value(("validation", key), value, window=1)
+
+    def _sample_episodes(self):
+        per_runner = self.config.num_episodes_per_train_batch // max(1, self.config.num_env_runners)
+        sampled = self.env_runner_group.foreach_env_runner(
+            lambda runner: (runner.sample(num_episodes=per_runner), runner.get_metrics()),
+            local_env_runner=self.env_runner_group.num_remote_workers() <= 0,
+        )
+        episodes = tree.flatten([s[0] for s in sampled])
+        return episodes, [s[1] for s in sampled]
+
+    def validate_policy(self) -> dict:
+        """Deterministic policy on the validation split: AUIR, acc@k, m@A, percentile curve."""
+        from policies.rollout import PolicyValidator
+
+        if self._validator is None:
+            self._validator = PolicyValidator.from_config(self.config)
+        state = self.learner_group.get_state(components="learner/rl_module/default_policy")
+        module_state = state["learner"]["rl_module"]["default_policy"]
+        return self._validator.evaluate(module_state)
+
+
+def _set_training_step(runner, step: int) -> None:
+    env = getattr(runner, "env", None)
+    if env is None:
+        return
+    target = env.unwrapped if hasattr(env, "unwrapped") else env
+    if hasattr(target, "set_training_step"):
+        target.set_training_step(step)
+
+
+__all__ = ["DARP", "DARPConfig", "ENV_NAME"]

@@ -1,0 +1,63 @@
+"""End-to-end: DARP trains on a local Ray instance (tiny configs), checkpoints, resumes, evaluates."""
+
+import json
+
+import pytest
+import ray
+
+from tests.rl_fixtures import make_tiny_setup
+from tune_runs.train import TrainConfig, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_setup(tmp_path_factory.mktemp("tiny"))
+
+
+def tiny_config(data, phase1, run_dir, **kw):
+    base = dict(data=str(data), embedding=str(phase1), run_dir=str(run_dir), iterations=2,
+                num_envs_per_env_runner=4, episodes_per_batch=8, n_glimpses=2, val_interval=2)
+    return TrainConfig(**(base | kw))
+
+
+def test_train_checkpoints_validates_and_resumes(ray_local, tiny, tmp_path, capsys):
+    data, phase1 = tiny
+    run_dir = tmp_path / "darp"
+    val = train(tiny_config(data, phase1, run_dir))
+    assert (run_dir / "checkpoint").is_dir()
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["kind"] == "darp" and run["val_metrics"]["n_sketches"] > 0
+    assert 0 < val["auir"] <= 100 and 0 <= val["acc@5"] <= 100
+    lines = (run_dir / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    assert "auir" in json.loads(lines[1])["validation"]
+    capsys.readouterr()
+    train(tiny_config(data, phase1, run_dir, iterations=3))
+    assert "resumed from" in capsys.readouterr().out
+    assert len((run_dir / "results.jsonl").read_text().splitlines()) == 3, "a resumed run must not redo iterations"
+
+
+def test_std_schedule_reaches_the_module(ray_local, tiny, tmp_path):
+    from tune_runs.rl_eval import load_module
+
+    data, phase1 = tiny
+    run_dir = tmp_path / "std"
+    train(tiny_config(data, phase1, run_dir, iterations=1, val_interval=0, std_start=0.5, std_end=0.01,
+                      std_shape="linear", std_horizon=100))
+    assert float(load_module(run_dir).std) == pytest.approx(0.01)
+
+
+def test_two_learners_ddp(ray_local, tiny, tmp_path):
+    data, phase1 = tiny
+    run_dir = tmp_path / "ddp"
+    val = train(tiny_config(data, phase1, run_dir, iterations=1, num_learners=2, val_interval=0))
+    assert (run_dir / "checkpoint").is_dir() and val["n_sketches"] > 0

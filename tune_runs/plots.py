@@ -1,0 +1,88 @@
+"""Figures shared by evaluate, demo and report: percentile curves, glimpse overlays, result tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sketch_env.atomic import atomic_write
+
+TABLE_KEYS = ("auir", "acc@1", "acc@5", "acc@10", "m_at_a")
+TABLE_HEAD = ("AUIR", "acc@1", "acc@5", "acc@10", "m@A")
+
+
+def _save(fig, out: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = atomic_write(out, lambda p: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
+    plt.close(fig)
+    return path
+
+
+def plot_curves(curves: dict[str, list[float]], out: str | Path, title: str = "") -> Path:
+    """Ranking percentile (x100) vs completion level, one line per model (the paper's Fig. 7)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        curve = np.asarray(curve, float)
+        x = np.linspace(100 / len(curve), 100, len(curve))
+        ax.plot(x, curve, marker="o", ms=3, label=name)
+    ax.set_xlabel("sketch completion (%)")
+    ax.set_ylabel("ranking percentile of the true photo (%)")
+    ax.set_title(title or "on-the-fly retrieval")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, out)
+
+
+def plot_glimpses(images: np.ndarray, locations: np.ndarray, ranks: np.ndarray, out: str | Path,
+                  patch_pixels: float, levels=(2, 5, 8, 11, 16), names=None) -> Path:
+    """Where the policy looks: rows = sketches, columns = completion levels.
+
+    images (S, 17, H, W) partial sketches; locations (S, 17, G, 2) in [-1, 1]; ranks (S, 17);
+    patch_pixels: side of the smallest glimpse patch in image pixels.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    S, H = images.shape[0], images.shape[-1]
+    fig, axes = plt.subplots(S, len(levels), figsize=(2 * len(levels), 2 * S), squeeze=False)
+    for i in range(S):
+        for j, level in enumerate(levels):
+            ax = axes[i, j]
+            ax.imshow(1.0 - images[i, level], cmap="gray", vmin=0, vmax=1)
+            locs = locations[i, level]
+            px = (locs + 1.0) / 2.0 * (H - 1)
+            colours = plt.cm.viridis(np.linspace(0, 1, len(px)))
+            for (x, y), c in zip(px, colours):
+                ax.add_patch(Rectangle((x - patch_pixels / 2, y - patch_pixels / 2), patch_pixels, patch_pixels,
+                                       fill=False, ec=c, lw=1))
+            ax.plot(px[:, 0], px[:, 1], "-", color="tab:red", lw=0.6, alpha=0.7)
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(f"level {level + 1}/17, rank {int(ranks[i, level])}", fontsize=7)
+            if j == 0 and names is not None:
+                ax.set_ylabel(str(names[i]), fontsize=7)
+    return _save(fig, out)
+
+
+def format_table(rows: dict[str, dict], spread: dict[str, dict] | None = None) -> str:
+    """A Markdown table: one row per model, AUIR, acc@1/5/10, m@A (mean +- spread when given)."""
+    lines = ["| model | " + " | ".join(TABLE_HEAD) + " |", "|---|" + "---|" * len(TABLE_HEAD)]
+    for name, metrics in rows.items():
+        cells = []
+        for k in TABLE_KEYS:
+            v = metrics.get(k, float("nan"))
+            if spread and name in spread:
+                cells.append(f"{v:.2f} ± {spread[name].get(k, 0.0):.2f}")
+            else:
+                cells.append(f"{v:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,235 @@
+"""`darp train`: phase 2, DARP (or a baseline) with RLlib, checkpointed and resumable.
+
+    darp train --data runs/demo/data --embedding runs/demo/phase1 --run-dir runs/demo/darp
+
+Writes under --run-dir: checkpoint/ (RLlib, replaced atomically after every save), results.jsonl
+(one line per iteration), run.json (what was trained, from what, and the final validation figures).
+`--resume` (default) continues from checkpoint/ if it exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from sketch_env.atomic import atomic_write_json
+from tune_runs.cli import arg
+
+ALGOS = ("darp",)
+
+
+@dataclass
+class TrainConfig:
+    """Train DARP on RLlib over the sketch-retrieval environment."""
+
+    data: str = arg(help="data set directory (darp data generate / import-qmul)")
+    embedding: str = arg(help="phase-1 run directory (darp pretrain) with embeddings/")
+    run_dir: str = arg(help="output directory for checkpoints and results")
+    algo: Literal["darp"] = arg("darp", "model to train")
+    iterations: int = arg(40, "training iterations (each: one batch of complete episodes + one update)")
+    time_budget_s: float = arg(0.0, "stop after this many seconds (0: no limit)")
+    seed: int = arg(0, "random seed")
+    resume: bool = arg(True, "continue from run-dir/checkpoint if it exists")
+    # sampling and hardware
+    num_env_runners: int = arg(0, "remote EnvRunners (0: sample in the driver)")
+    num_envs_per_env_runner: int = arg(32, "vectorised envs per EnvRunner")
+    episodes_per_batch: int = arg(64, "complete episodes per update (multiple of envs x runners and of learners)")
+    num_learners: int = arg(0, "remote learners (0: learn in the driver; 2+: DDP)")
+    num_gpus_per_learner: float = arg(0.0, "GPUs per learner (1 on a GPU cluster)")
+    # environment
+    n_glimpses: int = arg(12, "glimpses per completion level")
+    reward: Literal["threshold", "best_rank", "rank_gain"] = arg("rank_gain", "reward variant (see sketch_env.rewards)")
+    # loss and optimisation
+    lr: float = arg(3e-4, "learning rate")
+    gamma: float = arg(0.99, "discount of the returns-to-go")
+    rl_weight: float = arg(0.01, "weight of the policy-gradient term (authors' code: 0.01)")
+    sup_lambda: float = arg(1.0, "weight of the supervised ||a - e_target||^2 term")
+    # locator exploration
+    n_heads: int = arg(6, "bootstrapped locator heads K")
+    bootstrap_p: float = arg(0.5, "Bernoulli probability of each head's bootstrap mask")
+    std_start: float = arg(0.3, "locator std at the start")
+    std_end: float = arg(0.05, "locator std at the end of the schedule")
+    std_shape: Literal["linear", "exponential", "cosine"] = arg("exponential", "shape of the std decay")
+    std_horizon: int = arg(200_000, "env steps over which the std decays")
+    # networks
+    cell: Literal["gru", "lstm"] = arg("gru", "core RNN cell")
+    h0_init: Literal["sketch", "zeros"] = arg("sketch", "initialise h0 from the first partial sketch's embedding, or zeros")
+    use_sketch_embedding: bool = arg(True, "feed the phase-1 embedding of the current partial sketch at every step")
+    eval_heads: Literal["mean", "first"] = arg("mean", "deterministic location: mean of all heads or head 0")
+    # validation
+    val_interval: int = arg(5, "validate every this many iterations (0: only at the end)")
+    val_split: str = arg("val", "split to validate on")
+    val_max_sketches: int = arg(0, "validate on at most this many sketches (0: all)")
+
+
+def env_config_of(cfg: TrainConfig, split: str = "train") -> dict:
+    return {
+        "data": str(Path(cfg.data).resolve()),
+        "embedding": str(Path(cfg.embedding).resolve()),
+        "split": split,
+        "n_glimpses": cfg.n_glimpses,
+        "reward": cfg.reward,
+    }
+
+
+def build_algo_config(cfg: TrainConfig):
+    """The RLlib AlgorithmConfig for `cfg` (used by train, sweep and report)."""
+    from policies.darp import DARPConfig
+
+    config = (
+        DARPConfig()
+        .environment(env_config=env_config_of(cfg))
+        .env_runners(
+            num_env_runners=cfg.num_env_runners,
+            num_envs_per_env_runner=cfg.num_envs_per_env_runner,
+            gym_env_vectorize_mode="vector_entry_point",
+        )
+        .learners(num_learners=cfg.num_learners, num_gpus_per_learner=cfg.num_gpus_per_learner)
+        .training(
+            num_episodes_per_train_batch=cfg.episodes_per_batch,
+            lr=cfg.lr,
+            gamma=cfg.gamma,
+            rl_weight=cfg.rl_weight,
+            sup_lambda=cfg.sup_lambda,
+            std_start=cfg.std_start,
+            std_end=cfg.std_end,
+            std_shape=cfg.std_shape,
+            std_horizon=cfg.std_horizon,
+            val_interval=cfg.val_interval,
+            val_split=cfg.val_split,
+            val_max_sketches=cfg.val_max_sketches,
+        )
+        .rl_module(
+            model_config={
+                "n_heads": cfg.n_heads,
+                "bootstrap_p": cfg.bootstrap_p,
+                "std": cfg.std_start,
+                "cell": cfg.cell,
+                "h0_init": cfg.h0_init,
+                "use_sketch_embedding": cfg.use_sketch_embedding,
+                "eval_heads": cfg.eval_heads,
+            }
+        )
+        .debugging(seed=cfg.seed)
+        .reporting(metrics_num_episodes_for_smoothing=cfg.episodes_per_batch)
+    )
+    return config
+
+
+def _save_checkpoint(algo, run_dir: Path) -> Path:
+    """Save to a temp dir, then swap it in, so a kill never leaves a half-written checkpoint."""
+    final = run_dir / "checkpoint"
+    tmp = run_dir / ".checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    algo.save_to_path(str(tmp.resolve()))
+    old = run_dir / ".checkpoint.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _line(it: int, result: dict, elapsed: float, steps_per_s: float) -> str:
+    learner = result.get("learners", {}).get("default_policy", {})
+    runners = result.get("env_runners", {})
+    val = result.get("validation", {})
+    parts = [
+        f"iter {it:4d}",
+        f"{elapsed:6.0f}s",
+        f"{steps_per_s:7.0f} steps/s",
+        f"return {runners.get('episode_return_mean', float('nan')):7.2f}",
+        f"sup {learner.get('supervised_loss', float('nan')):.4f}",
+        f"std {learner.get('locator_std', float('nan')):.3f}",
+    ]
+    if val:
+        parts.append(f"val AUIR {val.get('auir', float('nan')):6.2f} acc@5 {val.get('acc@5', float('nan')):5.1f}")
+    return " | ".join(parts)
+
+
+def _jsonable(result: dict) -> dict:
+    keep = ("training_iteration", "time_total_s", "num_env_steps_sampled_lifetime")
+    out = {k: result.get(k) for k in keep}
+    out["env_runners"] = {k: v for k, v in result.get("env_runners", {}).items() if isinstance(v, (int, float))}
+    out["learner"] = {
+        k: v for k, v in result.get("learners", {}).get("default_policy", {}).items() if isinstance(v, (int, float))
+    }
+    out["validation"] = result.get("validation", {})
+    return out
+
+
+def train(cfg: TrainConfig, quiet: bool = False) -> dict:
+    """Train, checkpoint, validate at the end; returns the final validation metrics."""
+    import ray
+
+    if cfg.algo not in ALGOS:
+        raise SystemExit(f"darp train: unknown --algo {cfg.algo!r}; choose from {ALGOS}")
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    config = build_algo_config(cfg)
+    algo = config.build_algo()
+    if cfg.resume and (run_dir / "checkpoint").exists():
+        algo.restore_from_path(str((run_dir / "checkpoint").resolve()))
+        if not quiet:
+            print(f"resumed from {run_dir / 'checkpoint'} at iteration {algo.iteration}")
+    start = time.time()
+    results_path = run_dir / "results.jsonl"
+    last_steps = None
+    val = {}
+    try:
+        while algo.iteration < cfg.iterations:
+            t0 = time.time()
+            result = algo.train()
+            steps = result.get("num_env_steps_sampled_lifetime") or result.get("env_runners", {}).get(
+                "num_env_steps_sampled_lifetime", 0
+            )
+            dt = time.time() - t0
+            sps = (steps - last_steps) / dt if last_steps is not None else cfg.episodes_per_batch * config.episode_length() / dt
+            last_steps = steps
+            fresh = bool(cfg.val_interval) and algo.iteration % cfg.val_interval == 0
+            if not fresh:
+                result.pop("validation", None)
+            val = result.get("validation", val)
+            with open(results_path, "a") as f:
+                f.write(json.dumps(_jsonable(result), default=float) + "\n")
+            if not quiet:
+                print(_line(algo.iteration, result, time.time() - start, sps), flush=True)
+            _save_checkpoint(algo, run_dir)
+            if cfg.time_budget_s and time.time() - start > cfg.time_budget_s:
+                if not quiet:
+                    print(f"time budget of {cfg.time_budget_s:.0f}s reached")
+                break
+        val = algo.validate_policy()
+        _save_checkpoint(algo, run_dir)
+    finally:
+        algo.stop()
+    atomic_write_json(
+        run_dir / "run.json",
+        {
+            "kind": cfg.algo,
+            "config": dataclasses.asdict(cfg),
+            "data": str(Path(cfg.data).resolve()),
+            "embedding": str(Path(cfg.embedding).resolve()),
+            "iterations": cfg.iterations,
+            "train_seconds": time.time() - start,
+            "val_metrics": val,
+        },
+    )
+    if not quiet:
+        print(f"validation ({cfg.val_split}): AUIR {val.get('auir', float('nan')):.2f}  acc@1 {val.get('acc@1', float('nan')):.1f}  "
+              f"acc@5 {val.get('acc@5', float('nan')):.1f}  acc@10 {val.get('acc@10', float('nan')):.1f}  m@A {val.get('m_at_a', float('nan')):.2f}")
+    return val
+
+
+def run(cfg: TrainConfig) -> int:
+    train(cfg)
+    return 0
