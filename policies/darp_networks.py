@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-N_LEVELS = 17
+from sketch_env.render import N_LEVELS
 
 
 class GlimpseNetwork(nn.Module):
