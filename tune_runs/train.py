@@ -16,12 +16,16 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from sketch_env.atomic import atomic_write_json
+from sketch_env.render import N_LEVELS
 from tune_runs.cli import arg
 
-ALGOS = ("darp",)
+Algo = Literal["darp", "darp-no-exploration", "darp-no-attention", "vanilla-pg", "ppo", "bdqn"]
+ALGOS = get_args(Algo)
+GLIMPSING = ("darp", "darp-no-exploration", "bdqn")  # the models that choose where to look
+NO_EXPLORATION_STD = 0.05
 
 
 @dataclass
@@ -31,7 +35,12 @@ class TrainConfig:
     data: str = arg(help="data set directory (darp data generate / import-qmul)")
     embedding: str = arg(help="phase-1 run directory (darp pretrain) with embeddings/")
     run_dir: str = arg(help="output directory for checkpoints and results")
-    algo: Literal["darp"] = arg("darp", "model to train")
+    algo: Algo = arg(
+        "darp",
+        "model: darp; darp-no-exploration (one head, fixed std 0.05); darp-no-attention (core RNN over the partial "
+        "sketch's features, supervised only); vanilla-pg (REINFORCE on the sketch features); ppo (RLlib's PPO on "
+        "the sketch features); bdqn (bootstrapped DQN locator over a grid)",
+    )
     iterations: int = arg(40, "training iterations (each: one batch of complete episodes + one update)")
     time_budget_s: float = arg(0.0, "stop after this many seconds (0: no limit)")
     seed: int = arg(0, "random seed")
@@ -42,17 +51,20 @@ class TrainConfig:
     episodes_per_batch: int = arg(64, "complete episodes per update (multiple of envs x runners and of learners)")
     num_learners: int = arg(0, "remote learners (0: learn in the driver; 2+: DDP)")
     num_gpus_per_learner: float = arg(0.0, "GPUs per learner (1 on a GPU cluster)")
+    num_threads: int = arg(1, "torch CPU threads in this process; 1 suits per-step batches on few cores")
     # environment
-    n_glimpses: int = arg(12, "glimpses per completion level")
+    n_glimpses: int | None = arg(None, "glimpses per completion level (default: 12 for darp, darp-no-exploration, bdqn; 1 for the others)")
     reward: Literal["threshold", "best_rank", "rank_gain"] = arg("rank_gain", "reward variant (see sketch_env.rewards)")
     # loss and optimisation
     lr: float = arg(3e-4, "learning rate")
-    gamma: float = arg(0.99, "discount of the returns-to-go")
+    gamma: float | None = arg(None, "discount of the returns-to-go (default: 0.99; 0 for vanilla-pg and ppo, whose query "
+                                    "does not change what they see next: with rank_gain a return would cancel its effect)")
     rl_weight: float = arg(0.01, "weight of the policy-gradient term (authors' code: 0.01)")
     sup_lambda: float = arg(1.0, "weight of the supervised ||a - e_target||^2 term")
     # locator exploration
     n_heads: int = arg(6, "bootstrapped locator heads K")
     bootstrap_p: float = arg(0.5, "Bernoulli probability of each head's bootstrap mask")
+    grid: int = arg(5, "bdqn: locations per side of the grid (grid x grid actions)")
     std_start: float = arg(0.3, "locator std at the start")
     std_end: float = arg(0.05, "locator std at the end of the schedule")
     std_shape: Literal["linear", "exponential", "cosine"] = arg("exponential", "shape of the std decay")
@@ -78,12 +90,66 @@ def env_config_of(cfg: TrainConfig, split: str = "train") -> dict:
     }
 
 
-def build_algo_config(cfg: TrainConfig):
-    """The RLlib AlgorithmConfig for `cfg` (used by train, sweep and report)."""
+def with_algo_defaults(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the model's defaults for the fields left at None, and darp-no-exploration's preset."""
+    values = {}
+    if cfg.n_glimpses is None:
+        values["n_glimpses"] = 12 if cfg.algo in GLIMPSING else 1
+    if cfg.gamma is None:
+        values["gamma"] = 0.0 if cfg.algo in ("vanilla-pg", "ppo") else 0.99
+    if cfg.algo == "darp-no-exploration":
+        values.update(n_heads=1, bootstrap_p=1.0, std_start=NO_EXPLORATION_STD, std_end=NO_EXPLORATION_STD)
+    return dataclasses.replace(cfg, **values)
+
+
+def _algorithm_config(cfg: TrainConfig):
+    """The algorithm's config class with its training settings: SketchPPOConfig for ppo, else DARPConfig
+    with the model's RLModule and Learner classes."""
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    if cfg.algo == "ppo":
+        from policies.ppo_baseline import SketchPPOConfig
+
+        return SketchPPOConfig().training(
+            train_batch_size_per_learner=cfg.episodes_per_batch * N_LEVELS * cfg.n_glimpses // max(1, cfg.num_learners),
+            lr=cfg.lr,
+            gamma=cfg.gamma,
+        )
     from policies.darp import DARPConfig
 
+    config = DARPConfig().training(
+        num_episodes_per_train_batch=cfg.episodes_per_batch,
+        lr=cfg.lr,
+        gamma=cfg.gamma,
+        rl_weight=cfg.rl_weight,
+        sup_lambda=cfg.sup_lambda,
+        std_start=cfg.std_start,
+        std_end=cfg.std_end,
+        std_shape=cfg.std_shape,
+        std_horizon=cfg.std_horizon,
+    )
+    if cfg.algo == "darp-no-attention":
+        from policies.baselines import NoAttentionModule, SupervisedLearner
+
+        module_class, learner_class = NoAttentionModule, SupervisedLearner
+    elif cfg.algo == "vanilla-pg":
+        from policies.baselines import ReinforceLearner, SketchPolicyModule
+
+        module_class, learner_class = SketchPolicyModule, ReinforceLearner
+    elif cfg.algo == "bdqn":
+        from policies.bdqn import BDQNLearner, BDQNModule
+
+        module_class, learner_class = BDQNModule, BDQNLearner
+    else:
+        return config
+    return config.rl_module(rl_module_spec=RLModuleSpec(module_class=module_class)).learners(learner_class=learner_class)
+
+
+def build_algo_config(cfg: TrainConfig):
+    """The RLlib AlgorithmConfig for `cfg` (used by train, sweep and report)."""
+    cfg = with_algo_defaults(cfg)
     config = (
-        DARPConfig()
+        _algorithm_config(cfg)
         .environment(env_config=env_config_of(cfg))
         .env_runners(
             num_env_runners=cfg.num_env_runners,
@@ -91,24 +157,12 @@ def build_algo_config(cfg: TrainConfig):
             gym_env_vectorize_mode="vector_entry_point",
         )
         .learners(num_learners=cfg.num_learners, num_gpus_per_learner=cfg.num_gpus_per_learner)
-        .training(
-            num_episodes_per_train_batch=cfg.episodes_per_batch,
-            lr=cfg.lr,
-            gamma=cfg.gamma,
-            rl_weight=cfg.rl_weight,
-            sup_lambda=cfg.sup_lambda,
-            std_start=cfg.std_start,
-            std_end=cfg.std_end,
-            std_shape=cfg.std_shape,
-            std_horizon=cfg.std_horizon,
-            val_interval=cfg.val_interval,
-            val_split=cfg.val_split,
-            val_max_sketches=cfg.val_max_sketches,
-        )
+        .training(val_interval=cfg.val_interval, val_split=cfg.val_split, val_max_sketches=cfg.val_max_sketches)
         .rl_module(
             model_config={
                 "n_heads": cfg.n_heads,
                 "bootstrap_p": cfg.bootstrap_p,
+                "grid": cfg.grid,
                 "std": cfg.std_start,
                 "cell": cfg.cell,
                 "h0_init": cfg.h0_init,
@@ -171,8 +225,12 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
 
     if cfg.algo not in ALGOS:
         raise SystemExit(f"darp train: unknown --algo {cfg.algo!r}; choose from {ALGOS}")
+    cfg = with_algo_defaults(cfg)
+    import torch
+
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.num_threads)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     config = build_algo_config(cfg)
