@@ -47,7 +47,13 @@ def _make_env(config: dict):
     return make_vector_env(dict(config))
 
 
-register_env(ENV_NAME, _make_env)
+def register_darp_env() -> None:
+    """Register the env creator under ENV_NAME with the Ray instance that is up now.
+
+    Called where an algorithm is built and in DARP.setup, not at import: a registration made at
+    import belongs to the Ray instance of that moment and is lost with it.
+    """
+    register_env(ENV_NAME, _make_env)
 
 
 class DARPConfig(AlgorithmConfig):
@@ -60,6 +66,7 @@ class DARPConfig(AlgorithmConfig):
         self.num_episodes_per_train_batch = 32
         self.rl_weight = 0.01
         self.sup_lambda = 1.0
+        self.sup_target = "photo"
         self.gamma = 0.99
         self.lr = 3e-4
         self.std_start = 0.3
@@ -82,6 +89,7 @@ class DARPConfig(AlgorithmConfig):
         num_episodes_per_train_batch=NotProvided,
         rl_weight=NotProvided,
         sup_lambda=NotProvided,
+        sup_target=NotProvided,
         std_start=NotProvided,
         std_end=NotProvided,
         std_shape=NotProvided,
@@ -98,6 +106,8 @@ class DARPConfig(AlgorithmConfig):
                 num_envs_per_env_runner x max(1, num_env_runners) and of num_learners.
             rl_weight: weight of the policy-gradient (+ baseline) term; the authors' code used 0.01.
             sup_lambda: weight of the supervised ||a_t - e_target||^2 term.
+            sup_target: e_target: "photo" (the true photo's embedding) or "final_sketch" (the
+                phase-1 embedding of the complete sketch).
             std_start, std_end, std_shape, std_horizon: the locator's std schedule
                 (policies.schedules.StdSchedule; horizon in env steps).
             val_interval: evaluate on the validation split every this many iterations (0: never).
@@ -109,6 +119,7 @@ class DARPConfig(AlgorithmConfig):
             num_episodes_per_train_batch=num_episodes_per_train_batch,
             rl_weight=rl_weight,
             sup_lambda=sup_lambda,
+            sup_target=sup_target,
             std_start=std_start,
             std_end=std_end,
             std_shape=std_shape,
@@ -173,6 +184,7 @@ class DARP(Algorithm):
 
     @override(Algorithm)
     def setup(self, config):
+        register_darp_env()
         super().setup(config)
         self._validator = None
 
@@ -185,6 +197,9 @@ class DARP(Algorithm):
         with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
             learner_results = self.learner_group.update(
                 episodes=episodes,
+                num_epochs=self.config.num_epochs,
+                minibatch_size=self.config.minibatch_size,
+                shuffle_batch_per_epoch=self.config.num_epochs > 1,
                 timesteps={
                     NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
                         (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0
@@ -233,4 +248,4 @@ def _set_training_step(runner, step: int) -> None:
         target.set_training_step(step)
 
 
-__all__ = ["DARP", "DARPConfig", "ENV_NAME"]
+__all__ = ["DARP", "DARPConfig", "ENV_NAME", "register_darp_env"]

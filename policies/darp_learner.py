@@ -29,18 +29,29 @@ from policies.schedules import StdSchedule
 TARGET_EMBEDDING = "target_embedding"
 
 
-class AddTargetEmbeddings(ConnectorV2):
-    """Learner connector: copy each step's infos["target_embedding"] into a train-batch column.
+SUPERVISED_TARGETS = {"photo": "target_embedding", "final_sketch": "final_sketch_embedding"}
 
-    The env knows the target photo's embedding; the policy must never see it (it is not in the
-    observation), but the supervised loss needs it.
+
+class AddTargetEmbeddings(ConnectorV2):
+    """Learner connector: copy each step's supervised target from the infos into a train-batch column.
+
+    The env knows the target photo's embedding and the complete sketch's phase-1 embedding; the policy
+    must never see them (they are not in the observation), but the supervised loss needs one of them:
+    `target` "photo" regresses a_t onto the true photo's embedding, "final_sketch" onto the embedding
+    of the finished sketch (the paper's "predicted final sketch embedding").
     """
+
+    def __init__(self, input_observation_space=None, input_action_space=None, *, target: str = "photo"):
+        super().__init__(input_observation_space, input_action_space)
+        if target not in SUPERVISED_TARGETS:
+            raise ValueError(f"supervised target must be one of {sorted(SUPERVISED_TARGETS)}, got {target!r}")
+        self.info_key = SUPERVISED_TARGETS[target]
 
     @override(ConnectorV2)
     def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, **kwargs):
         for episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
             infos = episode.get_infos(slice(0, len(episode)))
-            targets = np.stack([info[TARGET_EMBEDDING] for info in infos]).astype(np.float32)
+            targets = np.stack([info[self.info_key] for info in infos]).astype(np.float32)
             self.add_n_batch_items(
                 batch, TARGET_EMBEDDING, items_to_add=targets, num_items=len(episode), single_agent_episode=episode
             )
@@ -80,7 +91,7 @@ class DARPLearner(TorchLearner):
     def build(self) -> None:
         super().build()
         if self.config.add_default_connectors_to_learner_pipeline:
-            self._learner_connector.prepend(AddTargetEmbeddings())
+            self._learner_connector.prepend(AddTargetEmbeddings(target=self.config.sup_target))
             self._learner_connector.prepend(ComputeReturnsToGo(gamma=self.config.gamma))
         self.std_schedule = StdSchedule(**self.config.std_schedule)
 

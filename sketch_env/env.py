@@ -283,7 +283,8 @@ class EpisodeBatch:
         return obs
 
     def infos(self, rows: torch.Tensor, level: torch.Tensor, glimpse_index: torch.Tensor) -> dict[str, np.ndarray]:
-        """Per-slot infos for `rows` (R,): level, glimpse index, ids and the target photo's embedding."""
+        """Per-slot infos for `rows` (R,): level, glimpse index, ids, the target photo's embedding and
+        the phase-1 embedding of the complete sketch (the two supervised targets a policy may regress to)."""
         sketch = self.sketch.index_select(0, rows)
         target = self.episodes.target_index.index_select(0, sketch)
         sketch = sketch.numpy()
@@ -293,6 +294,7 @@ class EpisodeBatch:
             "photo_id": self.episodes.photo_id[sketch],
             "sketch_id": self.episodes.sketch_id[sketch],
             "target_embedding": self.episodes.gallery.embeddings.index_select(0, target).numpy(),
+            "final_sketch_embedding": self.episodes.sketch_embedding[torch.from_numpy(sketch), -1].numpy(),
         }
 
 

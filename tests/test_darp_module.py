@@ -121,7 +121,7 @@ def test_supervised_loss_never_reaches_the_locator_and_rl_never_reaches_the_core
     loss, _ = darp_loss(out, data, m.std, rl_weight=0.0, sup_lambda=1.0)
     loss.backward()
     assert m.locator.fc.weight.grad is None or m.locator.fc.weight.grad.abs().sum() == 0
-    assert m.action_net.fc[0].weight.grad.abs().sum() > 0
+    assert m.action_net.fc[-1].weight.grad.abs().sum() > 0
     m.zero_grad(set_to_none=True)
     out, data = train_batch(m)
     loss, _ = darp_loss(out, data, m.std, rl_weight=1.0, sup_lambda=0.0)
@@ -172,3 +172,13 @@ def test_std_schedule_rejects_bad_values():
         StdSchedule(0.0, 0.1)
     with pytest.raises(ValueError):
         StdSchedule(0.3, 0.1, "linear", 0)
+
+
+def test_residual_query_starts_at_the_phase1_embedding():
+    m = make_module(residual_query=True)
+    obs = batch(3, 1)
+    q = m.forward_inference({Columns.OBS: obs, Columns.STATE_IN: state(m, 3)})[Columns.ACTIONS]["query"]
+    assert torch.allclose(q, obs["sketch_embedding"], atol=1e-6)
+    free = make_module(residual_query=False)
+    q = free.forward_inference({Columns.OBS: obs, Columns.STATE_IN: state(free, 3)})[Columns.ACTIONS]["query"]
+    assert not torch.allclose(q, obs["sketch_embedding"], atol=1e-3)

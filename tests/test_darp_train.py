@@ -52,7 +52,7 @@ def test_std_schedule_reaches_the_module(ray_local, tiny, tmp_path):
     data, phase1 = tiny
     run_dir = tmp_path / "std"
     train(tiny_config(data, phase1, run_dir, iterations=1, val_interval=0, std_start=0.5, std_end=0.01,
-                      std_shape="linear", std_horizon=100))
+                      std_shape="linear", std_horizon=100, keep_best=False))
     assert float(load_module(run_dir).std) == pytest.approx(0.01)
 
 
@@ -61,3 +61,14 @@ def test_two_learners_ddp(ray_local, tiny, tmp_path):
     run_dir = tmp_path / "ddp"
     val = train(tiny_config(data, phase1, run_dir, iterations=1, num_learners=2, val_interval=0))
     assert (run_dir / "checkpoint").is_dir() and val["n_sketches"] > 0
+
+
+def test_best_checkpoint_is_kept_and_used(ray_local, tiny, tmp_path):
+    data, phase1 = tiny
+    run_dir = tmp_path / "best"
+    val = train(tiny_config(data, phase1, run_dir, iterations=2, val_interval=1))
+    best = json.loads((run_dir / "best.json").read_text())
+    assert (run_dir / "best_checkpoint").is_dir()
+    assert best["auir"] == pytest.approx(val["auir"])
+    history = [json.loads(line)["validation"].get("auir", -1) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert best["auir"] >= max(history)

@@ -27,10 +27,12 @@ def read_run(run_dir: str | Path) -> dict:
 
 
 def load_module(run_dir: str | Path):
-    """The trained RLModule of an RL run (from run_dir/checkpoint), in eval mode."""
+    """The trained RLModule of an RL run, in eval mode: from run_dir/best_checkpoint (the best
+    validation AUIR, see `darp train --keep-best`) if there is one, else run_dir/checkpoint."""
     from ray.rllib.core.rl_module.rl_module import RLModule
 
-    path = Path(run_dir) / "checkpoint" / MODULE_PATH
+    best = Path(run_dir) / "best_checkpoint"
+    path = (best if best.is_dir() else Path(run_dir) / "checkpoint") / MODULE_PATH
     if not path.is_dir():
         raise DataError(f"{run_dir}: no RLModule checkpoint at {path}")
     module = RLModule.from_checkpoint(str(path.resolve()))

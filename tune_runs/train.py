@@ -56,11 +56,15 @@ class TrainConfig:
     n_glimpses: int | None = arg(None, "glimpses per completion level (default: 12 for darp, darp-no-exploration, bdqn; 1 for the others)")
     reward: Literal["threshold", "best_rank", "rank_gain"] = arg("rank_gain", "reward variant (see sketch_env.rewards)")
     # loss and optimisation
+    num_epochs: int = arg(4, "passes over each batch of episodes (more supervised steps per sampled batch)")
+    minibatch_episodes: int = arg(16, "episodes per gradient step (0: the whole batch)")
     lr: float = arg(3e-4, "learning rate")
     gamma: float | None = arg(None, "discount of the returns-to-go (default: 0.99; 0 for vanilla-pg and ppo, whose query "
                                     "does not change what they see next: with rank_gain a return would cancel its effect)")
     rl_weight: float = arg(0.01, "weight of the policy-gradient term (authors' code: 0.01)")
     sup_lambda: float = arg(1.0, "weight of the supervised ||a - e_target||^2 term")
+    sup_target: Literal["photo", "final_sketch"] = arg("photo", "e_target: the true photo's embedding or the complete sketch's")
+    residual_query: bool = arg(True, "query = normalize(phase-1 embedding of the partial sketch + learned correction)")
     # locator exploration
     n_heads: int = arg(6, "bootstrapped locator heads K")
     bootstrap_p: float = arg(0.5, "Bernoulli probability of each head's bootstrap mask")
@@ -77,6 +81,7 @@ class TrainConfig:
     # validation
     val_interval: int = arg(5, "validate every this many iterations (0: only at the end)")
     val_split: str = arg("val", "split to validate on")
+    keep_best: bool = arg(True, "keep the checkpoint of the best validation AUIR (RUN/best_checkpoint); evaluation uses it")
     val_max_sketches: int = arg(0, "validate on at most this many sketches (0: all)")
 
 
@@ -119,10 +124,13 @@ def _algorithm_config(cfg: TrainConfig):
 
     config = DARPConfig().training(
         num_episodes_per_train_batch=cfg.episodes_per_batch,
+        num_epochs=cfg.num_epochs,
+        minibatch_size=cfg.minibatch_episodes * N_LEVELS * cfg.n_glimpses // max(1, cfg.num_learners) or None,
         lr=cfg.lr,
         gamma=cfg.gamma,
         rl_weight=cfg.rl_weight,
         sup_lambda=cfg.sup_lambda,
+        sup_target=cfg.sup_target,
         std_start=cfg.std_start,
         std_end=cfg.std_end,
         std_shape=cfg.std_shape,
@@ -147,6 +155,9 @@ def _algorithm_config(cfg: TrainConfig):
 
 def build_algo_config(cfg: TrainConfig):
     """The RLlib AlgorithmConfig for `cfg` (used by train, sweep and report)."""
+    from policies.darp import register_darp_env
+
+    register_darp_env()
     cfg = with_algo_defaults(cfg)
     config = (
         _algorithm_config(cfg)
@@ -168,6 +179,7 @@ def build_algo_config(cfg: TrainConfig):
                 "h0_init": cfg.h0_init,
                 "use_sketch_embedding": cfg.use_sketch_embedding,
                 "eval_heads": cfg.eval_heads,
+                "residual_query": cfg.residual_query,
             }
         )
         .debugging(seed=cfg.seed)
@@ -176,13 +188,13 @@ def build_algo_config(cfg: TrainConfig):
     return config
 
 
-def _save_checkpoint(algo, run_dir: Path) -> Path:
+def _save_checkpoint(algo, run_dir: Path, name: str = "checkpoint") -> Path:
     """Save to a temp dir, then swap it in, so a kill never leaves a half-written checkpoint."""
-    final = run_dir / "checkpoint"
-    tmp = run_dir / ".checkpoint.tmp"
+    final = run_dir / name
+    tmp = run_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     algo.save_to_path(str(tmp.resolve()))
-    old = run_dir / ".checkpoint.old"
+    old = run_dir / f".{name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
@@ -220,7 +232,7 @@ def _jsonable(result: dict) -> dict:
 
 
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
-    """Train, checkpoint, validate at the end; returns the final validation metrics."""
+    """Train, checkpoint, validate at the end; returns the validation metrics of the kept model."""
     import ray
 
     if cfg.algo not in ALGOS:
@@ -241,9 +253,21 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             print(f"resumed from {run_dir / 'checkpoint'} at iteration {algo.iteration}")
     start = time.time()
     results_path = run_dir / "results.jsonl"
+    best_path = run_dir / "best.json"
+    best = json.loads(best_path.read_text()) if cfg.resume and best_path.is_file() else {"auir": -1.0}
     last_steps = None
     val = {}
+
+    def keep_if_best(metrics: dict) -> None:
+        """Early stopping by selection: the checkpoint with the best validation AUIR is kept apart."""
+        nonlocal best
+        if cfg.keep_best and metrics.get("auir", -1.0) > best["auir"]:
+            _save_checkpoint(algo, run_dir, "best_checkpoint")
+            best = {"auir": metrics["auir"], "iteration": int(algo.iteration), "metrics": metrics}
+            atomic_write_json(best_path, best)
     try:
+        if cfg.keep_best and algo.iteration == 0:
+            keep_if_best(algo.validate_policy())  # the untrained policy is a candidate too
         while algo.iteration < cfg.iterations:
             t0 = time.time()
             result = algo.train()
@@ -262,12 +286,17 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             if not quiet:
                 print(_line(algo.iteration, result, time.time() - start, sps), flush=True)
             _save_checkpoint(algo, run_dir)
+            if fresh:
+                keep_if_best(val)
             if cfg.time_budget_s and time.time() - start > cfg.time_budget_s:
                 if not quiet:
                     print(f"time budget of {cfg.time_budget_s:.0f}s reached")
                 break
         val = algo.validate_policy()
         _save_checkpoint(algo, run_dir)
+        keep_if_best(val)
+        if cfg.keep_best:
+            val = best["metrics"]
     finally:
         algo.stop()
     atomic_write_json(
@@ -280,6 +309,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             "iterations": cfg.iterations,
             "train_seconds": time.time() - start,
             "val_metrics": val,
+            "best_iteration": best.get("iteration"),
         },
     )
     if not quiet:
