@@ -34,7 +34,14 @@ LOCATION_SAMPLE = "location_sample"
 
 
 class DARPModule(TorchRLModule):
-    """Glimpse network -> core RNN -> (action network, K locator heads, baseline)."""
+    """Glimpse network -> core RNN -> (action network, K locator heads, baseline).
+
+    Subclasses (policies.bdqn, policies.baselines) keep the core and replace where to look next:
+    `attention = False` makes the glimpse network read the partial sketch's features only, and
+    `setup_locator` builds the networks that choose the next location.
+    """
+
+    attention = True
 
     @override(TorchRLModule)
     def setup(self):
@@ -49,10 +56,19 @@ class DARPModule(TorchRLModule):
         hidden = int(cfg.get("hidden", 256))
         glimpse_hidden = int(cfg.get("glimpse_hidden", 128))
         self.glimpse_net = GlimpseNetwork(
-            obs_space["glimpse"].shape, embed_dim, glimpse_hidden, bool(cfg.get("use_sketch_embedding", True))
+            obs_space["glimpse"].shape, embed_dim, glimpse_hidden, bool(cfg.get("use_sketch_embedding", True)),
+            self.attention,
         )
         self.core = CoreNetwork(glimpse_hidden, embed_dim, hidden, cfg.get("cell", "gru"), cfg.get("h0_init", "sketch"))
-        self.action_net = ActionNetwork(hidden, embed_dim)
+        # residual_query: a_t = normalize(e_t + ACTN(h_t)) with e_t the phase-1 embedding of the current
+        # partial sketch and ACTN's last layer zero-initialised, so training starts from the triplet
+        # network's query and learns a correction (far less prone to memorising training photos).
+        self.residual_query = bool(cfg.get("residual_query", True))
+        self.action_net = ActionNetwork(hidden, embed_dim, zero_init=self.residual_query)
+        self.setup_locator(cfg, hidden)
+
+    def setup_locator(self, cfg: dict, hidden: int) -> None:
+        """The networks that choose the next location from h (H = `hidden`): K Gaussian heads + baseline."""
         self.locator = LocatorHeads(hidden, self.n_heads)
         self.baseline = Baseline(hidden)
         # Not learned: set from the std schedule by the learner; a buffer so it syncs with the weights.
@@ -74,19 +90,33 @@ class DARPModule(TorchRLModule):
         h, core_out = self.core(g, core_state, starts, obs["sketch_embedding"][:, 0])
         return h, core_out, starts
 
+    def predict_query(self, h: torch.Tensor, batch) -> torch.Tensor:
+        """The action network's query (B, T, D) from h (B, T, H), residual on the observed embedding if set."""
+        base = batch[Columns.OBS]["sketch_embedding"] if self.residual_query else None
+        return self.action_net(h, base)
+
+    def acting_head(self, batch, starts: torch.Tensor) -> torch.Tensor:
+        """(B,) the head that acts: drawn at an episode's first step (starts (B,) bool), else kept."""
+        head = batch[Columns.STATE_IN][HEAD].long().reshape(len(starts))
+        drawn = torch.randint(0, self.n_heads, head.shape, device=head.device)
+        return torch.where(starts, drawn, head)
+
+    def bootstrap_mask(self, B: int, T: int, device) -> torch.Tensor:
+        """(B, T, K) float: which heads learn from each experience, Bernoulli(bootstrap_p) per head."""
+        return (torch.rand(B, T, self.n_heads, device=device) < self.bootstrap_p).float()
+
     def _act(self, batch, explore: bool) -> dict[str, Any]:
         h, state_out, starts = self._core(batch)
         B, T = h.shape[:2]
-        query = self.action_net(h)
+        query = self.predict_query(h, batch)
         means = self.locator(h.detach())  # (B, T, K, 2)
         head = batch[Columns.STATE_IN][HEAD].long().reshape(B)
         if explore:
-            drawn = torch.randint(0, self.n_heads, (B,), device=h.device)
-            head = torch.where(starts, drawn, head)
+            head = self.acting_head(batch, starts)
             mean = means[torch.arange(B, device=h.device), :, head]  # (B, T, 2)
             sample = mean + self.std * torch.randn_like(mean)
             logp = torch.distributions.Normal(mean, self.std).log_prob(sample).sum(-1)
-            mask = (torch.rand(B, T, self.n_heads, device=h.device) < self.bootstrap_p).float()
+            mask = self.bootstrap_mask(B, T, h.device)
         else:
             sample = means.mean(dim=2) if self.eval_heads == "mean" else means[:, :, 0]
             logp = torch.zeros(B, T, device=h.device)
@@ -118,7 +148,7 @@ class DARPModule(TorchRLModule):
         """(B, T) sequences of whole episodes -> query (B, T, D), locator means (B, T, K, 2), baseline (B, T)."""
         h, _, _ = self._core(batch)
         return {
-            "query": self.action_net(h),
+            "query": self.predict_query(h, batch),
             "locator_means": self.locator(h.detach()),
             "baseline": self.baseline(h.detach()),
         }

@@ -24,25 +24,34 @@ class GlimpseNetwork(nn.Module):
     `use_sketch_embedding` adds the phase-1 embedding of the current partial sketch to every step's
     input (our extension; the paper uses it only to initialise h0). The level is always given: it tells
     the core how complete the sketch it is looking at is.
+
+    `attention=False` drops what and where (glimpse and location are ignored): g_t then depends on
+    the partial sketch's phase-1 embedding and level only (the no-attention ablation and the
+    policies of the vanilla-RL and PPO baselines).
     """
 
     def __init__(self, retina_shape: tuple[int, int, int], embed_dim: int, hidden: int = 128,
-                 use_sketch_embedding: bool = True):
+                 use_sketch_embedding: bool = True, attention: bool = True):
         super().__init__()
+        if not attention and not use_sketch_embedding:
+            raise ValueError("a glimpse network without attention needs use_sketch_embedding=True (it would see the level only)")
+        self.attention = attention
         retina_size = retina_shape[0] * retina_shape[1] * retina_shape[2]
-        self.what = nn.Linear(retina_size, hidden)
-        self.where = nn.Linear(2, hidden)
+        self.what = nn.Linear(retina_size, hidden) if attention else None
+        self.where = nn.Linear(2, hidden) if attention else None
         self.when = nn.Embedding(N_LEVELS, hidden)
         self.sketch = nn.Linear(embed_dim, hidden) if use_sketch_embedding else None
-        self.combine_what = nn.Linear(hidden, hidden)
-        self.combine_where = nn.Linear(hidden, hidden)
+        self.combine_what = nn.Linear(hidden, hidden) if attention else None
+        self.combine_where = nn.Linear(hidden, hidden) if attention else None
 
     def forward(self, glimpse, location, level, sketch_embedding):
-        what = F.relu(self.what(glimpse.flatten(start_dim=-3)))
-        where = F.relu(self.where(location))
         context = self.when(level.long().clamp(0, N_LEVELS - 1))
         if self.sketch is not None:
             context = context + self.sketch(sketch_embedding)
+        if not self.attention:
+            return F.relu(context)
+        what = F.relu(self.what(glimpse.flatten(start_dim=-3)))
+        where = F.relu(self.where(location))
         return F.relu(self.combine_what(what) + self.combine_where(where) + context)
 
 
@@ -88,15 +97,22 @@ class CoreNetwork(nn.Module):
 class ActionNetwork(nn.Module):
     """a_t = ACTN(h_t): the predicted final sketch embedding, L2-normalised like the gallery.
 
-    Input: h (N, H). Output: (N, D) with unit norm (so every component lies in [-1, 1]).
+    Input: h (N, H), optionally base (N, D): then a_t = normalize(base + ACTN(h_t)), a correction of
+    a given query. Output: (N, D) with unit norm (so every component lies in [-1, 1]).
+    `zero_init` starts the last layer at zero, so an untrained network returns normalize(base)
+    (the vanilla-RL and PPO baselines start from the phase-1 query and refine it).
     """
 
-    def __init__(self, hidden: int, embed_dim: int):
+    def __init__(self, hidden: int, embed_dim: int, zero_init: bool = False):
         super().__init__()
         self.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, embed_dim))
+        if zero_init:
+            nn.init.zeros_(self.fc[-1].weight)
+            nn.init.zeros_(self.fc[-1].bias)
 
-    def forward(self, h):
-        return F.normalize(self.fc(h), dim=-1)
+    def forward(self, h, base=None):
+        out = self.fc(h)
+        return F.normalize(out if base is None else base + out, dim=-1)
 
 
 class LocatorHeads(nn.Module):
