@@ -119,8 +119,9 @@ def main() -> None:
     p.add_argument("--n-glimpses", type=int, default=12)
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in this process (1: per-step batches)")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     import ray
 
     data, embedding = args.data, args.embedding

@@ -69,10 +69,11 @@ def _unwrap_optional(tp):
 
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp) -> None:
     tp, optional = _unwrap_optional(tp)
-    help_text = f.metadata.get("help", "")
+    help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
     required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-    kw: dict[str, Any] = {"dest": f.name, "help": f"{help_text} (default: {default})" if not required else help_text}
+    shown = str(default).replace("%", "%%")
+    kw: dict[str, Any] = {"dest": f.name, "help": f"{help_text} (default: {shown})" if not required else help_text}
     origin = typing.get_origin(tp)
     if tp is bool:
         parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, **kw)

@@ -76,7 +76,7 @@ def evaluate_policy_run(run_dir: Path, data_dir: Path, split: str, n_traces: int
         "ranks": ranks,
         "sketch_id": np.asarray(env.episodes.sketch_id),
         "n_photos": len(env.episodes.gallery),
-        "extras": {"trace": trace, "episodes": trace_env.episodes, "n_glimpses": trace_env.config.n_glimpses},
+        "extras": {"trace": trace, "episodes": trace_env.episodes, "env_config": trace_env.config},
     }
 
 

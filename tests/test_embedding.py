@@ -1,0 +1,201 @@
+"""The phase-1 embedding network, edge maps, triplet loss, mining and augmentation (policies/)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from policies.embedding import (
+    EmbeddingConfig,
+    EmbeddingNet,
+    embed_sketch_levels,
+    load_embedding_net,
+    photo_edges,
+    photo_inputs,
+    save_embedding_net,
+)
+from policies.triplet import (
+    batch_triplet_loss,
+    negative_index,
+    pairwise_sq_dist,
+    random_affine,
+    sample_levels,
+    triplet_loss,
+)
+
+
+def _unit_norms(x: torch.Tensor) -> torch.Tensor:
+    return x.norm(dim=1)
+
+
+@pytest.mark.parametrize(
+    "backbone,size,photo_input,shared",
+    [
+        ("compact", 64, "edges", True),
+        ("compact", 32, "rgb", True),
+        ("compact", 32, "edges", False),
+        ("resnet18", 32, "rgb", False),
+        ("mobilenet_v3_small", 32, "edges", True),
+        ("resnet50", 32, "edges", True),
+        ("inception_v3", 32, "rgb", True),  # resized to 75 x 75 inside
+    ],
+)
+def test_embeddings_have_shape_and_unit_norm(backbone, size, photo_input, shared):
+    torch.manual_seed(0)
+    cfg = EmbeddingConfig(backbone=backbone, embedding_dim=16, image_size=size, photo_input=photo_input, shared_branches=shared)
+    net = EmbeddingNet(cfg).eval()
+    channels = 1 if photo_input == "edges" else 3
+    sketches, photos = torch.rand(2, 1, size, size), torch.rand(2, channels, size, size)
+    with torch.no_grad():
+        s, p = net.embed_sketches(sketches), net.embed_photos(photos)
+        s2, p2 = net(sketches, photos)
+    assert s.shape == (2, 16) and p.shape == (2, 16)
+    torch.testing.assert_close(_unit_norms(s), torch.ones(2))
+    torch.testing.assert_close(_unit_norms(p), torch.ones(2))
+    torch.testing.assert_close(s2, s, atol=1e-5, rtol=1e-4)  # eval mode: one pass equals two
+    torch.testing.assert_close(p2, p, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_branches_share_weights_separate_ones_do_not():
+    x = torch.rand(3, 1, 32, 32)
+    shared = EmbeddingNet(EmbeddingConfig(image_size=32)).eval()
+    separate = EmbeddingNet(EmbeddingConfig(image_size=32, shared_branches=False)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(shared.embed_sketches(x), shared.embed_photos(x))
+        assert not torch.allclose(separate.embed_sketches(x), separate.embed_photos(x))
+    assert sum(p.numel() for p in separate.parameters()) == 2 * sum(p.numel() for p in shared.parameters())
+
+
+def test_backbone_weights_load_from_a_state_dict_file(tmp_path):
+    source = torchvision.models.resnet18(weights=None)  # a full classifier, as torchvision saves ImageNet weights
+    torch.nn.init.constant_(source.conv1.weight, 0.125)
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    net = EmbeddingNet(EmbeddingConfig(backbone="resnet18", backbone_weights=str(path)))
+    torch.testing.assert_close(net.sketch_trunk.conv1.weight, source.conv1.weight)
+    torch.testing.assert_close(net.sketch_trunk.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+
+
+def test_wrong_backbone_weights_fail_clearly(tmp_path):
+    path = tmp_path / "mobilenet.pth"
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), path)
+    with pytest.raises(ValueError, match=r"mobilenet\.pth: not a resnet18 backbone state dict"):
+        EmbeddingNet(EmbeddingConfig(backbone="resnet18", backbone_weights=str(path)))
+    compact = tmp_path / "compact.pth"
+    torch.save(EmbeddingNet(EmbeddingConfig(embedding_dim=8)).sketch_trunk.state_dict(), compact)
+    with pytest.raises(ValueError, match="shape mismatches"):  # edges (1 channel) trunk into an RGB one
+        EmbeddingNet(EmbeddingConfig(photo_input="rgb", backbone_weights=str(compact)))
+    EmbeddingNet(EmbeddingConfig(backbone_weights=str(compact)))  # the matching trunk loads
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="notes.txt: cannot read a state dict"):
+        EmbeddingNet(EmbeddingConfig(backbone_weights=str(garbage)))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    cfg = EmbeddingConfig(embedding_dim=8, image_size=32, shared_branches=False)
+    net = EmbeddingNet(cfg)
+    net.train()
+    net(torch.rand(4, 1, 32, 32), torch.rand(4, 1, 32, 32))  # move the batch-norm statistics
+    save_embedding_net(tmp_path, net, cfg)
+    loaded, loaded_cfg = load_embedding_net(tmp_path)
+    assert loaded_cfg == cfg and not loaded.training
+    x = torch.rand(2, 1, 32, 32)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed_photos(x), net.embed_photos(x))
+        torch.testing.assert_close(loaded.embed_sketches(x), net.embed_sketches(x))
+
+
+def test_edge_map_of_a_rectangle_is_its_border():
+    photo = np.full((1, 128, 128, 3), 255, np.uint8)
+    photo[0, 32:96, 40:88] = (90, 40, 20)  # a dark filled rectangle on white
+    edges = photo_edges(photo, size=32)[0, 0]
+    assert edges.shape == (32, 32) and edges.min() >= 0 and edges.max() <= 1
+    # the rectangle spans rows 8..23 and columns 10..21 at 32 x 32
+    assert edges[8:24, 9:11].max(1).values.min() > 0.5  # left border inked on every row
+    assert edges[8:24, 21:23].max(1).values.min() > 0.5  # right border
+    assert edges[7:9, 10:22].max(0).values.min() > 0.5  # top border on every column
+    assert edges[11:21, 12:20].max() == 0  # nothing inside
+    assert edges[:, :7].max() == 0 and edges[:, 25:].max() == 0  # nothing far outside
+
+
+def test_photo_inputs_edges_and_rgb_shapes():
+    photos = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    edges = photo_inputs(photos, EmbeddingConfig(image_size=32), chunk=2)
+    rgb = photo_inputs(photos, EmbeddingConfig(image_size=32, photo_input="rgb"), chunk=2)
+    assert edges.shape == (3, 1, 32, 32) and rgb.shape == (3, 3, 32, 32)
+    assert 0 <= float(rgb.min()) and float(rgb.max()) <= 1
+
+
+def test_embed_sketch_levels_matches_one_image_at_a_time():
+    net = EmbeddingNet(EmbeddingConfig(embedding_dim=8, image_size=16)).eval()
+    first = np.random.default_rng(0).integers(0, 20, (3, 16, 16)).astype(np.uint8)
+    out = embed_sketch_levels(net, first, batch=5)
+    assert out.shape == (3, 17, 8)
+    with torch.no_grad():
+        one = net.embed_sketches(torch.from_numpy(first[2] <= 7).float()[None, None])
+    torch.testing.assert_close(out[2, 7], one[0], atol=1e-5, rtol=1e-4)
+
+
+def test_triplet_loss_hand_computed():
+    anchor = torch.zeros(2, 2)
+    positive = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # Euclidean distances 5 and 1
+    negative = torch.tensor([[0.0, 2.0], [6.0, 8.0]])  # 2 and 10
+    # hinge(1 + 5 - 2) = 4, hinge(1 + 1 - 10) = 0
+    loss = triplet_loss(anchor, positive, negative, margin=1.0)
+    torch.testing.assert_close(loss, torch.tensor(2.0))
+    # the gradient stays finite when an anchor coincides with its positive (a collapsed embedding)
+    a = torch.zeros(1, 2, requires_grad=True)
+    triplet_loss(a, torch.zeros(1, 2), torch.zeros(1, 2), margin=0.2).backward()
+    assert torch.isfinite(a.grad).all()
+
+
+def test_batch_hard_picks_the_closest_photo_of_another_object():
+    sketches = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    photos = torch.tensor([[0.9, 0.1], [0.8, 0.3], [0.0, -1.0], [0.95, 0.0]])
+    sk, ph = sketches, photos[:3]
+    labels = torch.tensor([0, 1, 2])
+    # sketch 0: other photos 1 (0.8, 0.3) and 2 -> 1; sketch 1: 0 (0.9, 0.1) is closer than 2 -> 0
+    # sketch 2: photo 0 dist 3.62, photo 1 dist 3.33 -> 1
+    torch.testing.assert_close(negative_index(sk, ph, labels, "batch_hard"), torch.tensor([1, 0, 1]))
+    # rows of the same object are never negatives, however close: row 3 (sketch 0 again, of object 2)
+    # skips its own photo (0.95, 0) and takes photo 0; rows 0 and 1 (object 0) skip photos 0 and 1
+    labels = torch.tensor([0, 0, 1, 2])
+    neg = negative_index(torch.cat([sk, sk[:1]]), photos, labels, "batch_hard")
+    assert neg.tolist() == [3, 3, 1, 0]
+    d = pairwise_sq_dist(sk, ph)
+    torch.testing.assert_close(d, ((sk[:, None] - ph[None]) ** 2).sum(-1))
+    loss = batch_triplet_loss(sk, ph, torch.tensor([0, 1, 2]), margin=0.2)
+    expected = triplet_loss(sk, ph, ph[torch.tensor([1, 0, 1])], 0.2)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_random_negatives_are_other_objects_and_vary():
+    labels = torch.tensor([0, 0, 1, 1, 2, 3])
+    emb = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+    gen = torch.Generator().manual_seed(0)
+    picks = torch.stack([negative_index(emb, emb, labels, "random", gen) for _ in range(50)])
+    assert (labels[picks] != labels).all()
+    assert len(torch.unique(picks[:, 0])) > 1
+    with pytest.raises(ValueError, match="another object"):
+        negative_index(emb[:2], emb[:2], labels[:2], "batch_hard")
+
+
+def test_random_affine_identity_and_variety():
+    x = torch.zeros(4, 1, 32, 32)
+    x[:, :, 10:20, 12:16] = 1.0
+    same = random_affine(x, max_rotation_deg=0.0, max_scale=0.0, max_translate=0.0)
+    torch.testing.assert_close(same, x, atol=1e-5, rtol=0)
+    moved = random_affine(x, generator=torch.Generator().manual_seed(1))
+    assert moved.shape == x.shape
+    assert not torch.allclose(moved[0], moved[1])  # each image gets its own transform
+    assert abs(float(moved.sum() / x.sum()) - 1.0) < 0.3  # small transforms keep most ink
+
+
+def test_sample_levels():
+    assert sample_levels(5, 17, partial=False).tolist() == [16] * 5
+    levels = sample_levels(500, 17, partial=True, min_level=3, generator=torch.Generator().manual_seed(0))
+    assert int(levels.min()) == 3 and int(levels.max()) == 16

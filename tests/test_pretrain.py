@@ -1,0 +1,108 @@
+"""`darp pretrain` and `darp evaluate` end to end on a tiny generated data set (tune_runs/)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from policies.embedding import load_embedding_net
+from sketch_env.data import load_dataset, select_split
+from sketch_env.data.generate import generate_dataset
+from sketch_env.embeddings import load_embedding_export
+from tune_runs.cli import main
+from tune_runs.evaluate import METRIC_KEYS, ranks_for_triplet
+from tune_runs.pretrain import CHECKPOINT_FILE, PretrainConfig, run
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """12 photos x 2 sketches: 9 photos train (7 train + 2 val), 3 test."""
+    return generate_dataset(tmp_path_factory.mktemp("data") / "chairs", n_photos=12, sketches_per_photo=2, seed=0)
+
+
+def _config(data_dir, run_dir, **kw) -> PretrainConfig:
+    base = dict(data=data_dir, run_dir=run_dir, epochs=1, batch_size=8, image_size=SIZE, embedding_dim=16,
+                eval_batch=256, patience=50)
+    return PretrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """A run trained for one epoch, then resumed for a second."""
+    run_dir = tmp_path_factory.mktemp("run")
+    first = run(_config(data_dir, run_dir))
+    second = run(_config(data_dir, run_dir, epochs=2, train_on_partial=True))
+    return run_dir, first, second
+
+
+def test_export_covers_every_photo_and_sketch_at_every_level(trained, data_dir):
+    run_dir, _, _ = trained
+    ds = load_dataset(data_dir)
+    export = load_embedding_export(run_dir)
+    assert export.photo_embedding.shape == (12, 16)
+    assert export.sketch_embedding.shape == (24, 17, 16)
+    assert list(export.sketch_id) == list(ds.sketches.sketch_id)
+    np.testing.assert_allclose(np.linalg.norm(export.sketch_embedding, axis=2), 1.0, atol=1e-5)
+    val_photos = set(select_split(ds, "val").photos.photo_id)
+    assert {p for p, s in zip(export.photo_id, export.photo_split) if s == "val"} == val_photos
+    assert set(export.photo_split) == {"train", "val", "test"}
+    # level 0 (a few points) and the complete sketch are different queries
+    assert np.abs(export.sketch_embedding[:, 0] - export.sketch_embedding[:, 16]).max() > 1e-3
+
+
+def test_resume_continues_from_the_checkpoint(trained):
+    run_dir, first, second = trained
+    assert first["epochs"] == 1 and [h["epoch"] for h in first["history"]] == [1]
+    assert second["epochs"] == 2 and [h["epoch"] for h in second["history"]] == [1, 2]
+    assert second["history"][0] == first["history"][0]  # the first epoch was not redone
+    assert second["train_seconds"] > first["train_seconds"]
+    ckpt = torch.load(run_dir / CHECKPOINT_FILE, weights_only=True)
+    assert ckpt["epoch"] == 2
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["kind"] == "triplet" and record["config"]["epochs"] == 2
+    assert set(METRIC_KEYS) <= set(record["val_metrics"]) and record["val_metrics"]["n_photos"] == 2
+
+
+def test_resume_refuses_another_network(trained, data_dir):
+    run_dir, _, _ = trained
+    with pytest.raises(ValueError, match="--no-resume"):
+        run(_config(data_dir, run_dir, epochs=3, embedding_dim=8))
+
+
+def test_time_budget_stops_training(data_dir, tmp_path):
+    record = run(_config(data_dir, tmp_path, epochs=50, time_budget_s=1e-3, mining="random", augment=False))
+    assert record["epochs"] == 1
+
+
+def test_evaluate_writes_metrics_curve_and_ranks(trained, data_dir, tmp_path):
+    run_dir, _, _ = trained
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--data", str(data_dir), "--run", str(run_dir), "--split", "test", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == list(METRIC_KEYS)
+    assert metrics["n_sketches"] == 6 and metrics["n_photos"] == 3
+    assert len(metrics["percentile_curve"]) == 17
+    for key in ("auir", "m_at_a", "acc@1", "acc@5", "acc@10"):
+        assert 0.0 <= metrics[key] <= 100.0
+    assert metrics["acc@1"] <= metrics["acc@5"] == metrics["acc@10"] == 100.0  # 3 photos: always in the top 5
+    assert metrics["auir"] >= 100.0 / 3 - 1e-9  # every rank is at most 3
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ranks = pq.read_table(out / "ranks.parquet").to_pydict()
+    assert len(ranks["rank"]) == 6 * 17 and set(ranks["level"]) == set(range(17))
+    assert 1 <= min(ranks["rank"]) and max(ranks["rank"]) <= 3
+
+
+def test_export_and_network_give_the_same_ranks(trained, data_dir):
+    run_dir, _, _ = trained
+    split = select_split(load_dataset(data_dir), "test")
+    net, _ = load_embedding_net(run_dir)
+    from_export = ranks_for_triplet(load_embedding_export(run_dir), split)
+    from_net = ranks_for_triplet(net, split)
+    assert from_export.shape == (6, 17)
+    np.testing.assert_array_equal(from_export, from_net)

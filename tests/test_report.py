@@ -1,0 +1,137 @@
+"""`darp report`: the table from hand-made trials, then a tiny report through Ray Tune that resumes."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tune_runs.report import (
+    ReportConfig,
+    is_chair_v2,
+    results_markdown,
+    summarise,
+    trial_dir,
+)
+
+
+def fake_trial(model, seed, auir):
+    metrics = {"auir": auir, "acc@1": 10.0, "acc@5": 50.0 + seed, "acc@10": 70.0, "m_at_a": 60.0}
+    return {"model": model, "seed": seed, "train_s": 12.0, "eval_s": 1.0, "metrics": metrics,
+            "curve": [50.0] * 17, "n_sketches": 20, "n_photos": 10}
+
+
+def test_summarise_gives_mean_and_sample_std_over_seeds():
+    mean, spread = summarise([fake_trial("darp", 0, 30.0), fake_trial("darp", 1, 34.0)])
+    assert mean["auir"] == pytest.approx(32.0) and spread["auir"] == pytest.approx(np.std([30, 34], ddof=1))
+    assert mean["acc@5"] == pytest.approx(50.5)
+    _, one = summarise([fake_trial("darp", 0, 30.0)])
+    assert one["auir"] == 0.0
+
+
+def test_chair_v2_is_recognised_from_the_manifest():
+    assert is_chair_v2({"name": "ChairV2_Coordinate_train", "source": "qmul:/data/chairv2/ChairV2_Coordinate_train"})
+    assert not is_chair_v2({"name": "builtin-chairs", "source": "darp data generate seed=0"})
+    assert not is_chair_v2({"name": "ShoeV2_Coordinate_train", "source": "qmul:/data/ShoeV2_Coordinate_train"})
+
+
+def test_auto_split_is_test_when_the_data_set_has_one():
+    from tune_runs.report import with_split
+
+    cfg = ReportConfig(data="d", embedding="e", run_dir="r")
+    assert with_split(cfg, {"splits": {"train": 270, "test": 90}}).split == "test"
+    assert with_split(cfg, {"splits": {"train": 952}}).split == "val"
+    assert with_split(dataclasses.replace(cfg, split="val"), {"splits": {"test": 9}}).split == "val"
+
+
+def test_results_markdown_has_table_iii_paper_figures_and_ordering(tmp_path):
+    cfg = ReportConfig(data="d", embedding="e", run_dir=str(tmp_path), seeds=2, models=("triplet", "ppo", "darp"))
+    trials = {"triplet": [fake_trial("triplet", -1, 20.0)],
+              "ppo": [fake_trial("ppo", 0, 25.0), fake_trial("ppo", 1, 27.0)],
+              "darp": [fake_trial("darp", 0, 30.0), fake_trial("darp", 1, 34.0)]}
+    chair = {"name": "ChairV2_Coordinate_train", "source": "qmul:x"}
+    text = results_markdown(cfg, trials, chair, 5.0, failed=[])
+    assert "| model | AUIR | acc@1 | acc@5 | acc@10 | m@A |" in text
+    assert "| DARP-SBIR | 32.00 ± 2.83 |" in text and "| Triplet network | 20.00 ± 0.00 |" in text
+    assert "| DARP-SBIR | 32.00 | 35.65 | 50.50 | 79.12 |" in text
+    assert "darp (32.00) > ppo (26.00) > triplet (20.00)" in text
+    assert "Not in the table" in text  # no trial has a done.json under tmp_path
+    builtin = results_markdown(cfg, trials, {"name": "builtin-chairs", "source": "darp data generate"}, 5.0, [])
+    assert "Beside the paper" not in builtin
+
+
+# --- a tiny report through Ray Tune ---
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_with_triplet(tmp_path_factory):
+    """The tiny fixture, its export marked as a triplet run made from this data set."""
+    from sketch_env.atomic import atomic_write_json
+    from sketch_env.embeddings import load_embedding_export, save_embedding_export
+    from tests.rl_fixtures import make_tiny_setup
+    from tune_runs.evaluate import data_fingerprint
+
+    data, phase1 = make_tiny_setup(tmp_path_factory.mktemp("tiny"))
+    export = load_embedding_export(phase1)
+    save_embedding_export(phase1, dataclasses.replace(export, meta={"data_fingerprint": data_fingerprint(data)}))
+    atomic_write_json(phase1 / "run.json", {"kind": "triplet"})
+    return data, phase1
+
+
+@pytest.mark.slow
+def test_report_writes_everything_and_a_rerun_skips_finished_trials(ray_local, tiny_with_triplet, tmp_path, capsys):
+    from tune_runs.report import run
+
+    data, phase1 = tiny_with_triplet
+    cfg = ReportConfig(data=str(data), embedding=str(phase1), run_dir=str(tmp_path / "report"), seeds=1,
+                       models=("triplet", "vanilla-pg", "darp"), split="test", iterations=1, episodes_per_batch=8,
+                       num_envs_per_env_runner=4, n_glimpses=2, n_traces=2, progress_interval_s=0.0)
+    assert run(cfg) == 0
+    out = tmp_path / "report"
+    text = (out / "results.md").read_text()
+    for name in ("Triplet network", "Triplet + vanilla RL", "DARP-SBIR"):
+        assert f"| {name} |" in text
+    for png in ("curves.png", "glimpses.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    ranks = pq.read_table(out / "ranks.parquet").to_pydict()
+    assert set(ranks) == {"model", "seed", "sketch_id", "level", "rank"}
+    assert sorted(set(zip(ranks["model"], ranks["seed"]))) == [("darp", 0), ("triplet", -1), ("vanilla-pg", 0)]
+    n_test = len(set(ranks["sketch_id"]))
+    assert len(ranks["rank"]) == 3 * 17 * n_test and min(ranks["rank"]) >= 1
+    done = json.loads((trial_dir(out, "darp", 0) / "done.json").read_text())
+    assert done["metrics"]["auir"] > 0 and (trial_dir(out, "darp", 0) / "glimpses.npz").is_file()
+    assert not (trial_dir(out, "vanilla-pg", 0) / "glimpses.npz").exists()
+    capsys.readouterr()
+
+    # a rerun does nothing but rewrite the outputs
+    stamp = (trial_dir(out, "darp", 0) / "done.json").stat().st_mtime_ns
+    assert run(cfg) == 0
+    assert "skipping 2 finished trial(s)" in capsys.readouterr().out
+    assert (trial_dir(out, "darp", 0) / "done.json").stat().st_mtime_ns == stamp
+
+    # a trial interrupted after training resumes from its checkpoint instead of training again
+    (trial_dir(out, "vanilla-pg", 0) / "done.json").unlink()
+    assert run(cfg) == 0
+    printed = capsys.readouterr().out
+    assert "running 1 trial(s)" in printed and "vanilla-pg_seed0" in printed
+    log = trial_dir(out, "vanilla-pg", 0) / "run" / "results.jsonl"
+    assert len(log.read_text().splitlines()) == 1, "the finished iteration must not be trained again"
+    assert (trial_dir(out, "vanilla-pg", 0) / "done.json").is_file()
+
+
+def test_report_help_renders(capsys):
+    from tune_runs.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", "--help"])
+    assert exit_.value.code == 0 and "--time-budget-s" in capsys.readouterr().out

@@ -1,0 +1,247 @@
+"""`darp serve`'s core and app: the live path against `darp evaluate`, the cache, and bad requests.
+
+A tiny phase-1 network (`darp pretrain`, a few seconds) and a tiny DARP run (`darp train`, one
+iteration) on a small generated data set are shared by every test of this module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sketch_env.data import load_dataset, select_split
+from sketch_env.data.generate import generate_dataset
+from sketch_env.render import N_LEVELS, level_cut_points
+from tune_runs.serve import BadRequest, LiveRetriever, build_app, strokes_to_points, unit_to_canvas
+
+pytestmark = pytest.mark.slow
+
+CANVAS = [512, 512]
+
+
+def make_serve_runs(root: Path, data: Path) -> Path:
+    """Train a tiny phase-1 network and a tiny DARP run on `data` (Ray must be up); returns the DARP run."""
+    from tune_runs.pretrain import PretrainConfig
+    from tune_runs.pretrain import run as pretrain
+    from tune_runs.train import TrainConfig, train
+
+    phase1 = root / "phase1"
+    pretrain(PretrainConfig(data=data, run_dir=phase1, epochs=1, batch_size=16, image_size=32, embedding_dim=16,
+                            eval_batch=256, time_budget_s=5.0))
+    darp = root / "darp"
+    train(TrainConfig(data=str(data), embedding=str(phase1), run_dir=str(darp), iterations=1,
+                      num_envs_per_env_runner=4, episodes_per_batch=8, n_glimpses=2, val_interval=0), quiet=True)
+    return darp
+
+
+def sketch_strokes(points: np.ndarray, side: float) -> list[list[list[float]]]:
+    """(P, 3) points in [0, 1] -> JSON strokes in pixels of a side x side canvas."""
+    ends = np.flatnonzero(points[:, 2] == 1) + 1
+    return [(s[:, :2].astype(np.float64) * side).tolist() for s in np.split(points, ends[:-1])]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import ray
+
+    root = tmp_path_factory.mktemp("serve")
+    data = generate_dataset(root / "data", n_photos=30, sketches_per_photo=2, seed=0)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        darp = make_serve_runs(root, data)
+    finally:
+        ray.shutdown()
+    split = select_split(load_dataset(data), "val")
+    return data, darp, split
+
+
+@pytest.fixture(scope="module")
+def retriever(setup):
+    _, darp, split = setup
+    return LiveRetriever.from_run(darp, split)
+
+
+@pytest.fixture(scope="module")
+def client(setup, retriever):
+    from starlette.testclient import TestClient
+
+    _, _, split = setup
+    with TestClient(build_app(retriever, split, max_strokes=50, max_points=400)) as c:
+        yield c
+
+
+def test_episode_at_the_evaluation_cuts_is_darp_evaluate(setup, retriever):
+    """Cut like `darp evaluate` (17 completion levels), the live path gives its ranks at every level."""
+    from tune_runs.rl_eval import evaluate_policy_run
+
+    data, darp, split = setup
+    evaluated = evaluate_policy_run(darp, data, "val")
+    assert list(evaluated["sketch_id"]) == list(split.sketches.sketch_id)
+    assert evaluated["n_photos"] == len(retriever.gallery) == len(split.photos)
+    live = np.zeros_like(evaluated["ranks"])
+    for i in range(len(split.sketches)):
+        points = split.sketches.sketch(i)
+        levels = retriever.episode(points, level_cut_points(len(points)))
+        target = retriever.gallery.index_of([split.sketches.photo_id[i]]).expand(N_LEVELS)
+        live[i] = retriever.gallery.rank(torch.stack([lv.query for lv in levels]), target).numpy()
+    np.testing.assert_array_equal(live, evaluated["ranks"])
+    assert len(np.unique(live)) > 1, "a test over constant ranks could not tell the paths apart"
+
+
+def test_stroke_by_stroke_costs_one_level_per_stroke_and_equals_a_replay(setup, retriever, monkeypatch):
+    _, darp, split = setup
+    points = split.sketches.sketch(0)
+    photo = split.sketches.photo_id[0]
+    ends = np.flatnonzero(points[:, 2] == 1) + 1
+    assert len(ends) >= 3
+    calls = []
+    advance = LiveRetriever.advance
+    monkeypatch.setattr(LiveRetriever, "advance", lambda self, *a: calls.append(1) or advance(self, *a))
+    fresh = LiveRetriever(retriever.module, retriever.net, retriever.gallery, retriever.config)
+    answers = [fresh.query(points[:end], photo) for end in ends]
+    assert len(calls) == len(ends), "each new stroke must cost one level, earlier ones come from the cache"
+    replayed = LiveRetriever(retriever.module, retriever.net, retriever.gallery, retriever.config).query(points, photo)
+    assert replayed["target_ranks"] == answers[-1]["target_ranks"]
+    assert [a["target_rank"] for a in answers] == answers[-1]["target_ranks"]
+    assert replayed["top"] == answers[-1]["top"]
+    np.testing.assert_array_equal(replayed["glimpses"], answers[-1]["glimpses"])
+
+
+def test_query_answer(setup, retriever):
+    _, _, split = setup
+    points = split.sketches.sketch(1)
+    n_strokes = int(points[:, 2].sum())
+    answer = retriever.query(points, split.sketches.photo_id[1])
+    n = len(retriever.gallery)
+    assert answer["n_strokes"] == n_strokes and answer["level"] == min(n_strokes - 1, N_LEVELS - 1)
+    assert len(answer["top"]) == min(10, n)
+    distances = [d for _, _, d in answer["top"]]
+    assert distances == sorted(distances)
+    ranks = [r for _, r, _ in answer["top"]]
+    assert ranks[0] == 1 and ranks == sorted(ranks)
+    by_photo = {p: r for p, r, _ in answer["top"]}
+    if split.sketches.photo_id[1] in by_photo:
+        assert by_photo[split.sketches.photo_id[1]] == answer["target_rank"]
+    assert 1 <= answer["target_rank"] <= n and len(answer["target_ranks"]) == n_strokes
+    assert answer["glimpses"].shape == (retriever.config.n_glimpses, 2)
+    assert np.all(answer["glimpses"] > -0.1) and np.all(answer["glimpses"] < 1.1)
+    assert retriever.query(points)["target_rank"] is None
+
+
+def test_more_than_17_strokes_stay_at_level_16(retriever):
+    rng = np.random.default_rng(0)
+    points = np.column_stack([rng.uniform(0.1, 0.9, (40, 2)), np.tile([0, 1], 20)]).astype(np.float32)
+    answer = retriever.query(points, retriever.gallery.photo_ids[0])
+    assert answer["n_strokes"] == 20 and answer["level"] == 16 and len(answer["target_ranks"]) == 20
+
+
+def test_sensor_locations_map_onto_the_sketch(retriever):
+    size = retriever.config.image_size
+    corners = retriever.sensor_to_unit(np.array([[-1.0, -1.0], [0.0, 0.0], [1.0, 1.0]]))
+    np.testing.assert_allclose(corners[:, 0], [-0.5 / (size - 1), 0.5, (size - 0.5) / (size - 1)])
+
+
+def test_strokes_to_points_normalises_like_the_data_sets():
+    points = strokes_to_points([[[0, 0], [400, 100]], [[200, 50]]], [400, 200], 10, 10)
+    np.testing.assert_allclose(points, [[0, 0.25, 0], [1, 0.5, 1], [0.5, 0.375, 1]])
+    np.testing.assert_allclose(unit_to_canvas(points[:, :2], 400, 200), [[0, 0], [400, 100], [200, 50]])
+    with pytest.raises(BadRequest, match="stroke 1"):
+        strokes_to_points([[[0, 0]], [[1, "a"]]], [400, 200], 10, 10)
+
+
+# ---- the HTTP app ---------------------------------------------------------------------------------
+
+
+def test_page_gallery_and_photos(client, setup):
+    _, _, split = setup
+    page = client.get("/")
+    assert page.status_code == 200 and '<canvas id="canvas"' in page.text and "/static/app.js" in page.text
+    assert client.get("/static/app.js").status_code == 200
+    assert client.get("/static/style.css").status_code == 200
+    info = client.get("/api/gallery").json()
+    assert info["photo_ids"] == list(split.photos.photo_id)
+    assert [s["sketch_id"] for s in info["sketches"]] == list(split.sketches.sketch_id)
+    photo = client.get(f"/photos/{info['photo_ids'][0]}")
+    assert photo.status_code == 200 and photo.content[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = client.get("/photos/no-such-photo")
+    assert missing.status_code == 404 and "no-such-photo" in missing.json()["error"]
+    assert client.get("/no/such/page").status_code == 404
+
+
+def test_query_over_http_matches_the_retriever(client, setup, retriever):
+    _, _, split = setup
+    points = split.sketches.sketch(2)
+    target = split.sketches.photo_id[2]
+    strokes = sketch_strokes(points, 512)
+    answer = client.post("/api/query", json={"strokes": strokes, "canvas": CANVAS, "target": target})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    direct = retriever.query(strokes_to_points(strokes, CANVAS, 50, 400), target)
+    assert body["target_rank"] == direct["target_rank"] and body["target_ranks"] == direct["target_ranks"]
+    assert [t["photo_id"] for t in body["top10"]] == [p for p, _, _ in direct["top"]]
+    assert body["n_strokes"] == int(points[:, 2].sum()) and body["n_points"] == len(points)
+    np.testing.assert_allclose(body["glimpses"], direct["glimpses"] * 512, atol=0.01)
+    assert len(body["glimpse_sides"]) == retriever.config.n_patches and body["latency_ms"] > 0
+
+
+def test_replay_returns_the_data_set_sketch(client, setup):
+    _, _, split = setup
+    sketch = client.post("/api/replay", json={"sketch_id": split.sketches.sketch_id[0]}).json()
+    assert sketch["photo_id"] == split.sketches.photo_id[0]
+    points = split.sketches.sketch(0)
+    assert len(sketch["strokes"]) == int(points[:, 2].sum())
+    np.testing.assert_allclose(np.concatenate(sketch["strokes"]), points[:, :2], atol=1e-6)
+    missing = client.post("/api/replay", json={"sketch_id": "nope"})
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]
+
+
+GOOD = [[[10.0, 10.0], [100.0, 120.0]], [[200.0, 40.0], [220.0, 300.0]]]
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "JSON object"),
+        (b'{"strokes": [[[1, NaN]]], "canvas": [512, 512]}', 400, "NaN"),
+        (b'{"strokes": [[[1, 1e400]]], "canvas": [512, 512]}', 400, "finite"),
+        ({"canvas": CANVAS}, 400, "'strokes'"),
+        ({"strokes": [], "canvas": CANVAS}, 400, "non-empty"),
+        ({"strokes": [[]], "canvas": CANVAS}, 400, "stroke 0"),
+        ({"strokes": [[[1, 2], [3]]], "canvas": CANVAS}, 400, "stroke 0"),
+        ({"strokes": [[[1, 2, 3]]], "canvas": CANVAS}, 400, "stroke 0"),
+        ({"strokes": [[[1, 2]], [["a", "b"]]], "canvas": CANVAS}, 400, "stroke 1"),
+        ({"strokes": [[[1, None]]], "canvas": CANVAS}, 400, "stroke 0"),
+        ({"strokes": GOOD, "canvas": [512]}, 400, "'canvas'"),
+        ({"strokes": GOOD, "canvas": [0, 512]}, 400, "'canvas'"),
+        ({"strokes": GOOD}, 400, "'canvas'"),
+        (b'{"strokes": [[[1, 1]]], "canvas": [' + b"9" * 500 + b", 5]}", 400, "'canvas'"),
+        ({"strokes": [[[5000, 10]]], "canvas": CANVAS}, 400, "beyond"),
+        ({"strokes": [[[1, 1]] * 401], "canvas": CANVAS}, 413, "400 points"),
+        ({"strokes": [[[1, 1]]] * 51, "canvas": CANVAS}, 413, "51 strokes"),
+        ({"strokes": GOOD, "canvas": CANVAS, "target": "no-such-photo"}, 422, "no-such-photo"),
+        ({"strokes": GOOD, "canvas": CANVAS, "target": 7}, 422, "unknown target"),
+        (b'{"pad": "' + b"x" * (1 << 20) + b'"}', 413, "limit"),
+    ],
+)
+def test_bad_queries_get_a_clear_4xx_and_the_server_keeps_serving(client, body, status, message):
+    if isinstance(body, bytes):
+        response = client.post("/api/query", content=body, headers={"Content-Type": "application/json"})
+    else:
+        response = client.post("/api/query", content=json.dumps(body))
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert client.post("/api/query", json={"strokes": GOOD, "canvas": CANVAS}).status_code == 200
+
+
+def test_body_over_the_limit_is_refused_while_streaming(client):
+    def chunks():
+        for _ in range(40):
+            yield b" " * 65536
+
+    response = client.post("/api/query", content=chunks())  # no Content-Length: chunked upload
+    assert response.status_code == 413 and "limit" in response.json()["error"]

@@ -1,0 +1,209 @@
+"""`darp evaluate`: retrieval figures of a trained run on one split of a data set.
+
+The gallery is the photos of the evaluated split; every sketch of the split is a query at each of
+the 17 completion levels. Ranks come from `sketch_env.gallery.Gallery`, figures from
+`sketch_env.metrics.retrieval_metrics`. A triplet run (`darp pretrain`) is queried with the
+embedding of each partial sketch (from its export when the export was made from this data set, else
+by running its saved network); an RL run is evaluated by `tune_runs.rl_eval.evaluate_policy_run`.
+
+Writes OUT/metrics.json (auir, m_at_a, acc@1, acc@5, acc@10, percentile_curve, n_sketches, n_photos),
+OUT/curve.png (ranking percentile vs completion) and OUT/ranks.parquet (sketch_id, level, rank), and
+prints the figures as a table.
+
+    darp evaluate --data /tmp/builtin --split test --run /tmp/runs/triplet --out /tmp/eval/triplet
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from policies.embedding import (
+    EmbeddingNet,
+    embed_photo_inputs,
+    embed_sketch_levels,
+    load_embedding_net,
+    photo_decode_size,
+    photo_inputs,
+)
+from sketch_env.atomic import atomic_write, atomic_write_json
+from sketch_env.data import DataError, Dataset, load_dataset, select_split
+from sketch_env.embeddings import EXPORT_DIR, EmbeddingExport, load_embedding_export
+from sketch_env.gallery import Gallery
+from sketch_env.metrics import retrieval_metrics
+from sketch_env.render import N_LEVELS, first_ink_level
+from tune_runs.cli import arg
+
+METRIC_KEYS = ("auir", "m_at_a", "acc@1", "acc@5", "acc@10", "percentile_curve", "n_sketches", "n_photos")
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluate a run on a split of a data set: metrics.json, curve.png, ranks.parquet and a table."""
+
+    data: Path = arg(help="data set directory")
+    run: Path = arg(help="run directory (darp pretrain or darp train)")
+    split: Literal["train", "val", "test", "train+val", "all"] = arg("test", "split to evaluate (select_split's definition)")
+    out: Path | None = arg(None, "output directory (default: RUN/eval-SPLIT)")
+    level_batch: int = arg(1024, "partial-sketch images per forward pass of a triplet network")
+    num_threads: int = arg(2, "torch CPU threads")
+
+
+def ranks_from_embeddings(photo_emb, photo_ids, sketch_emb, sketch_photo_ids) -> np.ndarray:
+    """Ranks (S, L) of each sketch's photo among the gallery `photo_emb` (N, D), for queries (S, L, D).
+
+    photo_ids (N,) names the gallery rows, sketch_photo_ids (S,) each sketch's true photo.
+    """
+    gallery = Gallery(torch.as_tensor(photo_emb), photo_ids)
+    queries = torch.as_tensor(sketch_emb)
+    s, levels, d = queries.shape
+    target = gallery.index_of(list(sketch_photo_ids)).repeat_interleave(levels)
+    return gallery.rank(queries.reshape(s * levels, d), target).view(s, levels).numpy()
+
+
+def data_fingerprint(data_dir: str | Path) -> str:
+    """sha256 over a data set directory's three files: tells whether an export was made from it."""
+    h = hashlib.sha256()
+    for name in ("manifest.json", "sketches.parquet", "photos.parquet"):
+        with open(Path(data_dir) / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def export_covers(export: EmbeddingExport, ds: Dataset) -> bool:
+    """Whether `export` was made from this data set and holds all of its sketches and photos."""
+    if ds.path is None or export.meta.get("data_fingerprint") != data_fingerprint(ds.path):
+        return False
+    return set(ds.sketches.sketch_id) <= set(export.sketch_id) and set(ds.photos.photo_id) <= set(export.photo_id)
+
+
+def ranks_for_triplet(export_or_net: EmbeddingExport | EmbeddingNet, split: Dataset, batch: int = 1024) -> np.ndarray:
+    """Ranks (S, 17) of every sketch of `split` at every level, the gallery being the split's photos.
+
+    export_or_net: an export holding the split's ids (looked up by id), or a network (the split's
+    sketches are rendered and its photos decoded and embedded here). Rows follow split.sketches.
+    """
+    if len(split.sketches) == 0 or len(split.photos) == 0:
+        raise DataError(f"{split.path}: the split has {len(split.sketches)} sketches and {len(split.photos)} photos; need both")
+    if isinstance(export_or_net, EmbeddingExport):
+        export = export_or_net
+        photo_rows, sketch_rows = export.photo_index(), export.sketch_index()
+        missing = [p for p in split.photos.photo_id if p not in photo_rows] + [s for s in split.sketches.sketch_id if s not in sketch_rows]
+        if missing:
+            raise DataError(f"{split.path}: {len(missing)} ids are not in the embedding export, e.g. {missing[:3]}")
+        photo_emb = export.photo_embedding[[photo_rows[p] for p in split.photos.photo_id]]
+        sketch_emb = export.sketch_embedding[[sketch_rows[s] for s in split.sketches.sketch_id]]
+    else:
+        net = export_or_net
+        cfg = net.config
+        photos = photo_inputs(split.photos.decode_all(photo_decode_size(cfg)), cfg)
+        photo_emb = embed_photo_inputs(net, photos, batch)
+        sketch_emb = embed_sketch_levels(net, first_ink_level(split.sketches, cfg.image_size), batch)
+    return ranks_from_embeddings(photo_emb, split.photos.photo_id, sketch_emb, split.sketches.photo_id)
+
+
+def _triplet_ranks(run_dir: Path, split: Dataset, batch: int) -> tuple[np.ndarray, str]:
+    if (run_dir / EXPORT_DIR).is_dir():
+        export = load_embedding_export(run_dir)
+        if export_covers(export, split):
+            return ranks_for_triplet(export, split, batch), "embedding export"
+    net, _ = load_embedding_net(run_dir)
+    return ranks_for_triplet(net, split, batch), "saved network"
+
+
+def plot_curve(path: Path, curve, title: str) -> None:
+    """Ranking percentile (x100) vs completion level, written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    completion = 100.0 * np.arange(1, N_LEVELS + 1) / N_LEVELS
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    ax.plot(completion, curve, marker="o", markersize=3)
+    ax.set(xlabel="sketch completion (%)", ylabel="mean ranking percentile (%)", title=title, ylim=(0, 100.5))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+
+
+def write_ranks(path: Path, sketch_id, ranks: np.ndarray) -> None:
+    """ranks (S, L) as a long table sketch_id, level, rank (S * L rows), written atomically."""
+    s, levels = ranks.shape
+    table = pa.table(
+        {
+            "sketch_id": pa.array(np.repeat(np.asarray(sketch_id, dtype=object), levels), pa.string()),
+            "level": pa.array(np.tile(np.arange(levels, dtype=np.int32), s)),
+            "rank": pa.array(ranks.reshape(-1).astype(np.int64)),
+        }
+    )
+    atomic_write(path, lambda p: pq.write_table(table, p))
+
+
+def format_table(metrics: dict, title: str) -> str:
+    head = f"{title}: {metrics['n_sketches']} sketches, gallery of {metrics['n_photos']} photos"
+    cols = ("acc@1", "acc@5", "acc@10", "auir", "m_at_a")
+    names = ("acc@1", "acc@5", "acc@10", "AUIR", "m@A")
+    row = "  ".join(f"{metrics[c]:>7.2f}" for c in cols)
+    curve = metrics["percentile_curve"]
+    levels = (0, 4, 8, 12, 16)
+    return "\n".join([
+        head,
+        "  ".join(f"{n:>7}" for n in names),
+        row,
+        "percentile at completion " + ", ".join(f"{100 * (l + 1) / N_LEVELS:.0f}%: {curve[l]:.1f}" for l in levels),
+    ])
+
+
+def write_glimpses(path: Path, extras: dict) -> None:
+    """Where the policy looks on the first few sketches, level by level (RL runs with a locator)."""
+    from tune_runs.plots import plot_glimpses
+
+    trace, episodes = extras["trace"], extras["episodes"]
+    rows = torch.as_tensor(trace.sketch_index)
+    images = episodes.images.index_select(0, rows).float().numpy()
+    env_cfg = extras.get("env_config")
+    patch = env_cfg.glimpse_size if env_cfg is not None else 8
+    plot_glimpses(images, trace.locations, trace.ranks, path, patch_pixels=patch,
+                  names=[episodes.sketch_id[i] for i in trace.sketch_index])
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    """Evaluate run `cfg.run` on split `cfg.split` of `cfg.data`; returns the metrics dict."""
+    from tune_runs.rl_eval import read_run
+
+    torch.set_num_threads(cfg.num_threads)
+    run_dir, data_dir = Path(cfg.run), Path(cfg.data)
+    out = Path(cfg.out) if cfg.out is not None else run_dir / f"eval-{cfg.split}"
+    record = read_run(run_dir)
+    kind = record.get("kind")
+    if kind == "triplet":
+        split = select_split(load_dataset(data_dir), cfg.split)
+        ranks, source = _triplet_ranks(run_dir, split, cfg.level_batch)
+        sketch_id, n_photos = split.sketches.sketch_id, len(split.photos)
+        print(f"triplet run {run_dir}: queries from its {source}")
+    else:
+        from tune_runs.rl_eval import evaluate_policy_run
+
+        result = evaluate_policy_run(run_dir, data_dir, cfg.split)
+        ranks, sketch_id, n_photos = result["ranks"], result["sketch_id"], result["n_photos"]
+        out.mkdir(parents=True, exist_ok=True)
+        write_glimpses(out / "glimpses.png", result["extras"])
+    metrics = retrieval_metrics(ranks, n_photos)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "metrics.json", {k: metrics[k] for k in METRIC_KEYS})
+    write_ranks(out / "ranks.parquet", sketch_id, np.asarray(ranks))
+    title = f"{kind} on {cfg.split}"
+    plot_curve(out / "curve.png", metrics["percentile_curve"], title)
+    print(format_table(metrics, title))
+    print(f"wrote {out / 'metrics.json'}, {out / 'curve.png'}, {out / 'ranks.parquet'}")
+    return metrics

@@ -1,0 +1,427 @@
+"""`darp report`: train and evaluate the paper's models over several seeds; its Table III and Fig. 7.
+
+    darp report --data runs/demo/data --embedding runs/demo/phase1 --run-dir runs/report --seeds 3
+
+Ray Tune runs one trial per (model, seed), `max_concurrent` at a time, each a function trainable
+that trains with `darp train` (tune_runs.train.train, quiet; it keeps the checkpoint with the best
+AUIR on the val split) and evaluates that policy on --split (tune_runs.rl_eval.evaluate_policy_run):
+the test split where the data set has one, so the figures are not the ones the selection saw.
+A trial keeps everything in
+run_dir/trials/MODEL_seedS/: run/ (the training run: checkpoint, results.jsonl, run.json),
+metrics.json, ranks.parquet, glimpses.npz (models that choose where to look) and done.json, written
+last. The triplet row is the embedding run itself, evaluated once (trials/triplet/).
+
+Rerunning the same command resumes: trials with done.json are skipped, an unfinished one continues
+from its last checkpoint. Then it writes under --run-dir:
+- results.md: AUIR, acc@1, acc@5, acc@10, m@A as mean ± standard deviation over seeds (Table III's
+  shape), the paper's Chair-V2 figures beside ours when the data set is Chair-V2, the AUIR ordering
+  and the time each model took;
+- curves.png: mean ranking percentile vs completion, one line per model (the paper's Fig. 7);
+- glimpses.png: where DARP looks, level by level, on a few sketches of the split;
+- ranks.parquet: model, seed, sketch_id, level, rank for every evaluated sketch (seed -1: triplet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray import tune
+
+from sketch_env.atomic import atomic_write, atomic_write_json, atomic_write_text
+from sketch_env.data import DataError
+from tune_runs.cli import arg
+from tune_runs.train import ALGOS, GLIMPSING
+
+MODELS = ("triplet", "vanilla-pg", "ppo", "bdqn", "darp-no-attention", "darp-no-exploration", "darp")
+DISPLAY = {
+    "triplet": "Triplet network",
+    "vanilla-pg": "Triplet + vanilla RL",
+    "ppo": "Triplet + PPO",
+    "bdqn": "Bootstrapped DQN",
+    "darp-no-attention": "DARP without attention",
+    "darp-no-exploration": "DARP without exploration",
+    "darp": "DARP-SBIR",
+}
+# Table III of the DARP-SBIR paper, Chair-V2 column: (AUIR, acc@5); the ablations are not in it.
+PAPER_CHAIR_V2 = {
+    "triplet": (21.05, 64.47),
+    "vanilla-pg": (25.34, 69.67),
+    "ppo": (33.35, 75.44),
+    "bdqn": (30.05, 71.45),
+    "darp": (35.65, 79.12),
+}
+METRICS = ("auir", "acc@1", "acc@5", "acc@10", "m_at_a")
+TRIPLET_SEED = -1
+DONE = "done.json"
+
+
+@dataclass
+class ReportConfig:
+    """Train and evaluate the chosen models over seeds with Ray Tune: results.md, curves.png, glimpses.png."""
+
+    data: str = arg(help="data set directory (darp data generate / import-qmul)")
+    embedding: str = arg(help="phase-1 run directory (darp pretrain): the triplet row and every model's features")
+    run_dir: str = arg(help="output directory; rerun with the same one to resume")
+    seeds: int = arg(3, "seeds per model (0 .. seeds - 1)")
+    models: tuple[str, ...] = arg(MODELS, "models to report (triplet and darp train's --algo names)")
+    split: Literal["auto", "val", "test"] = arg(
+        "auto", "split evaluated: test (the data set's test split), val (a fifth of the train photos, held out by "
+        "photo; also where each run picks its best checkpoint) or auto (test when the data set has one, else val)")
+    iterations: int = arg(40, "training iterations per trial")
+    time_budget_s: float = arg(0.0, "stop each trial's training after this many seconds (0: no limit)")
+    episodes_per_batch: int = arg(64, "complete episodes per update")
+    num_envs_per_env_runner: int = arg(32, "vectorised envs per trial")
+    n_glimpses: int | None = arg(None, "glimpses per level (default: each model's, see darp train --help)")
+    val_interval: int = arg(5, "validate on the val split every this many iterations; darp train keeps the best checkpoint")
+    max_concurrent: int = arg(2, "trials running at once (2 cores: 1 or 2)")
+    threads_per_trial: int = arg(1, "torch CPU threads per trial")
+    n_traces: int = arg(4, "sketches shown in glimpses.png")
+    progress_interval_s: float = arg(30.0, "print the running trials' iterations this often")
+
+
+def trial_dir(run_dir: str | Path, model: str, seed: int) -> Path:
+    root = Path(run_dir) / "trials"
+    return root / "triplet" if model == "triplet" else root / f"{model}_seed{seed}"
+
+
+def trial_train_config(cfg: ReportConfig, model: str, seed: int):
+    """The `darp train` configuration of one trial."""
+    from tune_runs.train import TrainConfig
+
+    return TrainConfig(
+        data=str(Path(cfg.data).resolve()),
+        embedding=str(Path(cfg.embedding).resolve()),
+        run_dir=str((trial_dir(cfg.run_dir, model, seed) / "run").resolve()),
+        algo=model,
+        iterations=cfg.iterations,
+        time_budget_s=cfg.time_budget_s,
+        seed=seed,
+        num_envs_per_env_runner=cfg.num_envs_per_env_runner,
+        episodes_per_batch=cfg.episodes_per_batch,
+        n_glimpses=cfg.n_glimpses,
+        val_interval=cfg.val_interval,
+        val_split="val",
+    )
+
+
+def _write_metrics(out: Path, metrics: dict) -> None:
+    from tune_runs.evaluate import METRIC_KEYS
+
+    atomic_write_json(out / "metrics.json", {k: metrics[k] for k in METRIC_KEYS})
+
+
+def _write_glimpses(out: Path, extras: dict) -> None:
+    """The traced sketches' partial images, glimpse centres and ranks, for glimpses.png."""
+    from sketch_env.env import EnvConfig
+
+    trace = extras["trace"]
+    images = extras["episodes"].images[trace.sketch_index].numpy().astype(np.uint8)
+
+    def write(path: Path) -> None:
+        with open(path, "wb") as f:
+            np.savez(f, images=images, locations=trace.locations, ranks=trace.ranks,
+                     sketch_id=np.asarray(extras["episodes"].sketch_id)[trace.sketch_index].astype(str),
+                     patch_pixels=np.float32(EnvConfig().glimpse_size))
+
+    atomic_write(out / "glimpses.npz", write)
+
+
+def train_and_evaluate(cfg: ReportConfig, model: str, seed: int) -> dict:
+    """Train one model with one seed, evaluate it on cfg.split; writes the trial's files, done.json last."""
+    from sketch_env.metrics import retrieval_metrics
+    from tune_runs.evaluate import write_ranks
+    from tune_runs.rl_eval import evaluate_policy_run
+    from tune_runs.train import train
+
+    out = trial_dir(cfg.run_dir, model, seed)
+    train_cfg = trial_train_config(cfg, model, seed)
+    start = time.time()
+    train(train_cfg, quiet=True)
+    trained = time.time()
+    result = evaluate_policy_run(Path(train_cfg.run_dir), Path(cfg.data), cfg.split, n_traces=cfg.n_traces)
+    metrics = retrieval_metrics(result["ranks"], result["n_photos"])
+    _write_metrics(out, metrics)
+    write_ranks(out / "ranks.parquet", result["sketch_id"], np.asarray(result["ranks"]))
+    if model in GLIMPSING:
+        _write_glimpses(out, result["extras"])
+    done = {"model": model, "seed": seed, "train_s": trained - start, "eval_s": time.time() - trained,
+            "metrics": {k: metrics[k] for k in METRICS}}
+    atomic_write_json(out / DONE, done)
+    return done
+
+
+def evaluate_triplet(cfg: ReportConfig) -> dict:
+    """The triplet row: the embedding run evaluated once on cfg.split (darp evaluate)."""
+    from tune_runs import evaluate
+    from tune_runs.rl_eval import read_run
+
+    kind = read_run(cfg.embedding).get("kind")
+    if kind != "triplet":
+        raise DataError(f"{cfg.embedding}: run.json says kind {kind!r}, not a triplet run (darp pretrain); "
+                        "leave 'triplet' out of --models or point --embedding at a darp pretrain run")
+    out = trial_dir(cfg.run_dir, "triplet", TRIPLET_SEED)
+    start = time.time()
+    metrics = evaluate.run(evaluate.EvaluateConfig(data=Path(cfg.data), run=Path(cfg.embedding), split=cfg.split, out=out))
+    done = {"model": "triplet", "seed": TRIPLET_SEED, "train_s": 0.0, "eval_s": time.time() - start,
+            "metrics": {k: metrics[k] for k in METRICS}}
+    atomic_write_json(out / DONE, done)
+    return done
+
+
+def run_trial(config: dict) -> None:
+    """Tune function trainable: config = {"report": ReportConfig fields, "job": {"model", "seed"}}."""
+    import torch
+
+    cfg = ReportConfig(**config["report"])
+    torch.set_num_threads(cfg.threads_per_trial)
+    done = train_and_evaluate(cfg, config["job"]["model"], config["job"]["seed"])
+    tune.report({**done["metrics"], "train_s": done["train_s"], "eval_s": done["eval_s"]})
+
+
+def is_done(run_dir: str | Path, model: str, seed: int) -> bool:
+    return (trial_dir(run_dir, model, seed) / DONE).is_file()
+
+
+def _job_name(job: dict) -> str:
+    return f"{job['model']}_seed{job['seed']}"
+
+
+class Progress(tune.Callback):
+    """Prints trial starts and ends, and every progress_interval_s the iterations of the running trials
+    (read from their results.jsonl, which darp train appends to after every iteration)."""
+
+    def __init__(self, cfg: ReportConfig, total: int):
+        self.cfg, self.total = cfg, total
+        self.start = self.last = time.time()
+        self.finished = 0
+
+    def _say(self, text: str) -> None:
+        print(f"[{time.time() - self.start:6.0f}s] {text}", flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._say(f"start {_job_name(trial.config['job'])}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished += 1
+        r = trial.last_result or {}
+        self._say(f"done  {_job_name(trial.config['job'])} ({self.finished}/{self.total}): AUIR {r.get('auir', math.nan):.2f}"
+                  f"  acc@5 {r.get('acc@5', math.nan):.1f}  train {r.get('train_s', math.nan):.0f}s")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.finished += 1
+        self._say(f"FAILED {_job_name(trial.config['job'])} ({self.finished}/{self.total}); see {trial.path}")
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.time() - self.last < self.cfg.progress_interval_s:
+            return
+        self.last = time.time()
+        parts = []
+        for t in trials:
+            if t.status == "RUNNING":
+                job = t.config["job"]
+                log = trial_dir(self.cfg.run_dir, job["model"], job["seed"]) / "run" / "results.jsonl"
+                n = len(log.read_text().splitlines()) if log.is_file() else 0
+                parts.append(f"{_job_name(job)} iteration {n}/{self.cfg.iterations}")
+        if parts:
+            self._say("running: " + ", ".join(parts))
+
+
+def run_trials(cfg: ReportConfig, jobs: list[dict]) -> list[str]:
+    """Run `jobs` ({"model", "seed"}) as Tune trials; returns the names of the ones that failed."""
+    run_dir = Path(cfg.run_dir).resolve()
+    report = dataclasses.asdict(cfg) | {"run_dir": str(run_dir), "data": str(Path(cfg.data).resolve()),
+                                         "embedding": str(Path(cfg.embedding).resolve())}
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, {"cpu": 1}),
+        param_space={"report": report, "job": tune.grid_search(jobs)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent),
+        run_config=tune.RunConfig(
+            name=time.strftime("report-%Y%m%d-%H%M%S"),
+            storage_path=str(run_dir / "tune"),
+            callbacks=[Progress(cfg, len(jobs))],
+            verbose=0,
+        ),
+    )
+    results = tuner.fit()
+    return [_job_name(r.config["job"]) for r in results if r.error]
+
+
+def collect(cfg: ReportConfig) -> dict[str, list[dict]]:
+    """The finished trials of the chosen models in the table's order: done.json plus metrics.json's
+    percentile curve and sizes."""
+    out = {}
+    for model in (m for m in MODELS if m in cfg.models):
+        trials = []
+        for seed in [TRIPLET_SEED] if model == "triplet" else range(cfg.seeds):
+            folder = trial_dir(cfg.run_dir, model, seed)
+            if not (folder / DONE).is_file():
+                continue
+            metrics = json.loads((folder / "metrics.json").read_text())
+            trials.append(json.loads((folder / DONE).read_text()) | {
+                "curve": metrics["percentile_curve"], "n_sketches": metrics["n_sketches"], "n_photos": metrics["n_photos"],
+            })
+        if trials:
+            out[model] = trials
+    return out
+
+
+def summarise(trials: list[dict]) -> tuple[dict, dict]:
+    """(mean, spread) of each metric over a model's seeds; spread = sample standard deviation (0 for one seed)."""
+    values = {k: np.array([t["metrics"][k] for t in trials], float) for k in METRICS}
+    mean = {k: float(v.mean()) for k, v in values.items()}
+    spread = {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()}
+    return mean, spread
+
+
+def is_chair_v2(manifest: dict) -> bool:
+    """Whether a data set is the QMUL Chair-V2 import (its manifest's source and name)."""
+    source, name = str(manifest.get("source", "")), str(manifest.get("name", ""))
+    return source.startswith("qmul") and "chair" in (name + source).lower()
+
+
+def results_markdown(cfg: ReportConfig, trials: dict[str, list[dict]], manifest: dict, wall_s: float,
+                     failed: list[str]) -> str:
+    """results.md: the table (mean ± std over seeds), the paper's Chair-V2 figures, ordering and timings."""
+    from tune_runs.plots import format_table
+
+    rows, spreads = {}, {}
+    for model, ts in trials.items():
+        rows[DISPLAY[model]], spreads[DISPLAY[model]] = summarise(ts)
+    any_trial = next(iter(trials.values()))[0]
+    lines = [
+        f"# Results: {manifest.get('name', '?')} ({manifest.get('source', '?')}), {cfg.split} split",
+        "",
+        f"{any_trial['n_sketches']} sketches, gallery of {any_trial['n_photos']} photos; seeds 0..{cfg.seeds - 1} per model "
+        f"({cfg.iterations} iterations{f', at most {cfg.time_budget_s:.0f} s' if cfg.time_budget_s else ''} of "
+        f"{cfg.episodes_per_batch} episodes each). Mean ± standard deviation over seeds; the triplet row is one "
+        "evaluation of the embedding run. AUIR and m@A over the 17 completion levels, acc@q on complete sketches.",
+        "",
+        format_table(rows, spreads),
+        "",
+    ]
+    if is_chair_v2(manifest):
+        lines += ["## Beside the paper (Table III, Chair-V2)", "",
+                  "| model | AUIR ours | AUIR paper | acc@5 ours | acc@5 paper |", "|---|---|---|---|---|"]
+        for model, (auir, acc5) in PAPER_CHAIR_V2.items():
+            if model in trials:
+                mean = rows[DISPLAY[model]]
+                lines.append(f"| {DISPLAY[model]} | {mean['auir']:.2f} | {auir:.2f} | {mean['acc@5']:.2f} | {acc5:.2f} |")
+        lines.append("")
+    order = sorted(trials, key=lambda m: -rows[DISPLAY[m]]["auir"])
+    lines += ["Ordering by mean AUIR: " + " > ".join(f"{m} ({rows[DISPLAY[m]]['auir']:.2f})" for m in order), "",
+              "## Time on this machine", "", "| model | trials | train s (mean) | evaluate s (mean) |", "|---|---|---|---|"]
+    for model, ts in trials.items():
+        lines.append(f"| {model} | {len(ts)} | {np.mean([t['train_s'] for t in ts]):.0f} | {np.mean([t['eval_s'] for t in ts]):.0f} |")
+    lines += ["", f"This invocation: {wall_s:.0f} s wall clock, {cfg.max_concurrent} trial(s) at a time."]
+    if cfg.split == "val":
+        lines += ["", "Caution: each RL run kept its best checkpoint by AUIR on this same val split, so its figures "
+                  "are optimistic; report a test split where the data set has one."]
+    missing = [f"{m}_seed{s}" for m in cfg.models if m != "triplet" for s in range(cfg.seeds) if not is_done(cfg.run_dir, m, s)]
+    if failed or missing:
+        lines += ["", f"Not in the table (failed or unfinished): {', '.join(sorted(set(failed) | set(missing)))}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_ranks_table(cfg: ReportConfig, trials: dict[str, list[dict]], out: Path) -> Path:
+    """Every finished trial's ranks.parquet with its model and seed: model, seed, sketch_id, level, rank."""
+    tables = []
+    for model, ts in trials.items():
+        for t in ts:
+            table = pq.read_table(trial_dir(cfg.run_dir, model, t["seed"]) / "ranks.parquet")
+            n = table.num_rows
+            tables.append(pa.table({
+                "model": pa.array([model] * n, pa.string()),
+                "seed": pa.array(np.full(n, t["seed"], np.int32)),
+                "sketch_id": table["sketch_id"],
+                "level": table["level"],
+                "rank": table["rank"],
+            }))
+    combined = pa.concat_tables(tables)
+    return atomic_write(out, lambda p: pq.write_table(combined, p))
+
+
+def plot_report_glimpses(cfg: ReportConfig, out: Path) -> Path | None:
+    """glimpses.png from the first seed of the first model that looks (darp first); None if none did."""
+    from tune_runs.plots import plot_glimpses
+
+    for model in ("darp", "darp-no-exploration", "bdqn"):
+        if model not in cfg.models:
+            continue
+        for seed in range(cfg.seeds):
+            path = trial_dir(cfg.run_dir, model, seed) / "glimpses.npz"
+            if is_done(cfg.run_dir, model, seed) and path.is_file():
+                with np.load(path, allow_pickle=False) as g:
+                    return plot_glimpses(g["images"], g["locations"], g["ranks"], out, float(g["patch_pixels"]),
+                                         names=[f"{model} seed {seed}: {s}" for s in g["sketch_id"]])
+    return None
+
+
+def with_split(cfg: ReportConfig, manifest: dict) -> ReportConfig:
+    """cfg with split "auto" resolved: test when the data set has test sketches, else val."""
+    if cfg.split != "auto":
+        return cfg
+    return dataclasses.replace(cfg, split="test" if manifest.get("splits", {}).get("test", 0) else "val")
+
+
+def check_config(cfg: ReportConfig) -> None:
+    unknown = [m for m in cfg.models if m not in MODELS]
+    if unknown or not cfg.models:
+        raise SystemExit(f"darp report: unknown --models {unknown}; choose from {MODELS}")
+    if cfg.seeds < 1 or cfg.max_concurrent < 1 or cfg.iterations < 1:
+        raise SystemExit(f"darp report: --seeds, --max-concurrent and --iterations must be >= 1, got "
+                         f"{cfg.seeds}, {cfg.max_concurrent}, {cfg.iterations}")
+    for name in ("data", "embedding"):
+        if not Path(getattr(cfg, name)).is_dir():
+            raise SystemExit(f"darp report: --{name} {getattr(cfg, name)} is not a directory")
+
+
+def run(cfg: ReportConfig) -> int:
+    import ray
+
+    from sketch_env.data.store import read_manifest
+    from tune_runs.plots import plot_curves
+
+    check_config(cfg)
+    start = time.time()
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(cfg.data)
+    cfg = with_split(cfg, manifest)
+    if "triplet" in cfg.models and not is_done(run_dir, "triplet", TRIPLET_SEED):
+        evaluate_triplet(cfg)
+    jobs = [{"model": m, "seed": s} for m in cfg.models if m in ALGOS for s in range(cfg.seeds)]
+    todo = [job for job in jobs if not is_done(run_dir, job["model"], job["seed"])]
+    skipped = [_job_name(job) for job in jobs if job not in todo]
+    if skipped:
+        print(f"skipping {len(skipped)} finished trial(s): {', '.join(skipped)}", flush=True)
+    failed = []
+    if todo:
+        print(f"running {len(todo)} trial(s), {cfg.max_concurrent} at a time: {', '.join(map(_job_name, todo))}", flush=True)
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        failed = run_trials(cfg, todo)
+    trials = collect(cfg)
+    if not trials:
+        raise SystemExit(f"darp report: no finished trial under {run_dir / 'trials'}; failed: {failed}")
+    text = results_markdown(cfg, trials, manifest, time.time() - start, failed)
+    atomic_write_text(run_dir / "results.md", text)
+    curves = {DISPLAY[m]: np.mean([t["curve"] for t in ts], axis=0) for m, ts in trials.items()}
+    plot_curves(curves, run_dir / "curves.png", title=f"{manifest.get('name', '')}, {cfg.split} split")
+    glimpses = plot_report_glimpses(cfg, run_dir / "glimpses.png")
+    write_ranks_table(cfg, trials, run_dir / "ranks.parquet")
+    print("\n" + text)
+    print(f"wrote {run_dir / 'results.md'}, {run_dir / 'curves.png'}, "
+          f"{glimpses if glimpses else '(no glimpses.png: no model that looks)'}, {run_dir / 'ranks.parquet'}")
+    if failed:
+        print(f"darp report: {len(failed)} trial(s) failed: {', '.join(failed)}; rerun to retry them")
+        return 1
+    return 0
