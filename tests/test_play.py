@@ -88,12 +88,14 @@ def test_a_trained_run_acts_through_load_policy(synthetic, tmp_path, monkeypatch
 
     fake = types.ModuleType("tune_runs.rl_eval")
     fake.load_policy = lambda path: Recorder()
+    fake.read_run = lambda path: {"config": {"n_glimpses": 2, "reward": "rank_gain"}}
     monkeypatch.setitem(sys.modules, "tune_runs.rl_eval", fake)
     trained = tmp_path / "darp_run"
     trained.mkdir()
     out = play(monkeypatch, capsys, "\n\n", data=data, embedding=run_dir, split="all", out=str(tmp_path / "f"),
                policy=str(trained), max_steps=3)
     assert calls == [0, 1, 2]
+    assert "17 levels x 2 glimpses" in out, "the env must take the trained run's glimpses per level"
     assert all("next look (+0.25, +0.75)" in line for line in step_lines(out))
     with pytest.raises(DataError, match="not 'random', 'center' or an existing run directory"):
         play(monkeypatch, capsys, "", data=data, embedding=run_dir, policy=str(tmp_path / "missing"))

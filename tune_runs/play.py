@@ -153,6 +153,7 @@ def save_gif(path: Path, frames: list[np.ndarray]) -> None:
 def run(cfg: PlayConfig) -> int:
     """Play one episode (see the module docstring); frames of an earlier play in `out` are replaced."""
     episodes = load_episode_data(cfg.data, cfg.embedding, cfg.split, thumbnails=True)
+    policy = make_policy(cfg.policy, cfg.seed)
     env_options = {}
     if cfg.policy not in ("random", "center"):
         from tune_runs.rl_eval import read_run
@@ -164,7 +165,6 @@ def run(cfg: PlayConfig) -> int:
         render_mode="rgb_array",
     )
     options = None if cfg.sketch is None else {"sketch_index": sketch_index(episodes, cfg.sketch, cfg.split)}
-    policy = make_policy(cfg.policy, cfg.seed)
     obs, info = env.reset(seed=cfg.seed, options=options)
     state = policy.initial_state()
     n_photos, glimpses = len(episodes.gallery), env.config.n_glimpses
