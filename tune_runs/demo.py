@@ -26,8 +26,8 @@ class DemoConfig:
     photos: int = arg(400, "built-in data set: photos")
     sketches_per_photo: int = arg(3, "built-in data set: sketches per photo")
     seed: int = arg(0, "seed of data generation and training")
-    pretrain_budget_s: float = arg(180.0, "time budget of phase 1 (triplet network)")
-    train_budget_s: float = arg(210.0, "time budget of phase 2 (DARP)")
+    pretrain_budget_s: float = arg(150.0, "time budget of phase 1 (triplet network)")
+    train_budget_s: float = arg(180.0, "time budget of phase 2 (DARP)")
     train_iterations: int = arg(200, "most DARP iterations")
     split: str = arg("val", "split evaluated (val: 20% of the train photos; test: the held-out test photos)")
 
