@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import torchvision
 
 from sketch_env.atomic import atomic_write
-from sketch_env.render import N_LEVELS, NEVER, default_thickness
+from sketch_env.render import N_LEVELS, default_thickness
 
 Backbone = Literal["compact", "resnet18", "resnet50", "inception_v3", "mobilenet_v3_small"]
 NET_FILE = "embedding_net.pt"
@@ -274,45 +274,35 @@ def embed_photo_inputs(net: EmbeddingNet, x: torch.Tensor, batch: int = 512) -> 
     """Photo inputs (N, C, H, W) (see `photo_inputs`) -> (N, D), in eval mode, `batch` at a time."""
     was_training = net.training
     net.eval()
-    out = torch.cat([net.embed_photos(x[i : i + batch]) for i in range(0, len(x), batch)]) if len(x) else torch.zeros(0, net.config.embedding_dim)
+    out = torch.empty(len(x), net.config.embedding_dim)
+    for start in range(0, len(x), batch):
+        out[start : start + batch] = net.embed_photos(x[start : start + batch])
     net.train(was_training)
     return out
 
 
 @torch.no_grad()
-def embed_sketches(net: EmbeddingNet, first_ink: np.ndarray, batch: int = 1024) -> torch.Tensor:
-    """Complete sketches' embeddings: level maps (S, H, W) uint8 -> (S, D) (every inked pixel)."""
-    was_training = net.training
-    net.eval()
-    first = torch.as_tensor(np.asarray(first_ink))
-    out = torch.empty(len(first), net.config.embedding_dim)
-    for start in range(0, len(first), batch):
-        images = (first[start : start + batch] < NEVER).float().unsqueeze(1)
-        out[start : start + batch] = net.embed_sketches(images)
-    net.train(was_training)
-    return out
-
-
-@torch.no_grad()
-def embed_sketch_levels(net: EmbeddingNet, first_ink: np.ndarray, batch: int = 1024) -> torch.Tensor:
-    """Every partial sketch's embedding: level maps (S, H, W) uint8 -> (S, 17, D).
+def embed_sketch_levels(
+    net: EmbeddingNet, first_ink: np.ndarray, batch: int = 1024, levels: tuple[int, ...] = tuple(range(N_LEVELS))
+) -> torch.Tensor:
+    """Partial sketches' embeddings: level maps (S, H, W) uint8 -> (S, len(levels), D).
 
     first_ink is `sketch_env.render.first_ink_level`; level L of a sketch is inked where
-    first_ink <= L. Images are made `batch` at a time, never all S x 17 at once.
+    first_ink <= L (L = 16: the complete sketch). Images are made `batch` at a time, never all at once.
     """
     was_training = net.training
     net.eval()
     first = torch.as_tensor(np.asarray(first_ink))
-    s, h, w = first.shape
-    flat_sketch = torch.arange(s).repeat_interleave(N_LEVELS)
-    flat_level = torch.arange(N_LEVELS, dtype=torch.uint8).repeat(s)
-    out = torch.empty(s * N_LEVELS, net.config.embedding_dim)
-    for start in range(0, s * N_LEVELS, batch):
+    s, n = first.shape[0], len(levels)
+    flat_sketch = torch.arange(s).repeat_interleave(n)
+    flat_level = torch.tensor(levels, dtype=torch.uint8).repeat(s)
+    out = torch.empty(s * n, net.config.embedding_dim)
+    for start in range(0, s * n, batch):
         idx, lev = flat_sketch[start : start + batch], flat_level[start : start + batch]
         images = (first[idx] <= lev[:, None, None]).float().unsqueeze(1)
         out[start : start + batch] = net.embed_sketches(images)
     net.train(was_training)
-    return out.view(s, N_LEVELS, -1)
+    return out.view(s, n, -1)
 
 
 def save_embedding_net(run_dir: str | Path, net: EmbeddingNet, config: EmbeddingConfig) -> Path:

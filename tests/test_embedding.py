@@ -138,6 +138,9 @@ def test_embed_sketch_levels_matches_one_image_at_a_time():
     with torch.no_grad():
         one = net.embed_sketches(torch.from_numpy(first[2] <= 7).float()[None, None])
     torch.testing.assert_close(out[2, 7], one[0], atol=1e-5, rtol=1e-4)
+    complete = embed_sketch_levels(net, first, batch=2, levels=(16,))
+    assert complete.shape == (3, 1, 8)
+    torch.testing.assert_close(complete[:, 0], out[:, 16], atol=1e-5, rtol=1e-4)
 
 
 def test_triplet_loss_hand_computed():

@@ -106,3 +106,35 @@ def test_export_and_network_give_the_same_ranks(trained, data_dir):
     from_net = ranks_for_triplet(net, split)
     assert from_export.shape == (6, 17)
     np.testing.assert_array_equal(from_export, from_net)
+
+
+def test_evaluate_embeds_with_the_network_when_the_export_is_from_other_data(trained, tmp_path, capsys):
+    run_dir, _, _ = trained
+    other = generate_dataset(tmp_path / "other", n_photos=8, sketches_per_photo=2, seed=1)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--data", str(other), "--run", str(run_dir), "--split", "test", "--out", str(out)]) == 0
+    assert "queries from its saved network" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["n_photos"] == 2
+
+
+def test_evaluate_hands_other_runs_to_rl_eval(data_dir, tmp_path, monkeypatch):
+    import tune_runs.rl_eval as rl_eval
+
+    run_dir = tmp_path / "rl"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"kind": "darp", "config": {}}))
+    calls = []
+
+    def fake(run, data, split):
+        calls.append((run, data, split))
+        ranks = np.tile(np.arange(1, 18)[::-1] % 4 + 1, (5, 1))
+        return {"ranks": ranks, "sketch_id": [f"s{i}" for i in range(5)], "n_photos": 4, "extras": {}}
+
+    monkeypatch.setattr(rl_eval, "evaluate_policy_run", fake)
+    monkeypatch.setattr("tune_runs.evaluate.write_glimpses", lambda path, extras: calls.append(path.name))
+    out = tmp_path / "eval"
+    main(["evaluate", "--data", str(data_dir), "--run", str(run_dir), "--split", "val", "--out", str(out)])
+    assert calls == [(run_dir, data_dir, "val"), "glimpses.png"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_sketches"] == 5 and metrics["n_photos"] == 4
+    assert metrics["acc@1"] == 0.0 and metrics["acc@5"] == 100.0  # the complete sketch ranks 2

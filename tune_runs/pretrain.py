@@ -1,12 +1,14 @@
 """`darp pretrain`: phase 1, the triplet embedding network, and the export of its embeddings.
 
-Trains on the project's "train" split and early-stops on acc@5 of the "val" split (both from
-`sketch_env.data.select_split`, by photo). Sketches are rasterised once into level maps
-(`first_ink_level`, uint8) and photos once into network inputs (edge maps or RGB); every batch is
-made from those in memory. Each epoch ends with a validation pass over all 17 completion levels and
-an atomic checkpoint (run_dir/checkpoint.pt) that a later call resumes from. The best network is
-kept in run_dir/embedding_net.pt; at the end every photo and every sketch at every level is
-embedded and exported (sketch_env.embeddings), and run_dir/run.json records the run.
+Trains on the project's "train" split with the batch-hard triplet loss and early-stops on acc@5 of
+the "val" split (both from `sketch_env.data.select_split`, by photo). Sketches are rasterised once
+into level maps (`first_ink_level`, uint8) and photos once into network inputs (edge maps or RGB);
+every batch is made from those in memory. Each epoch ends with a validation pass (complete
+sketches; all 17 levels every `val_levels_every` epochs) and an atomic checkpoint
+(run_dir/checkpoint.pt) that a later call resumes from, also after Ctrl-C. The best network is kept
+in run_dir/embedding_net.pt; at the end every photo and every sketch at every level is embedded and
+exported (sketch_env.embeddings), and run_dir/run.json records the run (config, validation figures
+of the best network, per-epoch history, wall and CPU seconds).
 
     darp pretrain --data /tmp/builtin --run-dir /tmp/runs/triplet --time-budget-s 120
 """
@@ -30,7 +32,6 @@ from policies.embedding import (
     EmbeddingNet,
     embed_photo_inputs,
     embed_sketch_levels,
-    embed_sketches,
     load_embedding_net,
     photo_decode_size,
     photo_inputs,
@@ -63,7 +64,7 @@ class PretrainConfig:
     mining: Mining = arg("batch_hard", "negative per sketch: the closest other photo in the batch, or a random one")
     augment: bool = arg(True, "random small rotation, scale and shift of sketches and photos")
     train_on_partial: bool = arg(False, "train on a random completion level per sketch (the paper: complete sketches)")
-    patience: int = arg(15, "stop after this many epochs without a better validation acc@5")
+    patience: int = arg(15, "stop after this many epochs without a better validation acc@5 (ties: mean 1 / rank)")
     time_budget_s: float = arg(0.0, "stop training after this many seconds in all (0: no limit); resumed runs count earlier time")
     seed: int = arg(0, "seed of the batch order and augmentation")
     backbone: Backbone = arg("compact", "embedding backbone (torchvision ones are built without downloading weights)")
@@ -133,8 +134,8 @@ def validate(net: EmbeddingNet, t: _Tensors, photo_ids: np.ndarray, batch: int, 
     complete sketches are embedded (17 x cheaper): acc@1/5/10 and mrr, their mean 1 / rank x100.
     """
     photo_emb = embed_photo_inputs(net, t.photos[t.val_photos], batch)
-    first = t.first_ink[t.val].numpy()
-    sketch_emb = embed_sketch_levels(net, first, batch) if all_levels else embed_sketches(net, first, batch)[:, None]
+    levels = tuple(range(N_LEVELS)) if all_levels else (N_LEVELS - 1,)
+    sketch_emb = embed_sketch_levels(net, t.first_ink[t.val].numpy(), batch, levels)
     ranks = ranks_from_embeddings(
         photo_emb, photo_ids[t.val_photos.numpy()], sketch_emb, photo_ids[t.photo_of[t.val].numpy()]
     )
@@ -188,7 +189,11 @@ def _score(metrics: dict) -> list[float]:
 
 
 def _load_checkpoint(path: Path, emb_cfg: EmbeddingConfig) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """The checkpoint at `path`, refused if it holds another network than `emb_cfg` describes."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for unreadable files
+        raise ValueError(f"{path}: cannot read the checkpoint ({e}); use --no-resume to start over") from None
     saved = {**ckpt["embedding_config"], "backbone_weights": None}
     wanted = {**dataclasses.asdict(emb_cfg), "backbone_weights": None}
     if saved != wanted:
