@@ -185,22 +185,6 @@ def test_algo_defaults():
 # --- end to end: each model trains one iteration on the tiny fixture and `darp evaluate` reads it ---
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tests.rl_fixtures import make_tiny_setup
-
-    return make_tiny_setup(tmp_path_factory.mktemp("tiny"))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", [a for a in ALGOS if a != "darp"])
 def test_each_model_trains_and_evaluates(ray_local, tiny, tmp_path, algo):

@@ -3,24 +3,10 @@
 import json
 
 import pytest
-import ray
 
-from tests.rl_fixtures import make_tiny_setup
 from tune_runs.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_setup(tmp_path_factory.mktemp("tiny"))
 
 
 def tiny_config(data, phase1, run_dir, **kw):

@@ -65,15 +65,6 @@ def test_results_markdown_has_table_iii_paper_figures_and_ordering(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny_with_triplet(tmp_path_factory):
     """The tiny fixture, its export marked as a triplet run made from this data set."""
     from sketch_env.atomic import atomic_write_json
