@@ -25,20 +25,12 @@ from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.utils.annotations import override
 
-from policies.darp_learner import TARGET_EMBEDDING, AddTargetEmbeddings, DARPLearner
+from policies.darp_learner import DARPLearner
 from policies.darp_module import DARPModule
 from policies.darp_networks import ActionNetwork, Baseline, GlimpseNetwork
+from policies.supervised import AddTargetEmbeddings, SupervisedObjective
 
 QUERY_SAMPLE = "query_sample"
-
-
-def supervised_loss(query: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """mean over valid steps of ||a_t - e_target||^2; query, target (N..., D), mask (N...) or None (all valid)."""
-    error = ((query - target) ** 2).sum(-1)
-    if mask is None:
-        return error.mean()
-    mask = mask.float()
-    return (error * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def query_sigma(std: torch.Tensor | float, dim: int) -> torch.Tensor | float:
@@ -100,17 +92,18 @@ class NoAttentionModule(DARPModule):
 
 
 class SupervisedLearner(TorchLearner):
-    """sup_lambda x ||a_t - e_target||^2 over whole episodes (the no-attention ablation)."""
+    """sup_lambda x the supervised term (policies.supervised) over whole episodes (the no-attention ablation)."""
 
     @override(TorchLearner)
     def build(self) -> None:
         super().build()
         if self.config.add_default_connectors_to_learner_pipeline:
             self._learner_connector.prepend(AddTargetEmbeddings(target=self.config.sup_target))
+        self.supervised_objective = SupervisedObjective.from_config(self.config)
 
     @override(TorchLearner)
     def compute_loss_for_module(self, *, module_id, config, batch: dict[str, Any], fwd_out):
-        loss = supervised_loss(fwd_out["query"], batch[TARGET_EMBEDDING], batch.get(Columns.LOSS_MASK))
+        loss = self.supervised_objective(fwd_out["query"], batch, batch.get(Columns.LOSS_MASK))
         self.metrics.log_value((module_id, "supervised_loss"), loss.item(), window=1)
         return config.sup_lambda * loss
 
@@ -214,5 +207,4 @@ __all__ = [
     "SupervisedLearner",
     "query_sigma",
     "reinforce_loss",
-    "supervised_loss",
 ]

@@ -20,8 +20,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.utils.annotations import override
 from torch import nn
 
-from policies.baselines import SupervisedLearner, supervised_loss
-from policies.darp_learner import TARGET_EMBEDDING
+from policies.baselines import SupervisedLearner
 from policies.darp_module import BOOTSTRAP_MASK, HEAD, DARPModule
 
 LOCATION_CELL = "location_cell"
@@ -118,7 +117,7 @@ class BDQNLearner(SupervisedLearner):
     @override(SupervisedLearner)
     def compute_loss_for_module(self, *, module_id, config, batch: dict[str, Any], fwd_out):
         mask = batch[Columns.LOSS_MASK]
-        supervised = supervised_loss(fwd_out["query"], batch[TARGET_EMBEDDING], mask)
+        supervised = self.supervised_objective(fwd_out["query"], batch, mask)
         td = td_loss(fwd_out["q_values"], batch[LOCATION_CELL], batch[Columns.REWARDS].float(), mask,
                      batch[BOOTSTRAP_MASK], config.gamma)
         self.metrics.log_value((module_id, "supervised_loss"), supervised.item(), window=1)

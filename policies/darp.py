@@ -67,6 +67,8 @@ class DARPConfig(AlgorithmConfig):
         self.rl_weight = 0.01
         self.sup_lambda = 1.0
         self.sup_target = "photo"
+        self.sup_loss = "infonce"
+        self.sup_temperature = 0.2
         self.gamma = 0.99
         self.lr = 3e-4
         self.std_start = 0.3
@@ -90,6 +92,8 @@ class DARPConfig(AlgorithmConfig):
         rl_weight=NotProvided,
         sup_lambda=NotProvided,
         sup_target=NotProvided,
+        sup_loss=NotProvided,
+        sup_temperature=NotProvided,
         std_start=NotProvided,
         std_end=NotProvided,
         std_shape=NotProvided,
@@ -108,6 +112,9 @@ class DARPConfig(AlgorithmConfig):
             sup_lambda: weight of the supervised ||a_t - e_target||^2 term.
             sup_target: e_target: "photo" (the true photo's embedding) or "final_sketch" (the
                 phase-1 embedding of the complete sketch).
+            sup_loss: "infonce" (cross-entropy of the target photo among the training gallery; the default,
+                policies.supervised says why) or "mse" (the paper's ||a_t - e_target||^2).
+            sup_temperature: infonce temperature, relative to the gallery's mean squared pairwise distance.
             std_start, std_end, std_shape, std_horizon: the locator's std schedule
                 (policies.schedules.StdSchedule; horizon in env steps).
             val_interval: evaluate on the validation split every this many iterations (0: never).
@@ -120,6 +127,8 @@ class DARPConfig(AlgorithmConfig):
             rl_weight=rl_weight,
             sup_lambda=sup_lambda,
             sup_target=sup_target,
+            sup_loss=sup_loss,
+            sup_temperature=sup_temperature,
             std_start=std_start,
             std_end=std_end,
             std_shape=std_shape,
@@ -145,6 +154,10 @@ class DARPConfig(AlgorithmConfig):
                 f"num_episodes_per_train_batch={self.num_episodes_per_train_batch} must be a multiple of "
                 f"num_envs_per_env_runner x num_env_runners = {per_round} (RLlib resets all sub-envs per sample call)"
             )
+        if self.sup_loss not in ("mse", "infonce"):
+            self._value_error(f"sup_loss must be 'mse' or 'infonce', got {self.sup_loss!r}")
+        if self.sup_loss == "infonce" and self.sup_target != "photo":
+            self._value_error("sup_loss='infonce' ranks the target photo among the gallery: it needs sup_target='photo'")
         if self.num_learners > 1 and self.num_episodes_per_train_batch % self.num_learners:
             self._value_error(
                 f"num_episodes_per_train_batch={self.num_episodes_per_train_batch} must be a multiple of "

@@ -1,7 +1,8 @@
 """DARP's learner: bootstrapped REINFORCE on the locator + lambda x the supervised regression loss.
 
 Loss per module (method.md, "Hybrid loss"), with m the loss mask over (B, T) and K heads:
-- supervised: mean_t ||a_t - e_target||^2, trains glimpse network, core RNN and action network;
+- supervised: mean_t ||a_t - e_target||^2 (or the infonce ranking loss, policies.supervised), trains
+  glimpse network, core RNN and action network;
 - policy gradient: -sum_{t,k} w_{t,k} log N(v_t | mu_k(h_t), std) (G_t - b_t) / sum w, where w is
   the bootstrap mask drawn with each experience: head k learns only from experiences with w_k = 1;
 - baseline: mean_t (b_t - G_t)^2 (b_t reads h_t detached, so only the baseline layer learns from it);
@@ -14,9 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
-from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.connectors.learner import ComputeReturnsToGo
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.learner import Learner
@@ -25,44 +24,23 @@ from ray.rllib.utils.annotations import override
 
 from policies.darp_module import BOOTSTRAP_MASK, LOCATION_SAMPLE
 from policies.schedules import StdSchedule
+from policies.supervised import TARGET_EMBEDDING, AddTargetEmbeddings, SupervisedObjective
 
-TARGET_EMBEDDING = "target_embedding"
+def darp_loss(
+    fwd_out: dict,
+    batch: dict,
+    std: torch.Tensor,
+    rl_weight: float,
+    sup_lambda: float,
+    supervised_objective: SupervisedObjective | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """The hybrid loss over a (B, T) batch of whole episodes; returns (loss, stats).
 
-
-SUPERVISED_TARGETS = {"photo": "target_embedding", "final_sketch": "final_sketch_embedding"}
-
-
-class AddTargetEmbeddings(ConnectorV2):
-    """Learner connector: copy each step's supervised target from the infos into a train-batch column.
-
-    The env knows the target photo's embedding and the complete sketch's phase-1 embedding; the policy
-    must never see them (they are not in the observation), but the supervised loss needs one of them:
-    `target` "photo" regresses a_t onto the true photo's embedding, "final_sketch" onto the embedding
-    of the finished sketch (the paper's "predicted final sketch embedding").
+    supervised_objective: the supervised term (policies.supervised); None is the paper's squared error.
     """
-
-    def __init__(self, input_observation_space=None, input_action_space=None, *, target: str = "photo"):
-        super().__init__(input_observation_space, input_action_space)
-        if target not in SUPERVISED_TARGETS:
-            raise ValueError(f"supervised target must be one of {sorted(SUPERVISED_TARGETS)}, got {target!r}")
-        self.info_key = SUPERVISED_TARGETS[target]
-
-    @override(ConnectorV2)
-    def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, **kwargs):
-        for episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
-            infos = episode.get_infos(slice(0, len(episode)))
-            targets = np.stack([info[self.info_key] for info in infos]).astype(np.float32)
-            self.add_n_batch_items(
-                batch, TARGET_EMBEDDING, items_to_add=targets, num_items=len(episode), single_agent_episode=episode
-            )
-        return batch
-
-
-def darp_loss(fwd_out: dict, batch: dict, std: torch.Tensor, rl_weight: float, sup_lambda: float) -> tuple[torch.Tensor, dict]:
-    """The hybrid loss over a (B, T) batch of whole episodes; returns (loss, stats)."""
     mask = batch[Columns.LOSS_MASK].float()
     n = mask.sum().clamp(min=1.0)
-    supervised = (((fwd_out["query"] - batch[TARGET_EMBEDDING]) ** 2).sum(-1) * mask).sum() / n
+    supervised = (supervised_objective or SupervisedObjective())(fwd_out["query"], batch, mask)
 
     returns = batch[Columns.RETURNS_TO_GO].float()
     baseline = fwd_out["baseline"]
@@ -94,11 +72,14 @@ class DARPLearner(TorchLearner):
             self._learner_connector.prepend(AddTargetEmbeddings(target=self.config.sup_target))
             self._learner_connector.prepend(ComputeReturnsToGo(gamma=self.config.gamma))
         self.std_schedule = StdSchedule(**self.config.std_schedule)
+        self.supervised_objective = SupervisedObjective.from_config(self.config)
 
     @override(TorchLearner)
     def compute_loss_for_module(self, *, module_id, config, batch: dict[str, Any], fwd_out):
         module = self.module[module_id].unwrapped()
-        loss, stats = darp_loss(fwd_out, batch, module.std, config.rl_weight, config.sup_lambda)
+        loss, stats = darp_loss(
+            fwd_out, batch, module.std, config.rl_weight, config.sup_lambda, self.supervised_objective
+        )
         for key, value in stats.items():
             self.metrics.log_value((module_id, key), value.item(), window=1)
         return loss

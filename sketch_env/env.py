@@ -284,7 +284,8 @@ class EpisodeBatch:
 
     def infos(self, rows: torch.Tensor, level: torch.Tensor, glimpse_index: torch.Tensor) -> dict[str, np.ndarray]:
         """Per-slot infos for `rows` (R,): level, glimpse index, ids, the target photo's embedding and
-        the phase-1 embedding of the complete sketch (the two supervised targets a policy may regress to)."""
+        the phase-1 embedding of the complete sketch (the two supervised targets a policy may regress to),
+        and the target's row in the gallery (for a loss that ranks among the gallery)."""
         sketch = self.sketch.index_select(0, rows)
         target = self.episodes.target_index.index_select(0, sketch)
         sketch = sketch.numpy()
@@ -293,6 +294,7 @@ class EpisodeBatch:
             "glimpse_index": glimpse_index.numpy(),
             "photo_id": self.episodes.photo_id[sketch],
             "sketch_id": self.episodes.sketch_id[sketch],
+            "target_index": target.numpy(),
             "target_embedding": self.episodes.gallery.embeddings.index_select(0, target).numpy(),
             "final_sketch_embedding": self.episodes.sketch_embedding[torch.from_numpy(sketch), -1].numpy(),
         }

@@ -94,7 +94,6 @@ def load_episode_data(
         raise DataError(f"{data_dir}: split {split!r} has no sketches")
     export = load_embedding_export(embedding_run)
     sketch_rows = _rows_in_export(export.sketch_index(), ds.sketches.sketch_id, "sketch", embedding_run, split)
-    photo_rows = _rows_in_export(export.photo_index(), ds.photos.photo_id, "photo", embedding_run, split)
     paired = export.sketch_photo_id[sketch_rows]
     mismatch = np.flatnonzero(paired != ds.sketches.photo_id)
     if len(mismatch):
@@ -104,7 +103,7 @@ def load_episode_data(
             f"{paired[i]!r} but {data_dir} pairs it with {ds.sketches.photo_id[i]!r} ({len(mismatch)} such "
             "sketches): was the export made from another data set?"
         )
-    gallery = Gallery(torch.from_numpy(export.photo_embedding[photo_rows]), ds.photos.photo_id)
+    gallery = _split_gallery(ds, export, embedding_run, split)
     sketch_embedding = torch.from_numpy(export.sketch_embedding[sketch_rows])
     return EpisodeData(
         images=_render(ds.sketches, image_size),
@@ -115,6 +114,20 @@ def load_episode_data(
         photo_id=np.asarray(ds.sketches.photo_id, dtype=object),
         thumbnails=ds.photos.decode_all(THUMBNAIL_SIZE) if thumbnails else None,
     )
+
+
+def load_gallery(data_dir: str | Path, embedding_run: str | Path, split: str = "train") -> Gallery:
+    """The gallery of one split, in the order `load_episode_data` uses (so infos' target_index indexes it).
+
+    Lighter than load_episode_data (no rendering): for a learner whose loss ranks among the gallery.
+    """
+    ds = select_split(load_dataset(data_dir), split)
+    return _split_gallery(ds, load_embedding_export(embedding_run), embedding_run, split)
+
+
+def _split_gallery(ds, export, embedding_run, split: str) -> Gallery:
+    photo_rows = _rows_in_export(export.photo_index(), ds.photos.photo_id, "photo", embedding_run, split)
+    return Gallery(torch.from_numpy(export.photo_embedding[photo_rows]), ds.photos.photo_id)
 
 
 def _rows_in_export(index: dict[str, int], wanted, what: str, run, split: str) -> np.ndarray:

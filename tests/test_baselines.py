@@ -7,7 +7,7 @@ import pytest
 import torch
 from ray.rllib.core.columns import Columns
 
-from policies.baselines import QUERY_SAMPLE, NoAttentionModule, SketchPolicyModule, reinforce_loss, supervised_loss
+from policies.baselines import QUERY_SAMPLE, NoAttentionModule, SketchPolicyModule, reinforce_loss
 from policies.bdqn import LOCATION_CELL, BDQNModule, grid_cells, td_loss, td_targets
 from policies.darp_module import BOOTSTRAP_MASK
 from policies.darp_networks import GlimpseNetwork
@@ -70,16 +70,6 @@ def test_sketch_policy_samples_unit_queries_and_its_logp_matches_the_loss(B):
     inference = forward(m, B, explore=False)
     assert inference[Columns.STATE_OUT] == {}
     assert torch.allclose(inference[Columns.ACTIONS]["query"], train["query_mean"], atol=1e-6)
-
-
-def test_supervised_loss_averages_valid_steps_only():
-    q = torch.zeros(2, 3, 2)
-    target = torch.ones(2, 3, 2)
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    assert float(supervised_loss(q, target, mask)) == pytest.approx(2.0)
-    target[0, 2] = 100.0  # a padded step must not count
-    assert float(supervised_loss(q, target, mask)) == pytest.approx(2.0)
-    assert float(supervised_loss(q, torch.ones(2, 3, 2), None)) == pytest.approx(2.0)
 
 
 def test_grid_cells_are_cell_centres_row_major():

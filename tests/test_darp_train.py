@@ -42,11 +42,22 @@ def test_std_schedule_reaches_the_module(ray_local, tiny, tmp_path):
     assert float(load_module(run_dir).std) == pytest.approx(0.01)
 
 
-def test_two_learners_ddp(ray_local, tiny, tmp_path):
+def test_two_learners_ddp_with_the_infonce_loss(ray_local, tiny, tmp_path):
     data, phase1 = tiny
     run_dir = tmp_path / "ddp"
-    val = train(tiny_config(data, phase1, run_dir, iterations=1, num_learners=2, val_interval=0))
+    val = train(tiny_config(data, phase1, run_dir, iterations=1, num_learners=2, val_interval=0, sup_loss="infonce"))
     assert (run_dir / "checkpoint").is_dir() and val["n_sketches"] > 0
+    learner = json.loads((run_dir / "results.jsonl").read_text().splitlines()[0])["learner"]
+    assert learner["supervised_loss"] > 0.0, "a cross-entropy among several photos is positive"
+
+
+def test_infonce_needs_the_photo_target(tiny, tmp_path):
+    from tune_runs.train import build_algo_config
+
+    data, phase1 = tiny
+    config = build_algo_config(tiny_config(data, phase1, tmp_path, sup_loss="infonce", sup_target="final_sketch"))
+    with pytest.raises(ValueError, match="sup_target='photo'"):
+        config.validate()
 
 
 def test_best_checkpoint_is_kept_and_used(ray_local, tiny, tmp_path):

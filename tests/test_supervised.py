@@ -1,0 +1,65 @@
+"""The supervised term: squared error and the infonce ranking loss over the gallery."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from policies.supervised import TARGET_EMBEDDING, TARGET_INDEX, SupervisedObjective
+from sketch_env.episodes import load_episode_data, load_gallery
+
+
+def test_mse_averages_valid_steps_only():
+    mse = SupervisedObjective("mse")
+    q = torch.zeros(2, 3, 2)
+    target = torch.ones(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert float(mse(q, {TARGET_EMBEDDING: target}, mask)) == pytest.approx(2.0)
+    target[0, 2] = 100.0  # a padded step must not count
+    assert float(mse(q, {TARGET_EMBEDDING: target}, mask)) == pytest.approx(2.0)
+    assert float(mse(q, {TARGET_EMBEDDING: torch.ones(2, 3, 2)}, None)) == pytest.approx(2.0)
+
+
+def test_infonce_is_the_cross_entropy_of_the_target_among_the_gallery():
+    gallery = torch.eye(3)  # mean squared pairwise distance 2
+    nce = SupervisedObjective("infonce", gallery, temperature=0.5)
+    assert nce.tau == pytest.approx(1.0)
+    q = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]])  # (1, 2, 3)
+    batch = {TARGET_INDEX: torch.tensor([[0, 1]])}
+    # step 0: distances^2 to the photos 0, 2, 2 -> logits 0, -2, -2; step 1: 2, 2, 0 -> -2, -2, 0
+    hit = -math.log(1.0 / (1.0 + 2.0 * math.exp(-2.0)))
+    miss = -math.log(math.exp(-2.0) / (2.0 * math.exp(-2.0) + 1.0))
+    assert float(nce(q, batch, torch.tensor([[1, 0]]))) == pytest.approx(hit, rel=1e-5)
+    assert float(nce(q, batch, None)) == pytest.approx((hit + miss) / 2, rel=1e-5)
+
+
+def test_infonce_gradient_moves_the_query_towards_its_photo():
+    torch.manual_seed(0)
+    gallery = torch.nn.functional.normalize(torch.randn(20, 8), dim=-1)
+    nce = SupervisedObjective("infonce", gallery)
+    q = torch.nn.functional.normalize(torch.randn(1, 8), dim=-1).requires_grad_(True)
+    batch = {TARGET_INDEX: torch.tensor([3])}
+    before = float(nce(q, batch, None))
+    nce(q, batch, None).backward()
+    with torch.no_grad():
+        after = float(nce(q - 0.1 * q.grad, batch, None))
+    assert after < before
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="sup_loss"):
+        SupervisedObjective("l1")
+    with pytest.raises(ValueError, match="gallery"):
+        SupervisedObjective("infonce", None)
+    with pytest.raises(ValueError, match="sup_temperature"):
+        SupervisedObjective("infonce", torch.eye(3), temperature=0.0)
+
+
+def test_load_gallery_matches_the_episodes_gallery(tiny):
+    data, embedding = tiny
+    episodes = load_episode_data(data, embedding, "train")
+    gallery = load_gallery(data, embedding, "train")
+    assert list(gallery.photo_ids) == list(episodes.gallery.photo_ids)
+    assert torch.equal(gallery.embeddings, episodes.gallery.embeddings)
+    assert np.array_equal(episodes.target_index.numpy(), gallery.index_of(episodes.photo_id).numpy())
