@@ -1,18 +1,24 @@
 """DARP throughput: env steps/s sampled under RLlib vs a plain PyTorch loop over the same env and module.
 
     python benchmarks/bench_darp_throughput.py [--data DIR --embedding RUN] [--envs 16 64] [--runners 0 1 2]
+        [--compare-default] [--profile]
 
 Without --data/--embedding it builds a small built-in data set with a synthetic phase-1 export.
 The plain loop steps the same SketchRetrievalVectorEnv with the same DARPModule (forward_exploration
 per step) and runs the same loss (policies.darp_learner.darp_loss) once per batch of episodes, so the
-ratio shows what RLlib's per-step machinery costs. Add --profile to print where the RLlib sampler
-spends its time (cProfile, top functions).
+ratio (plain steps/s / RLlib steps/s, measured back to back in this process) shows what RLlib's
+per-step machinery costs. RLlib runs DARPConfig as `darp train` builds it (the batched EnvRunner
+and connectors of policies.env_runner / policies.connectors); --compare-default also runs RLlib's
+default SingleAgentEnvRunner and connector pipelines. --profile prints where the RLlib sampler with
+0 EnvRunners spends its time (cProfile, top functions by own time). The load average is printed:
+the figures depend on what else runs on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import sys
 import tempfile
@@ -79,14 +85,26 @@ def plain_loop(data: str, embedding: str, num_envs: int, n_glimpses: int, batche
 
 
 def rllib_loop(data: str, embedding: str, num_envs: int, runners: int, n_glimpses: int, iterations: int,
-               profile: bool) -> tuple[float, float]:
-    """(env steps/s of RLlib sampling, learner updates/s) over `iterations` DARP training steps."""
+               profile: bool, default_pipeline: bool = False) -> tuple[float, float]:
+    """(env steps/s of RLlib sampling, learner updates/s) over `iterations` DARP training steps.
+
+    default_pipeline: RLlib's SingleAgentEnvRunner with its default connector pipelines instead of
+    DARPConfig's batched EnvRunner and connectors (the figure before issue 6).
+    """
     from tune_runs.train import TrainConfig, build_algo_config
 
     cfg = TrainConfig(data=data, embedding=embedding, run_dir="unused", num_env_runners=runners,
                       num_envs_per_env_runner=num_envs, episodes_per_batch=num_envs * max(1, runners),
                       n_glimpses=n_glimpses, val_interval=0)
-    algo = build_algo_config(cfg).build_algo()
+    config = build_algo_config(cfg)
+    if default_pipeline:
+        from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+
+        config.env_runners(env_runner_cls=SingleAgentEnvRunner)
+        config._env_to_module_connector = config._module_to_env_connector = None
+        config.add_default_connectors_to_env_to_module_pipeline = True
+        config.add_default_connectors_to_module_to_env_pipeline = True
+    algo = config.build_algo()
     algo.train()  # warm-up
     prof = cProfile.Profile() if profile and runners == 0 else None
     sample_s = update_s = 0.0
@@ -106,8 +124,14 @@ def rllib_loop(data: str, embedding: str, num_envs: int, runners: int, n_glimpse
         update_s += t2 - t1
     algo.stop()
     if prof:
-        pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+        print(f"--- profile: RLlib sampling, 0 EnvRunners, {num_envs} envs"
+              f"{' (default pipeline)' if default_pipeline else ''}, {steps} env steps ---")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     return steps / sample_s, iterations / update_s
+
+
+def _load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" ({os.cpu_count()} CPUs)"
 
 
 def main() -> None:
@@ -119,6 +143,7 @@ def main() -> None:
     p.add_argument("--n-glimpses", type=int, default=12)
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--compare-default", action="store_true", help="also run RLlib's default EnvRunner pipeline")
     p.add_argument("--threads", type=int, default=1, help="torch threads in this process (1: per-step batches)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -131,15 +156,18 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="bench_darp_"))
         data, embedding = (str(p) for p in make_tiny_setup(tmp, n_photos=40, sketches_per_photo=3, dim=64))
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    print(f"{'what':<28}{'envs':>6}{'env steps/s':>14}{'updates/s':>11}")
+    print(f"start: {_load()}")
+    print(f"{'what':<34}{'envs':>6}{'env steps/s':>14}{'updates/s':>11}{'plain/RLlib':>13}")
     for B in args.envs:
         sps, ups = plain_loop(data, embedding, B, args.n_glimpses, args.batches)
-        print(f"{'plain PyTorch loop':<28}{B:>6}{sps:>14,.0f}{ups:>11.2f}", flush=True)
+        print(f"{'plain PyTorch loop':<34}{B:>6}{sps:>14,.0f}{ups:>11.2f}", flush=True)
+        variants = [(False, "RLlib")] + ([(True, "RLlib default pipeline")] if args.compare_default else [])
         for r in args.runners:
-            sps_r, ups_r = rllib_loop(data, embedding, B, r, args.n_glimpses, args.batches, args.profile)
-            print(f"{f'RLlib, {r} EnvRunner(s)':<28}{B:>6}{sps_r:>14,.0f}{ups_r:>11.2f}   ratio {sps / sps_r:.1f}x",
-                  flush=True)
-
+            for default, name in variants:
+                sps_r, ups_r = rllib_loop(data, embedding, B, r, args.n_glimpses, args.batches, args.profile, default)
+                print(f"{f'{name}, {r} EnvRunner(s)':<34}{B:>6}{sps_r:>14,.0f}{ups_r:>11.2f}{sps / sps_r:>12.2f}x",
+                      flush=True)
+    print(f"end: {_load()}")
 
 if __name__ == "__main__":
     main()
