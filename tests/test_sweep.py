@@ -1,6 +1,7 @@
 """`darp sweep`: the search space, option checks, and a tiny sweep killed and resumed end to end."""
 
 import csv
+import math
 import json
 import os
 import signal
@@ -135,3 +136,16 @@ def test_sweep_killed_then_resumed_keeps_finished_trials(tmp_path):
     assert best.std_start == pytest.approx(float(rows[0]["std_start"])) and best.std_shape == rows[0]["std_shape"]
     assert Path(best.data) == data.resolve() and best.iterations == 2 and best.val_interval == 1
     assert (run_dir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gain_is_compared_at_the_iterations_the_default_ran():
+    from tune_runs.sweep import with_auir_at_default_iterations
+
+    rows = [
+        {"default": False, "_auir_by_iteration": {1: 40.0, 2: 41.0, 3: 45.0}},
+        {"default": True, "_auir_by_iteration": {1: 39.0, 2: 42.0}},  # stopped by ASHA at 2
+        {"default": False, "_auir_by_iteration": {1: 30.0}},
+    ]
+    with_auir_at_default_iterations(rows)
+    assert [r["auir_at_default_iters"] for r in rows[:2]] == [41.0, 42.0]
+    assert math.isnan(rows[2]["auir_at_default_iters"])

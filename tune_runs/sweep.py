@@ -226,6 +226,10 @@ def trial_rows(results, default: dict) -> list[dict]:
         params = trial_params(result.config)
         history = result.metrics_dataframe
         auirs = history[METRIC].dropna() if history is not None and METRIC in history else []
+        by_iteration = (
+            dict(zip(history.loc[auirs.index, "training_iteration"].astype(int), auirs.astype(float)))
+            if len(auirs) else {}
+        )
         rows.append({
             "trial": result.metrics.get("trial_id", Path(result.path).name),
             "status": "error" if result.error else "ok",
@@ -234,11 +238,27 @@ def trial_rows(results, default: dict) -> list[dict]:
             "iterations": int(result.metrics.get("training_iteration", 0)),
             "final_auir": float(auirs.iloc[-1]) if len(auirs) else math.nan,
             "best_auir": float(auirs.max()) if len(auirs) else math.nan,
+            "_auir_by_iteration": by_iteration,
         })
     return sorted(rows, key=lambda r: -r["final_auir"] if not math.isnan(r["final_auir"]) else math.inf)
 
 
+def with_auir_at_default_iterations(rows: list[dict]) -> list[dict]:
+    """Add `auir_at_default_iters`: each trial's AUIR at the last iteration the default trial ran.
+
+    Why: ASHA may stop the default schedule at an early rung while the best trial runs on; comparing
+    their final AUIRs would credit the search with the extra training. This column compares them at
+    equal training (NaN for trials stopped before that iteration).
+    """
+    defaults = [r for r in rows if r["default"] and r["_auir_by_iteration"]]
+    at = max(defaults[0]["_auir_by_iteration"]) if defaults else None
+    for row in rows:
+        row["auir_at_default_iters"] = row["_auir_by_iteration"].get(at, math.nan) if at else math.nan
+    return rows
+
+
 def write_table(rows: list[dict], path: Path) -> Path:
+    rows = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -282,7 +302,7 @@ def plot_sweep(rows: list[dict], params: tuple[str, ...], out: Path) -> Path:
 def write_outputs(cfg: SweepConfig, results) -> list[dict]:
     """best_config.json, trials.csv and sweep.png under run_dir; returns the table's rows, best first."""
     run_dir = Path(cfg.run_dir)
-    rows = trial_rows(results, default_values(cfg))
+    rows = with_auir_at_default_iterations(trial_rows(results, default_values(cfg)))
     if math.isnan(rows[0]["final_auir"]):
         raise SystemExit(f"darp sweep: no trial reported {METRIC}; see the errors under {'/'.join(experiment_location(cfg))}")
     best = {k: rows[0][k] for k in searched_params(cfg)}
@@ -309,7 +329,11 @@ def run(cfg: SweepConfig) -> int:
           + ", ".join(f"{k}={best[k]}" for k in searched_params(cfg)))
     defaults = [r for r in rows if r["default"] and not math.isnan(r["final_auir"])]
     if defaults:
-        print(f"gain over the default schedule: {best['final_auir'] - defaults[0]['final_auir']:+.2f} AUIR "
-              f"(default: {defaults[0]['final_auir']:.2f} after {defaults[0]['iterations']} iterations)")
+        default = defaults[0]
+        print(f"gain over the default schedule: {best['final_auir'] - default['final_auir']:+.2f} AUIR "
+              f"(default: {default['final_auir']:.2f} after {default['iterations']} iterations)")
+        if best["iterations"] != default["iterations"] and not math.isnan(best["auir_at_default_iters"]):
+            print(f"  at equal training ({default['iterations']} iterations): best {best['auir_at_default_iters']:.2f} "
+                  f"vs default {default['final_auir']:.2f}, {best['auir_at_default_iters'] - default['final_auir']:+.2f} AUIR")
     print(f"train it: darp train --config {Path(cfg.run_dir) / 'best_config.json'}")
     return 0
