@@ -40,7 +40,7 @@ def test_infonce_gradient_moves_the_query_towards_its_photo():
     nce = SupervisedObjective("infonce", gallery)
     q = torch.nn.functional.normalize(torch.randn(1, 8), dim=-1).requires_grad_(True)
     batch = {TARGET_INDEX: torch.tensor([3])}
-    before = float(nce(q, batch, None))
+    before = float(nce(q, batch, None).detach())
     nce(q, batch, None).backward()
     with torch.no_grad():
         after = float(nce(q - 0.1 * q.grad, batch, None))
