@@ -28,7 +28,7 @@ from ray.rllib.utils.annotations import override
 from policies.darp_learner import DARPLearner
 from policies.darp_module import DARPModule
 from policies.darp_networks import ActionNetwork, Baseline, GlimpseNetwork
-from policies.supervised import AddTargetEmbeddings, SupervisedObjective
+from policies.supervised import build_supervised_term
 
 QUERY_SAMPLE = "query_sample"
 
@@ -97,9 +97,7 @@ class SupervisedLearner(TorchLearner):
     @override(TorchLearner)
     def build(self) -> None:
         super().build()
-        if self.config.add_default_connectors_to_learner_pipeline:
-            self._learner_connector.prepend(AddTargetEmbeddings(target=self.config.sup_target))
-        self.supervised_objective = SupervisedObjective.from_config(self.config)
+        self.supervised_objective = build_supervised_term(self)
 
     @override(TorchLearner)
     def compute_loss_for_module(self, *, module_id, config, batch: dict[str, Any], fwd_out):

@@ -85,14 +85,11 @@ class DARPConfig(AlgorithmConfig):
         self.clip_actions = False
         # Batched EnvRunner path (policies.connectors, policies.env_runner): the default per sub-env
         # connector pipelines and episode bookkeeping cost more than the module's forward pass.
-        from policies.connectors import batched_env_to_module, batched_module_to_env
+        from policies.connectors import batched_connectors
         from policies.env_runner import DARPEnvRunner
 
         self.env_runner_cls = DARPEnvRunner
-        self._env_to_module_connector = batched_env_to_module
-        self.add_default_connectors_to_env_to_module_pipeline = False
-        self._module_to_env_connector = batched_module_to_env
-        self.add_default_connectors_to_module_to_env_pipeline = False
+        batched_connectors(self)
 
     @override(AlgorithmConfig)
     def training(

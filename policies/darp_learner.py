@@ -24,7 +24,7 @@ from ray.rllib.utils.annotations import override
 
 from policies.darp_module import BOOTSTRAP_MASK, LOCATION_SAMPLE
 from policies.schedules import StdSchedule
-from policies.supervised import TARGET_EMBEDDING, AddTargetEmbeddings, SupervisedObjective
+from policies.supervised import TARGET_EMBEDDING, SupervisedObjective, build_supervised_term
 
 def darp_loss(
     fwd_out: dict,
@@ -68,11 +68,10 @@ class DARPLearner(TorchLearner):
     @override(TorchLearner)
     def build(self) -> None:
         super().build()
+        self.supervised_objective = build_supervised_term(self)
         if self.config.add_default_connectors_to_learner_pipeline:
-            self._learner_connector.prepend(AddTargetEmbeddings(target=self.config.sup_target))
             self._learner_connector.prepend(ComputeReturnsToGo(gamma=self.config.gamma))
         self.std_schedule = StdSchedule(**self.config.std_schedule)
-        self.supervised_objective = SupervisedObjective.from_config(self.config)
 
     @override(TorchLearner)
     def compute_loss_for_module(self, *, module_id, config, batch: dict[str, Any], fwd_out):

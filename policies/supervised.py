@@ -55,6 +55,17 @@ class AddTargetEmbeddings(ConnectorV2):
         return batch
 
 
+def build_supervised_term(learner) -> "SupervisedObjective":
+    """For a Learner's build(): bring the targets into its train batches and return its objective.
+
+    Both halves follow the same config (sup_target, sup_loss), so every learner sets them up here.
+    """
+    config = learner.config
+    if config.add_default_connectors_to_learner_pipeline:
+        learner._learner_connector.prepend(AddTargetEmbeddings(target=config.sup_target))
+    return SupervisedObjective.from_config(config)
+
+
 @dataclass
 class SupervisedObjective:
     """loss(query (..., D), batch, mask (...) or None) -> scalar mean over valid steps.
@@ -117,4 +128,5 @@ __all__ = [
     "SupervisedObjective",
     "TARGET_EMBEDDING",
     "TARGET_INDEX",
+    "build_supervised_term",
 ]
