@@ -88,7 +88,7 @@ class NoAttentionModule(DARPModule):
     @override(DARPModule)
     def _forward_train(self, batch, **kwargs):
         h, _, _ = self._core(batch)
-        return {"query": self.predict_query(h, batch)}
+        return {"query": self.predict_query(h, batch, train=True)}
 
 
 class SupervisedLearner(TorchLearner):

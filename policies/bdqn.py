@@ -88,7 +88,7 @@ class BDQNModule(DARPModule):
     def _forward_train(self, batch, **kwargs):
         """(B, T) sequences of whole episodes -> query (B, T, D), q_values (B, T, K, A)."""
         h, _, _ = self._core(batch)
-        return {"query": self.predict_query(h, batch), "q_values": self.q_heads(h.detach())}
+        return {"query": self.predict_query(h, batch, train=True), "q_values": self.q_heads(h.detach())}
 
 
 def td_targets(q_values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:

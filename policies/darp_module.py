@@ -12,7 +12,8 @@ Observation (dict, see sketch_env.env): glimpse (k, g, g), location (2,), level 
 glimpse_index (int), sketch_embedding (D,). Action (dict): location (2,) in [-1, 1], query (D,).
 
 model_config keys (all optional): hidden (256), glimpse_hidden (128), cell ("gru"|"lstm"),
-h0_init ("sketch"|"zeros"), use_sketch_embedding (True), n_heads (6), bootstrap_p (0.5),
+h0_init ("sketch"|"zeros"), use_sketch_embedding (True), residual_query (True), dropout (0.0: on h_t
+before the action network, in the learner only), n_heads (6), bootstrap_p (0.5),
 std (initial std; the learner overwrites it from the schedule), eval_heads ("mean"|"first").
 """
 
@@ -64,7 +65,9 @@ class DARPModule(TorchRLModule):
         # partial sketch and ACTN's last layer zero-initialised, so training starts from the triplet
         # network's query and learns a correction (far less prone to memorising training photos).
         self.residual_query = bool(cfg.get("residual_query", True))
-        self.action_net = ActionNetwork(hidden, embed_dim, zero_init=self.residual_query)
+        self.action_net = ActionNetwork(
+            hidden, embed_dim, zero_init=self.residual_query, dropout=float(cfg.get("dropout", 0.0))
+        )
         self.setup_locator(cfg, hidden)
 
     def setup_locator(self, cfg: dict, hidden: int) -> None:
@@ -90,10 +93,12 @@ class DARPModule(TorchRLModule):
         h, core_out = self.core(g, core_state, starts, obs["sketch_embedding"][:, 0])
         return h, core_out, starts
 
-    def predict_query(self, h: torch.Tensor, batch) -> torch.Tensor:
-        """The action network's query (B, T, D) from h (B, T, H), residual on the observed embedding if set."""
+    def predict_query(self, h: torch.Tensor, batch, train: bool = False) -> torch.Tensor:
+        """The action network's query (B, T, D) from h (B, T, H), residual on the observed embedding if set.
+
+        train: the learner's forward (dropout on, if configured)."""
         base = batch[Columns.OBS]["sketch_embedding"] if self.residual_query else None
-        return self.action_net(h, base)
+        return self.action_net(h, base, train=train)
 
     def acting_head(self, batch, starts: torch.Tensor) -> torch.Tensor:
         """(B,) the head that acts: drawn at an episode's first step (starts (B,) bool), else kept."""
@@ -148,7 +153,7 @@ class DARPModule(TorchRLModule):
         """(B, T) sequences of whole episodes -> query (B, T, D), locator means (B, T, K, 2), baseline (B, T)."""
         h, _, _ = self._core(batch)
         return {
-            "query": self.predict_query(h, batch),
+            "query": self.predict_query(h, batch, train=True),
             "locator_means": self.locator(h.detach()),
             "baseline": self.baseline(h.detach()),
         }

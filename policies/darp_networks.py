@@ -101,16 +101,24 @@ class ActionNetwork(nn.Module):
     a given query. Output: (N, D) with unit norm (so every component lies in [-1, 1]).
     `zero_init` starts the last layer at zero, so an untrained network returns normalize(base)
     (the vanilla-RL and PPO baselines start from the phase-1 query and refine it).
+    `dropout` drops units of h_t when `train=True` (the learner's forward only; sampling and
+    evaluation never drop): the supervised term sees a few hundred photos, and the correction it
+    learns overfits them within a few thousand updates without it.
     """
 
-    def __init__(self, hidden: int, embed_dim: int, zero_init: bool = False):
+    def __init__(self, hidden: int, embed_dim: int, zero_init: bool = False, dropout: float = 0.0):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dropout = dropout
         self.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, embed_dim))
         if zero_init:
             nn.init.zeros_(self.fc[-1].weight)
             nn.init.zeros_(self.fc[-1].bias)
 
-    def forward(self, h, base=None):
+    def forward(self, h, base=None, train: bool = False):
+        if train and self.dropout:
+            h = F.dropout(h, self.dropout, training=True)
         out = self.fc(h)
         return F.normalize(out if base is None else base + out, dim=-1)
 

@@ -69,6 +69,7 @@ class TrainConfig:
         "--sup-target photo; beat mse on Chair-V2 validation), or mse, squared error to e_target (the paper)")
     sup_temperature: float = arg(0.2, "infonce temperature, relative to the gallery's mean squared pairwise distance")
     residual_query: bool = arg(True, "query = normalize(phase-1 embedding of the partial sketch + learned correction)")
+    dropout: float = arg(0.0, "dropout on the core state before the action network, in updates only (against overfitting)")
     # locator exploration
     n_heads: int = arg(6, "bootstrapped locator heads K")
     bootstrap_p: float = arg(0.5, "Bernoulli probability of each head's bootstrap mask")
@@ -186,6 +187,7 @@ def build_algo_config(cfg: TrainConfig):
                 "use_sketch_embedding": cfg.use_sketch_embedding,
                 "eval_heads": cfg.eval_heads,
                 "residual_query": cfg.residual_query,
+                "dropout": cfg.dropout,
             }
         )
         .debugging(seed=cfg.seed)
