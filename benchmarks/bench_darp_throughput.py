@@ -61,7 +61,7 @@ def plain_loop(data: str, embedding: str, num_envs: int, n_glimpses: int, batche
                 cols["mask"].append(out[BOOTSTRAP_MASK][:, 0])
                 obs, reward, term, _, info = env.step(action)
                 cols["reward"].append(torch.as_tensor(reward, dtype=torch.float32))
-                cols["target"].append(torch.as_tensor(info["target_embedding"]))
+                cols["target"].append(env.unwrapped.episodes.gallery.embeddings[info["target_index"]])
         obs, _ = env.step(action)[0], None  # the NEXT_STEP autoreset step starts new episodes
         t1 = time.perf_counter()
         rewards = torch.stack(cols["reward"], 1)

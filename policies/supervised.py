@@ -9,8 +9,10 @@ Two objectives for the query a_t (config `sup_loss`):
   that outrank it*. tau is `sup_temperature` x the gallery's mean squared pairwise distance, so one
   setting means the same for any embedding.
 
-The learner connector `AddTargetEmbeddings` copies what the loss needs from the env's infos (the
-policy never sees them): the target embedding (or the complete sketch's) and the target's gallery row.
+The learner connector `AddTargetEmbeddings` brings what the loss needs into the train batch (the
+policy never sees it): the env's infos carry row indices only (the target photo's gallery row, the
+sketch's row), and the connector looks the target embeddings up in a table the learner loads once,
+so episodes shipped from remote EnvRunners do not carry two embeddings per step.
 """
 
 from __future__ import annotations
@@ -25,29 +27,40 @@ from ray.rllib.utils.annotations import override
 
 TARGET_EMBEDDING = "target_embedding"
 TARGET_INDEX = "target_index"
-SUPERVISED_TARGETS = {"photo": "target_embedding", "final_sketch": "final_sketch_embedding"}
+SUPERVISED_TARGETS = {"photo": "target_index", "final_sketch": "sketch_index"}  # target -> the info row indexing its table
 SUPERVISED_LOSSES = ("mse", "infonce")
 
 
 class AddTargetEmbeddings(ConnectorV2):
-    """Learner connector: copy each step's supervised target from the infos into train-batch columns.
+    """Learner connector: each step's supervised target, looked up from the infos' row indices.
 
-    `target` "photo" regresses a_t onto the true photo's embedding, "final_sketch" onto the phase-1
-    embedding of the finished sketch (the paper's "predicted final sketch embedding"). The target
-    photo's row in the env's gallery goes into TARGET_INDEX for the "infonce" loss.
+    `target` "photo" regresses a_t onto the true photo's embedding (`table`: the training gallery's
+    embeddings, indexed by the infos' target_index), "final_sketch" onto the phase-1 embedding of
+    the finished sketch (the paper's "predicted final sketch embedding"; `table`: one row per
+    training sketch, indexed by sketch_index). The target photo's gallery row also goes into
+    TARGET_INDEX for the "infonce" loss.
     """
 
-    def __init__(self, input_observation_space=None, input_action_space=None, *, target: str = "photo"):
+    def __init__(self, input_observation_space=None, input_action_space=None, *, table=None, target: str = "photo"):
         super().__init__(input_observation_space, input_action_space)
         if target not in SUPERVISED_TARGETS:
             raise ValueError(f"supervised target must be one of {sorted(SUPERVISED_TARGETS)}, got {target!r}")
+        if table is None or np.ndim(table) != 2:
+            raise ValueError("AddTargetEmbeddings needs `table`, the (rows, D) embeddings its target indexes")
         self.info_key = SUPERVISED_TARGETS[target]
+        self.table = np.asarray(table, np.float32)
 
     @override(ConnectorV2)
     def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, **kwargs):
         for episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
             infos = episode.get_infos(slice(0, len(episode)))
-            targets = np.stack([info[self.info_key] for info in infos]).astype(np.float32)
+            rows = np.array([info[self.info_key] for info in infos], np.int64)
+            if len(rows) and (rows.min() < 0 or rows.max() >= len(self.table)):
+                raise ValueError(
+                    f"infos' {self.info_key} reaches row {rows.max()} of a {len(self.table)}-row target table: "
+                    "the learner loaded another split or data set than the EnvRunners"
+                )
+            targets = self.table[rows]
             index = np.array([info[TARGET_INDEX] for info in infos], np.int64)
             n = len(episode)
             self.add_n_batch_items(batch, TARGET_EMBEDDING, items_to_add=targets, num_items=n, single_agent_episode=episode)
@@ -58,12 +71,24 @@ class AddTargetEmbeddings(ConnectorV2):
 def build_supervised_term(learner) -> "SupervisedObjective":
     """For a Learner's build(): bring the targets into its train batches and return its objective.
 
-    Both halves follow the same config (sup_target, sup_loss), so every learner sets them up here.
+    Both halves follow the same config (sup_target, sup_loss, env_config's data, embedding and
+    split: the EnvRunners' training split), so every learner sets them up here.
     """
+    from sketch_env.episodes import load_complete_sketch_embeddings, load_gallery
+
     config = learner.config
+    env = config.env_config
+    if not env.get("data") or not env.get("embedding"):
+        raise ValueError("the supervised term needs env_config 'data' and 'embedding' to load its targets")
+    split = env.get("split", "train")
+    gallery = load_gallery(env["data"], env["embedding"], split)
     if config.add_default_connectors_to_learner_pipeline:
-        learner._learner_connector.prepend(AddTargetEmbeddings(target=config.sup_target))
-    return SupervisedObjective.from_config(config)
+        if config.sup_target == "photo":
+            table = gallery.embeddings
+        else:
+            table = load_complete_sketch_embeddings(env["data"], env["embedding"], split)
+        learner._learner_connector.prepend(AddTargetEmbeddings(table=table.numpy(), target=config.sup_target))
+    return SupervisedObjective.from_config(config, gallery)
 
 
 @dataclass
@@ -93,15 +118,11 @@ class SupervisedObjective:
             self.tau = self.temperature * max(mean_d2, 1e-8)
 
     @classmethod
-    def from_config(cls, config) -> "SupervisedObjective":
-        """From an AlgorithmConfig with sup_loss / sup_temperature and env_config data/embedding/split."""
+    def from_config(cls, config, gallery) -> "SupervisedObjective":
+        """From an AlgorithmConfig with sup_loss / sup_temperature and the training split's Gallery."""
         kind = getattr(config, "sup_loss", "mse")
         if kind == "mse":
             return cls()
-        from sketch_env.episodes import load_gallery
-
-        env = config.env_config
-        gallery = load_gallery(env["data"], env["embedding"], env.get("split", "train"))
         return cls(kind, gallery.embeddings.float(), float(config.sup_temperature))
 
     def __call__(self, query: torch.Tensor, batch: dict, mask: torch.Tensor | None) -> torch.Tensor:

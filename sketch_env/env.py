@@ -10,8 +10,10 @@ acts with a Dict:
   env ranks against the gallery at the current level to compute the reward.
 
 Then the step advances (after G glimpses the level advances) and the next observation is the
-glimpse at the new location on the (possibly new) level. infos carry the rank, the percentile and
-the target photo's embedding (for the supervised loss); the target is never in the observation.
+glimpse at the new location on the (possibly new) level. infos carry the rank, the percentile, the
+sketch's row in the env's episodes (`sketch_index`) and its photo's row in the gallery (`target_index`):
+indices, not embeddings, so that episodes stay small to ship from remote EnvRunners; a learner looks
+the supervised targets up (policies.supervised). The target is never in the observation.
 
 The step rule is written once, batched, in `EpisodeBatch`: this env is a batch of one and
 `sketch_env.vector_env.SketchRetrievalVectorEnv` a batch of B, so the two agree by construction.
@@ -283,9 +285,10 @@ class EpisodeBatch:
         return obs
 
     def infos(self, rows: torch.Tensor, level: torch.Tensor, glimpse_index: torch.Tensor) -> dict[str, np.ndarray]:
-        """Per-slot infos for `rows` (R,): level, glimpse index, ids, the target photo's embedding and
-        the phase-1 embedding of the complete sketch (the two supervised targets a policy may regress to),
-        and the target's row in the gallery (for a loss that ranks among the gallery)."""
+        """Per-slot infos for `rows` (R,): level, glimpse index, ids, the sketch's row in `episodes`
+        and its photo's row in the gallery. The supervised targets are found from the two rows:
+        `episodes.gallery.embeddings[target_index]` (the photo) and
+        `episodes.sketch_embedding[sketch_index, -1]` (the complete sketch's phase-1 embedding)."""
         sketch = self.sketch.index_select(0, rows)
         target = self.episodes.target_index.index_select(0, sketch)
         sketch = sketch.numpy()
@@ -294,9 +297,8 @@ class EpisodeBatch:
             "glimpse_index": glimpse_index.numpy(),
             "photo_id": self.episodes.photo_id[sketch],
             "sketch_id": self.episodes.sketch_id[sketch],
+            "sketch_index": sketch,
             "target_index": target.numpy(),
-            "target_embedding": self.episodes.gallery.embeddings.index_select(0, target).numpy(),
-            "final_sketch_embedding": self.episodes.sketch_embedding[torch.from_numpy(sketch), -1].numpy(),
         }
 
 

@@ -125,6 +125,15 @@ def load_gallery(data_dir: str | Path, embedding_run: str | Path, split: str = "
     return _split_gallery(ds, load_embedding_export(embedding_run), embedding_run, split)
 
 
+def load_complete_sketch_embeddings(data_dir: str | Path, embedding_run: str | Path, split: str = "train") -> torch.Tensor:
+    """(S, D) phase-1 embedding of each complete sketch of `split`, in `load_episode_data`'s order (so
+    infos' sketch_index indexes it). For a learner regressing onto the final sketch; no rendering."""
+    ds = select_split(load_dataset(data_dir), split)
+    export = load_embedding_export(embedding_run)
+    rows = _rows_in_export(export.sketch_index(), ds.sketches.sketch_id, "sketch", embedding_run, split)
+    return torch.from_numpy(export.sketch_embedding[rows, -1])
+
+
 def _split_gallery(ds, export, embedding_run, split: str) -> Gallery:
     photo_rows = _rows_in_export(export.photo_index(), ds.photos.photo_id, "photo", embedding_run, split)
     return Gallery(torch.from_numpy(export.photo_embedding[photo_rows]), ds.photos.photo_id)

@@ -9,7 +9,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
 from policies.connectors import BatchedEnvToModule, BatchedModuleToEnv, batched_connectors
-from policies.env_runner import DARPEnvRunner
+from policies.env_runner import DARPEnvRunner, _native
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,7 @@ def assert_same_episodes(got, expected):
         infos_e, infos_d = e.get_infos(), d.get_infos()
         assert len(infos_e) == len(infos_d) == len(e) + 1
         for t, (ie, id_) in enumerate(zip(infos_e, infos_d)):
-            _same(ie, id_, f"{where} infos[{t}]")
+            _same(_native(ie), _native(id_), f"{where} infos[{t}]")  # the bulk runner's are Python scalars
         assert sorted(e.extra_model_outputs) == sorted(d.extra_model_outputs), where
         for k in d.extra_model_outputs:
             _same(e.get_extra_model_outputs(k), d.get_extra_model_outputs(k), f"{where} {k}")

@@ -182,3 +182,23 @@ def test_residual_query_starts_at_the_phase1_embedding():
     free = make_module(residual_query=False)
     q = free.forward_inference({Columns.OBS: obs, Columns.STATE_IN: state(free, 3)})[Columns.ACTIONS]["query"]
     assert not torch.allclose(q, obs["sketch_embedding"], atol=1e-3)
+
+
+def test_dropout_acts_in_the_learner_forward_only():
+    m = make_module(residual_query=False, dropout=0.5)
+    inp = {Columns.OBS: batch(3, 4), Columns.STATE_IN: state(m, 3)}
+    torch.manual_seed(0)
+    explore = [m.forward_exploration(inp)[Columns.ACTIONS]["query"] for _ in range(2)]
+    inference = [m.forward_inference(inp)[Columns.ACTIONS]["query"] for _ in range(2)]
+    trained = [m.forward_train(inp)["query"] for _ in range(2)]
+    assert torch.equal(explore[0], explore[1]) and torch.equal(inference[0], inference[1])
+    assert torch.allclose(inference[0], explore[0])  # the query does not depend on exploration
+    assert not torch.allclose(trained[0], trained[1])
+    plain = make_module(residual_query=False)
+    plain.load_state_dict(m.state_dict())
+    assert torch.allclose(plain.forward_train(inp)["query"], inference[0])
+
+
+def test_dropout_rejects_bad_values():
+    with pytest.raises(ValueError, match="dropout"):
+        make_module(dropout=1.0)

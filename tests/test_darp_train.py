@@ -51,6 +51,14 @@ def test_two_learners_ddp_with_the_infonce_loss(ray_local, tiny, tmp_path):
     assert learner["supervised_loss"] > 0.0, "a cross-entropy among several photos is positive"
 
 
+def test_mse_onto_the_final_sketch_looks_its_targets_up_by_sketch_row(ray_local, tiny, tmp_path):
+    data, phase1 = tiny
+    run_dir = tmp_path / "final_sketch"
+    train(tiny_config(data, phase1, run_dir, iterations=1, val_interval=0, sup_loss="mse", sup_target="final_sketch"))
+    learner = json.loads((run_dir / "results.jsonl").read_text().splitlines()[0])["learner"]
+    assert 0.0 < learner["supervised_loss"] < 4.0, "a squared distance between unit vectors, not all zero"
+
+
 def test_infonce_needs_the_photo_target(tiny, tmp_path):
     from tune_runs.train import build_algo_config
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from policies.supervised import TARGET_EMBEDDING, TARGET_INDEX, SupervisedObjective
-from sketch_env.episodes import load_episode_data, load_gallery
+from policies.supervised import TARGET_EMBEDDING, TARGET_INDEX, AddTargetEmbeddings, SupervisedObjective
+from sketch_env.episodes import load_complete_sketch_embeddings, load_episode_data, load_gallery
 
 
 def test_mse_averages_valid_steps_only():
@@ -63,3 +63,39 @@ def test_load_gallery_matches_the_episodes_gallery(tiny):
     assert list(gallery.photo_ids) == list(episodes.gallery.photo_ids)
     assert torch.equal(gallery.embeddings, episodes.gallery.embeddings)
     assert np.array_equal(episodes.target_index.numpy(), gallery.index_of(episodes.photo_id).numpy())
+
+
+def test_load_complete_sketch_embeddings_matches_the_episodes(tiny):
+    data, embedding = tiny
+    episodes = load_episode_data(data, embedding, "val")
+    complete = load_complete_sketch_embeddings(data, embedding, "val")
+    assert torch.equal(complete, episodes.sketch_embedding[:, -1])
+
+
+def _episode_with_infos(infos):
+    from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+
+    n = len(infos) - 1
+    return SingleAgentEpisode(observations=list(np.zeros((n + 1, 1), np.float32)), infos=infos,
+                              actions=list(np.zeros(n, np.float32)), rewards=[0.0] * n, len_lookback_buffer=0)
+
+
+@pytest.mark.parametrize("target, info_key", [("photo", "target_index"), ("final_sketch", "sketch_index")])
+def test_targets_are_looked_up_from_the_infos_rows(target, info_key):
+    table = np.arange(12, dtype=np.float32).reshape(6, 2)
+    infos = [{"target_index": t, "sketch_index": s} for t, s in [(1, 5), (1, 5), (3, 0), (3, 0)]]
+    episode = _episode_with_infos(infos)
+    batch = AddTargetEmbeddings(table=table, target=target)(rl_module=None, batch={}, episodes=[episode])
+    (targets,) = batch[TARGET_EMBEDDING].values()
+    (index,) = batch[TARGET_INDEX].values()
+    rows = [info[info_key] for info in infos[:3]]  # one target per step, from the infos of steps 0..n-1
+    assert np.array_equal(np.concatenate(targets), table[rows])
+    assert np.concatenate(index).tolist() == [1, 1, 3]
+
+
+def test_a_row_outside_the_table_is_a_clear_error():
+    episode = _episode_with_infos([{"target_index": 7, "sketch_index": 0}] * 3)
+    with pytest.raises(ValueError, match="another split"):
+        AddTargetEmbeddings(table=np.zeros((4, 2)), target="photo")(rl_module=None, batch={}, episodes=[episode])
+    with pytest.raises(ValueError, match="table"):
+        AddTargetEmbeddings(target="photo")
