@@ -74,19 +74,15 @@ def build_supervised_term(learner) -> "SupervisedObjective":
     Both halves follow the same config (sup_target, sup_loss, env_config's data, embedding and
     split: the EnvRunners' training split), so every learner sets them up here.
     """
-    from sketch_env.episodes import load_complete_sketch_embeddings, load_gallery
+    from sketch_env.episodes import load_supervised_targets
 
     config = learner.config
     env = config.env_config
     if not env.get("data") or not env.get("embedding"):
         raise ValueError("the supervised term needs env_config 'data' and 'embedding' to load its targets")
-    split = env.get("split", "train")
-    gallery = load_gallery(env["data"], env["embedding"], split)
+    gallery, complete_sketch = load_supervised_targets(env["data"], env["embedding"], env.get("split", "train"))
     if config.add_default_connectors_to_learner_pipeline:
-        if config.sup_target == "photo":
-            table = gallery.embeddings
-        else:
-            table = load_complete_sketch_embeddings(env["data"], env["embedding"], split)
+        table = gallery.embeddings if config.sup_target == "photo" else complete_sketch
         learner._learner_connector.prepend(AddTargetEmbeddings(table=table.numpy(), target=config.sup_target))
     return SupervisedObjective.from_config(config, gallery)
 

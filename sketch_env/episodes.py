@@ -116,22 +116,17 @@ def load_episode_data(
     )
 
 
-def load_gallery(data_dir: str | Path, embedding_run: str | Path, split: str = "train") -> Gallery:
-    """The gallery of one split, in the order `load_episode_data` uses (so infos' target_index indexes it).
-
-    Lighter than load_episode_data (no rendering): for a learner whose loss ranks among the gallery.
-    """
-    ds = select_split(load_dataset(data_dir), split)
-    return _split_gallery(ds, load_embedding_export(embedding_run), embedding_run, split)
-
-
-def load_complete_sketch_embeddings(data_dir: str | Path, embedding_run: str | Path, split: str = "train") -> torch.Tensor:
-    """(S, D) phase-1 embedding of each complete sketch of `split`, in `load_episode_data`'s order (so
-    infos' sketch_index indexes it). For a learner regressing onto the final sketch; no rendering."""
+def load_supervised_targets(
+    data_dir: str | Path, embedding_run: str | Path, split: str = "train"
+) -> tuple[Gallery, torch.Tensor]:
+    """What a learner's supervised term looks up, in `load_episode_data`'s order, without rendering:
+    the split's gallery (infos' target_index indexes it) and the (S, D) phase-1 embedding of each
+    complete sketch of the split (infos' sketch_index indexes it). The data set and the export are
+    read once for both."""
     ds = select_split(load_dataset(data_dir), split)
     export = load_embedding_export(embedding_run)
     rows = _rows_in_export(export.sketch_index(), ds.sketches.sketch_id, "sketch", embedding_run, split)
-    return torch.from_numpy(export.sketch_embedding[rows, -1])
+    return _split_gallery(ds, export, embedding_run, split), torch.from_numpy(export.sketch_embedding[rows, -1])
 
 
 def _split_gallery(ds, export, embedding_run, split: str) -> Gallery:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from policies.supervised import TARGET_EMBEDDING, TARGET_INDEX, AddTargetEmbeddings, SupervisedObjective
-from sketch_env.episodes import load_complete_sketch_embeddings, load_episode_data, load_gallery
+from sketch_env.episodes import load_episode_data, load_supervised_targets
 
 
 def test_mse_averages_valid_steps_only():
@@ -56,19 +56,19 @@ def test_bad_settings_are_refused():
         SupervisedObjective("infonce", torch.eye(3), temperature=0.0)
 
 
-def test_load_gallery_matches_the_episodes_gallery(tiny):
+def test_supervised_targets_gallery_matches_the_episodes_gallery(tiny):
     data, embedding = tiny
     episodes = load_episode_data(data, embedding, "train")
-    gallery = load_gallery(data, embedding, "train")
+    gallery, _ = load_supervised_targets(data, embedding, "train")
     assert list(gallery.photo_ids) == list(episodes.gallery.photo_ids)
     assert torch.equal(gallery.embeddings, episodes.gallery.embeddings)
     assert np.array_equal(episodes.target_index.numpy(), gallery.index_of(episodes.photo_id).numpy())
 
 
-def test_load_complete_sketch_embeddings_matches_the_episodes(tiny):
+def test_supervised_targets_complete_sketches_match_the_episodes(tiny):
     data, embedding = tiny
     episodes = load_episode_data(data, embedding, "val")
-    complete = load_complete_sketch_embeddings(data, embedding, "val")
+    _, complete = load_supervised_targets(data, embedding, "val")
     assert torch.equal(complete, episodes.sketch_embedding[:, -1])
 
 
