@@ -17,9 +17,17 @@ import torch.nn.functional as F
 Mining = Literal["batch_hard", "random"]
 
 
-def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float) -> torch.Tensor:
-    """Mean hinge over triplets: anchor, positive, negative (B, D) -> scalar."""
-    return F.relu(margin + _distance(anchor, positive) - _distance(anchor, negative)).mean()
+def triplet_loss(
+    anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean hinge over triplets: anchor, positive, negative (B, D) -> scalar.
+
+    weight (B,): a weighted mean instead (weights need not sum to 1).
+    """
+    hinge = F.relu(margin + _distance(anchor, positive) - _distance(anchor, negative))
+    if weight is None:
+        return hinge.mean()
+    return (hinge * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -66,10 +74,14 @@ def batch_triplet_loss(
     margin: float,
     mining: Mining = "batch_hard",
     generator: torch.Generator | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triplet loss of a batch of (sketch, its photo) pairs with negatives from the batch's photos."""
+    """Triplet loss of a batch of (sketch, its photo) pairs with negatives from the batch's photos.
+
+    weight (B,): per-pair weights of the mean (e.g. by completion level), see `triplet_loss`.
+    """
     neg = negative_index(sketch_emb, photo_emb, labels, mining, generator)
-    return triplet_loss(sketch_emb, photo_emb, photo_emb[neg], margin)
+    return triplet_loss(sketch_emb, photo_emb, photo_emb[neg], margin, weight)
 
 
 def random_affine(
@@ -97,10 +109,20 @@ def random_affine(
 
 
 def sample_levels(
-    n: int, n_levels: int, partial: bool, min_level: int = 0, generator: torch.Generator | None = None
+    n: int,
+    n_levels: int,
+    partial: bool,
+    min_level: int = 0,
+    generator: torch.Generator | None = None,
+    complete_fraction: float = 0.0,
 ) -> torch.Tensor:
     """Completion level per training sample (n,): the complete sketch (n_levels - 1) unless
-    `partial`, then uniform in [min_level, n_levels - 1]."""
+    `partial`; then the complete sketch with probability `complete_fraction`, else uniform in
+    [min_level, n_levels - 1]."""
     if not partial:
         return torch.full((n,), n_levels - 1, dtype=torch.long)
-    return torch.randint(min_level, n_levels, (n,), generator=generator)
+    levels = torch.randint(min_level, n_levels, (n,), generator=generator)
+    if complete_fraction > 0:
+        complete = torch.rand(n, generator=generator) < complete_fraction
+        levels = torch.where(complete, torch.full_like(levels, n_levels - 1), levels)
+    return levels

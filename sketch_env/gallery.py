@@ -137,3 +137,15 @@ class Gallery:
         augmented = torch.cat([q, ones], 1)  # (B, D + 1)
         for start in range(0, max(q.shape[0], 1), block):
             yield start, augmented[start : start + block] @ self._affine
+
+
+def ranks_from_embeddings(photo_emb, photo_ids, sketch_emb, sketch_photo_ids) -> np.ndarray:
+    """Ranks (S, L) of each sketch's photo among the gallery `photo_emb` (N, D), for queries (S, L, D).
+
+    photo_ids (N,) names the gallery rows, sketch_photo_ids (S,) each sketch's true photo.
+    """
+    gallery = Gallery(torch.as_tensor(photo_emb), photo_ids)
+    queries = torch.as_tensor(sketch_emb)
+    s, levels, d = queries.shape
+    target = gallery.index_of(list(sketch_photo_ids)).repeat_interleave(levels)
+    return gallery.rank(queries.reshape(s * levels, d), target).view(s, levels).numpy()

@@ -70,7 +70,7 @@ def tiny_with_triplet(tmp_path_factory):
     from sketch_env.atomic import atomic_write_json
     from sketch_env.embeddings import load_embedding_export, save_embedding_export
     from tests.rl_fixtures import make_tiny_setup
-    from tune_runs.evaluate import data_fingerprint
+    from sketch_env.data import data_fingerprint
 
     data, phase1 = make_tiny_setup(tmp_path_factory.mktemp("tiny"))
     export = load_embedding_export(phase1)

@@ -15,7 +15,6 @@ prints the figures as a table.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,9 +33,9 @@ from policies.embedding import (
     photo_inputs,
 )
 from sketch_env.atomic import atomic_write, atomic_write_json
-from sketch_env.data import DataError, Dataset, load_dataset, select_split
+from sketch_env.data import DataError, Dataset, data_fingerprint, load_dataset, select_split
 from sketch_env.embeddings import EXPORT_DIR, EmbeddingExport, load_embedding_export
-from sketch_env.gallery import Gallery
+from sketch_env.gallery import Gallery, ranks_from_embeddings
 from sketch_env.metrics import retrieval_metrics
 from sketch_env.render import N_LEVELS, first_ink_level
 from tune_runs.cli import arg
@@ -54,28 +53,6 @@ class EvaluateConfig:
     out: Path | None = arg(None, "output directory (default: RUN/eval-SPLIT)")
     level_batch: int = arg(1024, "partial-sketch images per forward pass of a triplet network")
     num_threads: int = arg(2, "torch CPU threads")
-
-
-def ranks_from_embeddings(photo_emb, photo_ids, sketch_emb, sketch_photo_ids) -> np.ndarray:
-    """Ranks (S, L) of each sketch's photo among the gallery `photo_emb` (N, D), for queries (S, L, D).
-
-    photo_ids (N,) names the gallery rows, sketch_photo_ids (S,) each sketch's true photo.
-    """
-    gallery = Gallery(torch.as_tensor(photo_emb), photo_ids)
-    queries = torch.as_tensor(sketch_emb)
-    s, levels, d = queries.shape
-    target = gallery.index_of(list(sketch_photo_ids)).repeat_interleave(levels)
-    return gallery.rank(queries.reshape(s * levels, d), target).view(s, levels).numpy()
-
-
-def data_fingerprint(data_dir: str | Path) -> str:
-    """sha256 over a data set directory's three files: tells whether an export was made from it."""
-    h = hashlib.sha256()
-    for name in ("manifest.json", "sketches.parquet", "photos.parquet"):
-        with open(Path(data_dir) / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def export_covers(export: EmbeddingExport, ds: Dataset) -> bool:

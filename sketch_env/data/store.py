@@ -14,6 +14,7 @@ so a crash never leaves a half-written data set.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -385,3 +386,13 @@ def select_split(ds: Dataset, name: str, val_fraction: float = VAL_FRACTION, see
     if name == "test":
         return ds.split("test")
     raise DataError(f"unknown split {name!r}: use train, val, test, train+val or all")
+
+
+def data_fingerprint(data_dir: str | Path) -> str:
+    """sha256 over a data set directory's three files: tells whether an export was made from it."""
+    h = hashlib.sha256()
+    for name in ("manifest.json", "sketches.parquet", "photos.parquet"):
+        with open(Path(data_dir) / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

