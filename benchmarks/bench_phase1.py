@@ -67,7 +67,9 @@ def train_recipe(ds, name: str, overrides: dict, seed: int, base: dict, cache: d
     fit(cfg, net, optimizer, d, state, run_dir=None, quiet=True)
     net.load_state_dict(state["best_state"])
     metrics = validate(net, d, cfg.eval_batch)
-    return {"recipe": name, "seed": seed, "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
+    net.config = dataclasses.replace(net.config, tta_flip=not cfg.tta_flip)
+    other = validate(net, d, cfg.eval_batch)  # the same network with test-time flips switched
+    return {"other_tta": {k: other[k] for k in FIGURES},"recipe": name, "seed": seed, "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
             "base": base, **{k: metrics[k] for k in FIGURES}, "best_epoch": state["best_epoch"], "epochs": state["epoch"],
             "train_seconds": round(state["train_seconds"], 1), "wall_seconds": round(time.monotonic() - start, 1),
             "curve": [(h["epoch"], h.get("auir"), h.get("acc@5")) for h in state["history"] if "auir" in h]}
