@@ -106,6 +106,24 @@ class GlimpseSensor:
         return glimpses_from_integral(integral, locations, self.size, self.n_patches, self.scale)
 
 
+def pixel_location(col: torch.Tensor, row: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """The location (..., 2) of the centre of pixel (col, row) of a width x height image.
+
+    The one conversion from pixels to locations: pixel j spans [j, j + 1] of [0, W], and location
+    -1 / +1 is the image's left / right edge, so its centre j + 0.5 sits at (2 j + 1) / W - 1.
+    """
+    x = (2.0 * col.to(torch.float32) + 1.0) / width - 1.0
+    y = (2.0 * row.to(torch.float32) + 1.0) / height - 1.0
+    return torch.stack([x, y], -1)
+
+
+def location_pixel(locations: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Continuous pixel coordinates (..., 2) of `locations` (x, y in [-1, 1]): the inverse of
+    `pixel_location`, so the centre of pixel j is at j + 0.5."""
+    size = locations.new_tensor([width, height])
+    return (locations + 1.0) / 2.0 * size
+
+
 def _check_params(size: int, n_patches: int, scale: float) -> None:
     if size < 1:
         raise ValueError(f"glimpse size must be at least 1 pixel, got {size}")

@@ -75,6 +75,12 @@ def test_resume_refuses_another_network(trained, data_dir):
         run(_config(data_dir, run_dir, epochs=3, embedding_dim=8))
 
 
+def test_evaluate_refuses_a_locator_for_a_triplet_run(trained, data_dir, tmp_path, capsys):
+    run_dir, _, _ = trained
+    code = main(["evaluate", "--data", str(data_dir), "--run", str(run_dir), "--out", str(tmp_path / "e"), "--locator", "ink"])
+    assert code == 1 and "does not look anywhere" in capsys.readouterr().err
+
+
 def test_time_budget_stops_training(data_dir, tmp_path):
     record = run(_config(data_dir, tmp_path, epochs=50, time_budget_s=1e-3, mining="random", augment=False))
     assert record["epochs"] == 1
@@ -125,16 +131,19 @@ def test_evaluate_hands_other_runs_to_rl_eval(data_dir, tmp_path, monkeypatch):
     (run_dir / "run.json").write_text(json.dumps({"kind": "darp", "config": {}}))
     calls = []
 
-    def fake(run, data, split):
-        calls.append((run, data, split))
+    def fake(run, data, split, locator, seed):
+        calls.append((run, data, split, locator, seed))
         ranks = np.tile(np.arange(1, 18)[::-1] % 4 + 1, (5, 1))
-        return {"ranks": ranks, "sketch_id": [f"s{i}" for i in range(5)], "n_photos": 4, "extras": {}}
+        return {"ranks": ranks, "sketch_id": [f"s{i}" for i in range(5)], "n_photos": 4, "fovea_on_ink": 0.75,
+                "extras": {}}
 
     monkeypatch.setattr(rl_eval, "evaluate_policy_run", fake)
     monkeypatch.setattr("tune_runs.evaluate.write_glimpses", lambda path, extras: calls.append(path.name))
     out = tmp_path / "eval"
-    main(["evaluate", "--data", str(data_dir), "--run", str(run_dir), "--split", "val", "--out", str(out)])
-    assert calls == [(run_dir, data_dir, "val"), "glimpses.png"]
+    main(["evaluate", "--data", str(data_dir), "--run", str(run_dir), "--split", "val", "--out", str(out),
+          "--locator", "newest-ink", "--seed", "3"])
+    assert calls == [(run_dir, data_dir, "val", "newest-ink", 3), "glimpses.png"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_sketches"] == 5 and metrics["n_photos"] == 4
+    assert (metrics["locator"], metrics["locator_seed"], metrics["fovea_on_ink"]) == ("newest-ink", 3, 0.75)
     assert metrics["acc@1"] == 0.0 and metrics["acc@5"] == 100.0  # the complete sketch ranks 2

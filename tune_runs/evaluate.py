@@ -53,6 +53,10 @@ class EvaluateConfig:
     out: Path | None = arg(None, "output directory (default: RUN/eval-SPLIT)")
     level_batch: int = arg(1024, "partial-sketch images per forward pass of a triplet network")
     num_threads: int = arg(2, "torch CPU threads")
+    locator: Literal["policy", "centre", "random", "ink", "newest-ink"] = arg(
+        "policy", "where a policy that looks takes its glimpses: its own locator, or a fixed rule in its place "
+        "(centre; random: uniform; ink: a random inked pixel; newest-ink: on the stroke drawn last)")
+    seed: int = arg(0, "seed of the random locators")
 
 
 def export_covers(export: EmbeddingExport, ds: Dataset) -> bool:
@@ -163,6 +167,9 @@ def run(cfg: EvaluateConfig) -> dict:
     out = Path(cfg.out) if cfg.out is not None else run_dir / f"eval-{cfg.split}"
     record = read_run(run_dir)
     kind = record.get("kind")
+    if kind == "triplet" and cfg.locator != "policy":
+        raise DataError(f"{run_dir}: a triplet run does not look anywhere; --locator needs a policy that looks")
+    looks = False
     if kind == "triplet":
         split = select_split(load_dataset(data_dir), cfg.split)
         ranks, source = _triplet_ranks(run_dir, split, cfg.level_batch)
@@ -171,13 +178,19 @@ def run(cfg: EvaluateConfig) -> dict:
     else:
         from tune_runs.rl_eval import evaluate_policy_run
 
-        result = evaluate_policy_run(run_dir, data_dir, cfg.split)
+        result = evaluate_policy_run(run_dir, data_dir, cfg.split, locator=cfg.locator, seed=cfg.seed)
         ranks, sketch_id, n_photos = result["ranks"], result["sketch_id"], result["n_photos"]
-        out.mkdir(parents=True, exist_ok=True)
-        write_glimpses(out / "glimpses.png", result["extras"])
+        looks = result.get("fovea_on_ink") is not None
+        if looks:
+            out.mkdir(parents=True, exist_ok=True)
+            write_glimpses(out / "glimpses.png", result["extras"])
     metrics = retrieval_metrics(ranks, n_photos)
+    record = {k: metrics[k] for k in METRIC_KEYS}
+    if looks:
+        record.update(locator=cfg.locator, locator_seed=cfg.seed, fovea_on_ink=result["fovea_on_ink"])
+        print(f"locator: {cfg.locator}; glimpses with ink in the finest patch: {100 * result['fovea_on_ink']:.1f}%")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "metrics.json", {k: metrics[k] for k in METRIC_KEYS})
+    atomic_write_json(out / "metrics.json", record)
     write_ranks(out / "ranks.parquet", sketch_id, np.asarray(ranks))
     title = f"{kind} on {cfg.split}"
     plot_curve(out / "curve.png", metrics["percentile_curve"], title)

@@ -58,24 +58,34 @@ def make_env(run: dict, data_dir: str | Path, split: str, num_envs: int, render_
     )
 
 
-def evaluate_policy_run(run_dir: Path, data_dir: Path, split: str, n_traces: int = 6) -> dict:
+def evaluate_policy_run(run_dir: Path, data_dir: Path, split: str, n_traces: int = 6,
+                        locator: str = "policy", seed: int = 0) -> dict:
     """Ranks (S, 17) of the deterministic policy on every sketch of `split`, plus glimpse traces.
 
-    Returns {"ranks", "sketch_id", "n_photos", "extras": {"traces": Trace of the first n_traces}}.
+    locator: "policy" (its own) or a rule of `sketch_env.locators` that chooses every location in
+    its place (seeded by `seed`). Returns {"ranks", "sketch_id", "n_photos", "fovea_on_ink" (share of
+    chosen glimpses with ink in the finest patch; None for a policy that does not look),
+    "extras": {"trace": Trace of the first n_traces, ...}}.
     """
-    from policies.rollout import rollout_ranks, run_episodes
+    from policies.rollout import FixedLocator, rollout_ranks, run_episodes
 
     run = read_run(run_dir)
     module = load_module(run_dir)
+    looks = bool(getattr(module, "attention", False))
+    if locator != "policy" and not looks:
+        raise DataError(f"{run_dir}: a {run.get('kind')} run does not choose where to look; --locator needs a policy that looks")
     env = make_env(run, data_dir, split, num_envs=64)
     n = len(env.episodes)
-    ranks = rollout_ranks(module, env, np.arange(n))
+    fixed = FixedLocator(locator, env.episodes, seed) if locator != "policy" else None
+    ranks, on_ink = rollout_ranks(module, env, np.arange(n), locator=fixed, with_on_ink=True)
     trace_env = make_env(run, data_dir, split, num_envs=min(n_traces, n))
-    trace = run_episodes(module, trace_env, np.arange(min(n_traces, n)))
+    trace_locator = FixedLocator(locator, trace_env.episodes, seed) if locator != "policy" else None
+    trace = run_episodes(module, trace_env, np.arange(min(n_traces, n)), locator=trace_locator)
     return {
         "ranks": ranks,
         "sketch_id": np.asarray(env.episodes.sketch_id),
         "n_photos": len(env.episodes.gallery),
+        "fovea_on_ink": on_ink if looks else None,
         "extras": {"trace": trace, "episodes": trace_env.episodes, "env_config": trace_env.config},
     }
 
