@@ -14,7 +14,8 @@ glimpse_index (int), sketch_embedding (D,). Action (dict): location (2,) in [-1,
 model_config keys (all optional): hidden (256), glimpse_hidden (128), cell ("gru"|"lstm"),
 h0_init ("sketch"|"zeros"), use_sketch_embedding (True), residual_query (True), dropout (0.0: on h_t
 before the action network, in the learner only), n_heads (6), bootstrap_p (0.5),
-std (initial std; the learner overwrites it from the schedule), eval_heads ("mean"|"first").
+std (initial std; the learner overwrites it from the schedule), eval_heads ("mean"|"first"),
+retina_encoder ("linear"|"conv", see darp_networks.GlimpseNetwork).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class DARPModule(TorchRLModule):
         glimpse_hidden = int(cfg.get("glimpse_hidden", 128))
         self.glimpse_net = GlimpseNetwork(
             obs_space["glimpse"].shape, embed_dim, glimpse_hidden, bool(cfg.get("use_sketch_embedding", True)),
-            self.attention,
+            self.attention, cfg.get("retina_encoder", "linear"),
         )
         self.core = CoreNetwork(glimpse_hidden, embed_dim, hidden, cfg.get("cell", "gru"), cfg.get("h0_init", "sketch"))
         # residual_query: a_t = normalize(e_t + ACTN(h_t)) with e_t the phase-1 embedding of the current

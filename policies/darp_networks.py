@@ -14,6 +14,30 @@ from torch import nn
 from sketch_env.render import N_LEVELS
 
 
+class ConvRetina(nn.Module):
+    """A convolutional "what" for sharp glimpses: retina (N, k, g, g) -> (N, hidden).
+
+    The k patches are the channels of a small CNN (two conv3x3-ReLU-maxpool2 blocks, 16 and 32
+    channels) and a linear layer: shapes in a sharp fovea (g = 16 on a 128 x 128 render) are what a
+    single linear layer over the pixels (the recurrent attention model's "what") reads poorly.
+    """
+
+    def __init__(self, retina_shape: tuple[int, int, int], hidden: int):
+        super().__init__()
+        k, g, _ = retina_shape
+        if g < 4:
+            raise ValueError(f"a conv retina needs patches of at least 4 x 4 pixels, got {g}")
+        self.net = nn.Sequential(
+            nn.Conv2d(k, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * (g // 4) ** 2, hidden),
+        )
+
+    def forward(self, glimpse):
+        lead = glimpse.shape[:-3]
+        return self.net(glimpse.reshape(-1, *glimpse.shape[-3:])).reshape(*lead, -1)
+
+
 class GlimpseNetwork(nn.Module):
     """What + where (+ when) -> g_t.
 
@@ -25,19 +49,26 @@ class GlimpseNetwork(nn.Module):
     input (our extension; the paper uses it only to initialise h0). The level is always given: it tells
     the core how complete the sketch it is looking at is.
 
+    `encoder`: "linear" reads the retina with one linear layer (the recurrent attention model),
+    "conv" with `ConvRetina`.
+
     `attention=False` drops what and where (glimpse and location are ignored): g_t then depends on
     the partial sketch's phase-1 embedding and level only (the no-attention ablation and the
     policies of the vanilla-RL and PPO baselines).
     """
 
     def __init__(self, retina_shape: tuple[int, int, int], embed_dim: int, hidden: int = 128,
-                 use_sketch_embedding: bool = True, attention: bool = True):
+                 use_sketch_embedding: bool = True, attention: bool = True, encoder: str = "linear"):
         super().__init__()
         if not attention and not use_sketch_embedding:
             raise ValueError("a glimpse network without attention needs use_sketch_embedding=True (it would see the level only)")
+        if encoder not in ("linear", "conv"):
+            raise ValueError(f"retina encoder must be 'linear' or 'conv', got {encoder!r}")
         self.attention = attention
+        self.flat_retina = encoder == "linear"
         retina_size = retina_shape[0] * retina_shape[1] * retina_shape[2]
-        self.what = nn.Linear(retina_size, hidden) if attention else None
+        what = nn.Linear(retina_size, hidden) if encoder == "linear" else ConvRetina(tuple(retina_shape), hidden)
+        self.what = what if attention else None
         self.where = nn.Linear(2, hidden) if attention else None
         self.when = nn.Embedding(N_LEVELS, hidden)
         self.sketch = nn.Linear(embed_dim, hidden) if use_sketch_embedding else None
@@ -50,7 +81,7 @@ class GlimpseNetwork(nn.Module):
             context = context + self.sketch(sketch_embedding)
         if not self.attention:
             return F.relu(context)
-        what = F.relu(self.what(glimpse.flatten(start_dim=-3)))
+        what = F.relu(self.what(glimpse.flatten(start_dim=-3) if self.flat_retina else glimpse))
         where = F.relu(self.where(location))
         return F.relu(self.combine_what(what) + self.combine_where(where) + context)
 

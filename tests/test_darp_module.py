@@ -202,3 +202,15 @@ def test_dropout_acts_in_the_learner_forward_only():
 def test_dropout_rejects_bad_values():
     with pytest.raises(ValueError, match="dropout"):
         make_module(dropout=1.0)
+
+
+def test_conv_retina_reads_sharp_glimpses():
+    from policies.darp_networks import GlimpseNetwork
+
+    net = GlimpseNetwork((3, 16, 16), 8, 32, encoder="conv")
+    out = net(torch.rand(2, 5, 3, 16, 16), torch.zeros(2, 5, 2), torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5, 8))
+    assert out.shape == (2, 5, 32)
+    out.sum().backward()
+    assert net.what.net[0].weight.grad.abs().sum() > 0  # the patches reach the convolutions
+    with pytest.raises(ValueError, match="'linear' or 'conv'"):
+        GlimpseNetwork((3, 8, 8), 8, 32, encoder="mlp")
