@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import torchvision
 
 from sketch_env.atomic import atomic_write
+from sketch_env.data import DataError
 from sketch_env.render import N_LEVELS, default_thickness
 
 Backbone = Literal["compact", "resnet18", "resnet50", "inception_v3", "mobilenet_v3_small"]
@@ -97,13 +98,13 @@ def load_backbone_weights(trunk: nn.Module, path: str | Path, backbone: str) -> 
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: backbone weights file not found")
+        raise DataError(f"{path}: backbone weights file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for non-checkpoint files
-        raise ValueError(f"{path}: cannot read a state dict ({e})") from None
+        raise DataError(f"{path}: cannot read a state dict ({str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict (name -> tensor) for a {backbone} backbone")
+        raise DataError(f"{path}: expected a state dict (name -> tensor) for a {backbone} backbone, got {type(state).__name__}")
     state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
     own = trunk.state_dict()
     missing = sorted(set(own) - set(state))
@@ -111,7 +112,7 @@ def load_backbone_weights(trunk: nn.Module, path: str | Path, backbone: str) -> 
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
-        raise ValueError(
+        raise DataError(
             f"{path}: not a {backbone} backbone state dict: {len(missing)} missing keys {missing[:3]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:2]}"
         )
@@ -326,3 +327,4 @@ def load_embedding_net(run_dir: str | Path) -> tuple[EmbeddingNet, EmbeddingConf
     net.config = config
     net.eval()
     return net, config
+

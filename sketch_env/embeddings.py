@@ -14,7 +14,6 @@ so a gallery built from `photo_embedding` always holds each sketch's target.
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sketch_env.data.store import DataError, _atomic_dir, _commit_dir
+from sketch_env.atomic import replace_dir
+from sketch_env.data.store import DataError
 from sketch_env.render import N_LEVELS
 
 EXPORT_DIR = "embeddings"
@@ -132,17 +132,14 @@ def save_embedding_export(run_dir: str | Path, export: EmbeddingExport) -> Path:
         "meta": export.meta,
     }
     meta_text = json.dumps(meta, indent=2) + "\n"  # before the temp dir: a non-JSON meta fails cleanly
-    tmp = _atomic_dir(out)
-    try:
+
+    def write(tmp: Path) -> None:
         # Dictionary-encoding the float embeddings only costs time (they hardly repeat).
         pq.write_table(photos, tmp / "photos.parquet", use_dictionary=["photo_id", "split"])
         pq.write_table(sketches, tmp / "sketches.parquet", use_dictionary=["sketch_id", "photo_id", "split"])
         (tmp / "meta.json").write_text(meta_text)
-        _commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return replace_dir(out, write)
 
 
 def load_embedding_export(run_dir: str | Path) -> EmbeddingExport:

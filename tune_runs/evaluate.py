@@ -15,7 +15,6 @@ prints the figures as a table.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,8 +32,8 @@ from policies.embedding import (
     photo_decode_size,
     photo_inputs,
 )
-from sketch_env.atomic import atomic_write, atomic_write_json
-from sketch_env.data import DataError, Dataset, load_dataset, select_split
+from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, prepare_output_dir
+from sketch_env.data import DataError, Dataset, data_fingerprint, load_dataset, select_split
 from sketch_env.embeddings import EXPORT_DIR, EmbeddingExport, load_embedding_export
 from sketch_env.gallery import Gallery
 from sketch_env.metrics import retrieval_metrics
@@ -42,6 +41,7 @@ from sketch_env.render import N_LEVELS, first_ink_level
 from tune_runs.cli import arg
 
 METRIC_KEYS = ("auir", "m_at_a", "acc@1", "acc@5", "acc@10", "percentile_curve", "n_sketches", "n_photos")
+EVAL_KIND = OutputKind("evaluation", ("metrics.json", "glimpses.png"))
 
 
 @dataclass
@@ -54,6 +54,7 @@ class EvaluateConfig:
     out: Path | None = arg(None, "output directory (default: RUN/eval-SPLIT)")
     level_batch: int = arg(1024, "partial-sketch images per forward pass of a triplet network")
     num_threads: int = arg(2, "torch CPU threads")
+    force: bool = arg(False, "write into --out even if it holds something other than an evaluation")
 
 
 def ranks_from_embeddings(photo_emb, photo_ids, sketch_emb, sketch_photo_ids) -> np.ndarray:
@@ -66,16 +67,6 @@ def ranks_from_embeddings(photo_emb, photo_ids, sketch_emb, sketch_photo_ids) ->
     s, levels, d = queries.shape
     target = gallery.index_of(list(sketch_photo_ids)).repeat_interleave(levels)
     return gallery.rank(queries.reshape(s * levels, d), target).view(s, levels).numpy()
-
-
-def data_fingerprint(data_dir: str | Path) -> str:
-    """sha256 over a data set directory's three files: tells whether an export was made from it."""
-    h = hashlib.sha256()
-    for name in ("manifest.json", "sketches.parquet", "photos.parquet"):
-        with open(Path(data_dir) / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def export_covers(export: EmbeddingExport, ds: Dataset) -> bool:
@@ -183,8 +174,9 @@ def run(cfg: EvaluateConfig) -> dict:
 
     torch.set_num_threads(cfg.num_threads)
     run_dir, data_dir = Path(cfg.run), Path(cfg.data)
-    out = Path(cfg.out) if cfg.out is not None else run_dir / f"eval-{cfg.split}"
     record = read_run(run_dir)
+    out = prepare_output_dir(cfg.out if cfg.out is not None else run_dir / f"eval-{cfg.split}", EVAL_KIND,
+                             inputs=(cfg.data, cfg.run), force=cfg.force)
     kind = record.get("kind")
     if kind == "triplet":
         split = select_split(load_dataset(data_dir), cfg.split)

@@ -38,16 +38,17 @@ from policies.embedding import (
     save_embedding_net,
 )
 from policies.triplet import Mining, batch_triplet_loss, random_affine, sample_levels
-from sketch_env.atomic import atomic_write, atomic_write_json
-from sketch_env.data import DataError, Dataset, load_dataset, select_split
+from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, prepare_output_dir
+from sketch_env.data import DataError, Dataset, data_fingerprint, load_dataset, select_split
 from sketch_env.embeddings import EmbeddingExport, save_embedding_export
 from sketch_env.metrics import acc_at, retrieval_metrics
 from sketch_env.render import N_LEVELS, first_ink_level
 from tune_runs.cli import arg
-from tune_runs.evaluate import data_fingerprint, ranks_from_embeddings
+from tune_runs.evaluate import ranks_from_embeddings
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_FILE = "run.json"
+RUN_KIND = OutputKind("phase-1 run", (RUN_FILE, CHECKPOINT_FILE, "embedding_net.pt"))
 
 
 @dataclass
@@ -77,6 +78,7 @@ class PretrainConfig:
     resume: bool = arg(True, "continue from run_dir/checkpoint.pt if there is one")
     val_levels_every: int = arg(5, "validate on all 17 completion levels (AUIR, m@A) every this many epochs (0: never); complete sketches (acc@q) every epoch")
     eval_batch: int = arg(1024, "images per forward pass when validating and exporting")
+    force: bool = arg(False, "write into --run-dir even if it holds something other than a phase-1 run")
 
     def embedding_config(self) -> EmbeddingConfig:
         return EmbeddingConfig(
@@ -280,8 +282,7 @@ def run(cfg: PretrainConfig) -> dict:
     if cfg.epochs < 1 or cfg.batch_size < 2:
         raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {cfg.epochs} and {cfg.batch_size}")
     torch.set_num_threads(cfg.num_threads)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = prepare_output_dir(cfg.run_dir, RUN_KIND, inputs=(cfg.data, cfg.backbone_weights), force=cfg.force)
     emb_cfg = cfg.embedding_config()
     ds = load_dataset(cfg.data)
     t = _prepare(ds, emb_cfg)
