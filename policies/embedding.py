@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -25,8 +26,8 @@ import torch.nn.functional as F
 import torchvision
 
 from sketch_env.atomic import atomic_write
-from sketch_env.data import DataError
-from sketch_env.render import N_LEVELS, default_thickness
+from sketch_env.data import DataError, PhotoSet, SketchSet
+from sketch_env.render import N_LEVELS, default_thickness, first_ink_level
 
 Backbone = Literal["compact", "resnet18", "resnet50", "inception_v3", "mobilenet_v3_small"]
 NET_FILE = "embedding_net.pt"
@@ -328,3 +329,35 @@ def load_embedding_net(run_dir: str | Path) -> tuple[EmbeddingNet, EmbeddingConf
     net.eval()
     return net, config
 
+
+def embed_sketches(net_or_run: EmbeddingNet | str | Path, sketches: SketchSet, batch: int = 1024) -> torch.Tensor:
+    """(S, 17, D) phase-1 embeddings of every partial sketch of `sketches`, by a network or the one
+    saved in a phase-1 run directory: what the export holds, for sketches it never saw (edited,
+    re-imported, with added strokes). Rendered as `darp pretrain` renders them."""
+    net = net_or_run if isinstance(net_or_run, EmbeddingNet) else load_embedding_net(net_or_run)[0]
+    return embed_sketch_levels(net, first_ink_level(sketches, net.config.image_size), batch)
+
+
+def embed_photos(net_or_run: EmbeddingNet | str | Path, photos: PhotoSet, batch: int = 512) -> torch.Tensor:
+    """(N, D) phase-1 embeddings of `photos`, by a network or the one saved in a phase-1 run directory."""
+    net = net_or_run if isinstance(net_or_run, EmbeddingNet) else load_embedding_net(net_or_run)[0]
+    return embed_photo_inputs(net, photo_inputs(photos.decode_all(photo_decode_size(net.config)), net.config), batch)
+
+
+def reembedders(run_dir: str | Path, log: Callable[[str], None] | None = None) -> dict[str, Callable]:
+    """`embed_sketches=` and `embed_photos=` for sketch_env's episode loaders (`load_episode_data`):
+    they re-embed what changed since the export with the network of phase-1 run `run_dir`, loaded
+    on first use (never, when nothing changed). `log` is told how many items each call re-embeds."""
+    net = functools.cache(lambda: load_embedding_net(run_dir)[0])
+
+    def sketches(s: SketchSet) -> torch.Tensor:
+        if log is not None:
+            log(f"re-embedding {len(s)} changed sketch(es) with the phase-1 network of {run_dir}")
+        return embed_sketches(net(), s)
+
+    def photos(p: PhotoSet) -> torch.Tensor:
+        if log is not None:
+            log(f"re-embedding {len(p)} changed photo(s) with the phase-1 network of {run_dir}")
+        return embed_photos(net(), p)
+
+    return {"embed_sketches": sketches, "embed_photos": photos}

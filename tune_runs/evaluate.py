@@ -4,7 +4,10 @@ The gallery is the photos of the evaluated split; every sketch of the split is a
 the 17 completion levels. Ranks come from `sketch_env.gallery.Gallery`, figures from
 `sketch_env.metrics.retrieval_metrics`. A triplet run (`darp pretrain`) is queried with the
 embedding of each partial sketch (from its export when the export was made from this data set, else
-by running its saved network); an RL run is evaluated by `tune_runs.rl_eval.evaluate_policy_run`.
+by running its saved network); an RL run is evaluated by `tune_runs.rl_eval.evaluate_policy_run`,
+on the phase-1 embeddings of its export, except for sketches (photos) whose strokes (bytes) changed
+since the export was made: those are re-embedded by its phase-1 network, so the ranks always belong
+to the strokes evaluated.
 
 Writes OUT/metrics.json (auir, m_at_a, acc@1, acc@5, acc@10, percentile_curve, n_sketches, n_photos),
 OUT/curve.png (ranking percentile vs completion) and OUT/ranks.parquet (sketch_id, level, rank), and

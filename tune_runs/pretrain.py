@@ -39,7 +39,7 @@ from policies.embedding import (
 )
 from policies.triplet import Mining, batch_triplet_loss, random_affine, sample_levels
 from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, prepare_output_dir
-from sketch_env.data import DataError, Dataset, data_fingerprint, load_dataset, select_split
+from sketch_env.data import DataError, Dataset, data_fingerprint, load_dataset, photo_digests, select_split, sketch_digests
 from sketch_env.embeddings import EmbeddingExport, save_embedding_export
 from sketch_env.metrics import acc_at, retrieval_metrics
 from sketch_env.render import N_LEVELS, first_ink_level
@@ -224,6 +224,8 @@ def export_embeddings(net: EmbeddingNet, ds: Dataset, t: _Tensors, batch: int, m
         sketch_split=sketch_split,
         sketch_embedding=embed_sketch_levels(net, t.first_ink.numpy(), batch).numpy(),
         meta=meta,
+        sketch_digest=sketch_digests(ds.sketches),
+        photo_digest=photo_digests(ds.photos),
     )
 
 

@@ -40,8 +40,18 @@ def load_module(run_dir: str | Path):
     return module
 
 
-def make_env(run: dict, data_dir: str | Path, split: str, num_envs: int, render_mode: str | None = None):
-    """The batched env an RL run was trained with, on another data directory/split."""
+def load_run_episodes(run: dict, data_dir: str | Path, split: str):
+    """The episodes of `split` for an RL run: phase-1 embeddings from the run's export, with the
+    sketches and photos that changed since it was made re-embedded by its phase-1 network."""
+    from policies.embedding import reembedders
+    from sketch_env.episodes import load_episode_data
+
+    return load_episode_data(data_dir, run["embedding"], split, **reembedders(run["embedding"], log=print))
+
+
+def make_env(run: dict, data_dir: str | Path, split: str, num_envs: int, render_mode: str | None = None, episodes=None):
+    """The batched env an RL run was trained with, on another data directory/split (on `episodes`
+    when given, e.g. from `load_run_episodes`)."""
     from sketch_env.vector_env import make_vector_env
 
     cfg = run["config"]
@@ -54,23 +64,27 @@ def make_env(run: dict, data_dir: str | Path, split: str, num_envs: int, render_
             "reward": cfg["reward"],
             "sketch_order": "sequential",
             "num_envs": num_envs,
+            "episodes": episodes,
         }
     )
 
 
-def evaluate_policy_run(run_dir: Path, data_dir: Path, split: str, n_traces: int = 6) -> dict:
+def evaluate_policy_run(run_dir: Path, data_dir: Path, split: str, n_traces: int = 6, episodes=None) -> dict:
     """Ranks (S, 17) of the deterministic policy on every sketch of `split`, plus glimpse traces.
 
+    episodes: the EpisodeData to evaluate on (default: `load_run_episodes`, which re-embeds sketches
+    changed since the run's phase-1 export).
     Returns {"ranks", "sketch_id", "n_photos", "extras": {"traces": Trace of the first n_traces}}.
     """
     from policies.rollout import rollout_ranks, run_episodes
 
     run = read_run(run_dir)
     module = load_module(run_dir)
-    env = make_env(run, data_dir, split, num_envs=64)
+    episodes = episodes if episodes is not None else load_run_episodes(run, data_dir, split)
+    env = make_env(run, data_dir, split, num_envs=64, episodes=episodes)
     n = len(env.episodes)
     ranks = rollout_ranks(module, env, np.arange(n))
-    trace_env = make_env(run, data_dir, split, num_envs=min(n_traces, n))
+    trace_env = make_env(run, data_dir, split, num_envs=min(n_traces, n), episodes=episodes)
     trace = run_episodes(module, trace_env, np.arange(min(n_traces, n)))
     return {
         "ranks": ranks,
