@@ -132,7 +132,7 @@ def check_output_dir(
     if marked and not foreign:
         return target
     shown = ", ".join((foreign or entries)[:4]) + (", ..." if len(foreign or entries) > 4 else "")
-    reason = f"holds {shown} besides a {kind.name}" if marked else f"holds other work ({shown}) and is not a {kind.name} (no {' or '.join(kind.markers)})"
+    reason = f"holds {shown} besides the {kind.name}" if marked else f"holds other work ({shown}) and no {kind.name} ({' or '.join(kind.markers)})"
     action = "replace it" if replace else "write into it"
     raise DataError(f"{out}: {reason}; choose another output directory, or pass --force to {action}")
 

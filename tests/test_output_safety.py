@@ -70,7 +70,7 @@ def test_import_refuses_a_directory_of_other_work_unless_forced(tmp_path, capsys
     before = other_work(out)
     argv = ["data", "import-qmul", "--coords", str(coords), "--photos", str(photos), "--out", str(out)]
     assert main(argv) == 1
-    one_line_error(capsys, str(out), "holds other work (notes.txt, runs)", "--force")
+    one_line_error(capsys, str(out), "holds other work (notes.txt, runs) and no data set (manifest.json)", "--force")
     assert snapshot(out) == before
     assert main(argv + ["--force"]) == 0
     assert len(load_dataset(out).sketches) == 2 and not (out / "notes.txt").exists()
@@ -96,7 +96,7 @@ def test_an_earlier_data_set_is_replaced_but_not_one_holding_other_work(tmp_path
     generate_dataset(out, n_photos=3, sketches_per_photo=1)  # an earlier data set: replaced
     assert len(load_dataset(out).photos) == 3
     other_work(out / "mine")
-    with pytest.raises(DataError, match=r"holds mine besides a data set.*--force"):
+    with pytest.raises(DataError, match=r"holds mine besides the data set.*--force"):
         generate_dataset(out, n_photos=2, sketches_per_photo=1)
     assert (out / "mine" / "notes.txt").is_file() and len(load_dataset(out).photos) == 3
 
@@ -233,7 +233,7 @@ def test_check_output_dir_rules(tmp_path):
     check_output_dir(ours, kind, replace=True)
     (ours / "extra").write_text("")
     check_output_dir(ours, kind)  # written into: the extra file stays
-    with pytest.raises(DataError, match="holds extra besides a thing"):
+    with pytest.raises(DataError, match="holds extra besides the thing"):
         check_output_dir(ours, kind, replace=True)
     check_output_dir(ours, kind, replace=True, force=True)
     inside = ours / "input.txt"
