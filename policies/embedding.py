@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 import torchvision
 
 from sketch_env.atomic import atomic_write
-from sketch_env.render import N_LEVELS, default_thickness
+from sketch_env.data import DataError, PhotoSet, SketchSet
+from sketch_env.render import N_LEVELS, default_thickness, first_ink_level
 
 Backbone = Literal["compact", "resnet18", "resnet50", "inception_v3", "mobilenet_v3_small"]
 PhotoInput = Literal["edges", "hed", "rgb"]
@@ -107,13 +109,13 @@ def load_backbone_weights(trunk: nn.Module, path: str | Path, backbone: str) -> 
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: backbone weights file not found")
+        raise DataError(f"{path}: backbone weights file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for non-checkpoint files
-        raise ValueError(f"{path}: cannot read a state dict ({e})") from None
+        raise DataError(f"{path}: cannot read a state dict ({str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict (name -> tensor) for a {backbone} backbone")
+        raise DataError(f"{path}: expected a state dict (name -> tensor) for a {backbone} backbone, got {type(state).__name__}")
     state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
     own = trunk.state_dict()
     missing = sorted(set(own) - set(state))
@@ -121,7 +123,7 @@ def load_backbone_weights(trunk: nn.Module, path: str | Path, backbone: str) -> 
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
-        raise ValueError(
+        raise DataError(
             f"{path}: not a {backbone} backbone state dict: {len(missing)} missing keys {missing[:3]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:2]}"
         )
@@ -348,3 +350,36 @@ def load_embedding_net(run_dir: str | Path) -> tuple[EmbeddingNet, EmbeddingConf
     net.config = config
     net.eval()
     return net, config
+
+
+def embed_sketches(net_or_run: EmbeddingNet | str | Path, sketches: SketchSet, batch: int = 1024) -> torch.Tensor:
+    """(S, 17, D) phase-1 embeddings of every partial sketch of `sketches`, by a network or the one
+    saved in a phase-1 run directory: what the export holds, for sketches it never saw (edited,
+    re-imported, with added strokes). Rendered as `darp pretrain` renders them."""
+    net = net_or_run if isinstance(net_or_run, EmbeddingNet) else load_embedding_net(net_or_run)[0]
+    return embed_sketch_levels(net, first_ink_level(sketches, net.config.image_size), batch)
+
+
+def embed_photos(net_or_run: EmbeddingNet | str | Path, photos: PhotoSet, batch: int = 512) -> torch.Tensor:
+    """(N, D) phase-1 embeddings of `photos`, by a network or the one saved in a phase-1 run directory."""
+    net = net_or_run if isinstance(net_or_run, EmbeddingNet) else load_embedding_net(net_or_run)[0]
+    return embed_photo_inputs(net, photo_inputs(photos.decode_all(photo_decode_size(net.config)), net.config), batch)
+
+
+def reembedders(run_dir: str | Path, log: Callable[[str], None] | None = None) -> dict[str, Callable]:
+    """`embed_sketches=` and `embed_photos=` for sketch_env's episode loaders (`load_episode_data`):
+    they re-embed what changed since the export with the network of phase-1 run `run_dir`, loaded
+    on first use (never, when nothing changed). `log` is told how many items each call re-embeds."""
+    net = functools.cache(lambda: load_embedding_net(run_dir)[0])
+
+    def sketches(s: SketchSet) -> torch.Tensor:
+        if log is not None:
+            log(f"re-embedding {len(s)} changed sketch(es) with the phase-1 network of {run_dir}")
+        return embed_sketches(net(), s)
+
+    def photos(p: PhotoSet) -> torch.Tensor:
+        if log is not None:
+            log(f"re-embedding {len(p)} changed photo(s) with the phase-1 network of {run_dir}")
+        return embed_photos(net(), p)
+
+    return {"embed_sketches": sketches, "embed_photos": photos}

@@ -47,8 +47,17 @@ from policies.embedding import (
     save_embedding_net,
 )
 from policies.triplet import Mining, batch_triplet_loss, random_affine, sample_levels
-from sketch_env.atomic import atomic_write, atomic_write_json
-from sketch_env.data import DataError, Dataset, SketchSet, data_fingerprint, load_dataset, select_split
+from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, prepare_output_dir
+from sketch_env.data import (
+    DataError,
+    Dataset,
+    SketchSet,
+    data_fingerprint,
+    load_dataset,
+    photo_digests,
+    select_split,
+    sketch_digests,
+)
 from sketch_env.embeddings import EmbeddingExport, save_embedding_export
 from sketch_env.gallery import ranks_from_embeddings
 from sketch_env.metrics import retrieval_metrics
@@ -57,6 +66,7 @@ from sketch_env.strokes import augment_strokes
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_FILE = "run.json"
+RUN_KIND = OutputKind("phase-1 run", (RUN_FILE, CHECKPOINT_FILE, "embedding_net.pt"))
 
 
 def _opt(default, help: str):
@@ -100,6 +110,7 @@ class Phase1Config:
     val_every: int = _opt(2, "validate on all 17 completion levels every this many epochs")
     val_smooth: int = _opt(3, "keep the network with the best validation AUIR averaged over this many validations")
     eval_batch: int = _opt(1024, "images per forward pass when validating and exporting")
+    force: bool = _opt(False, "write into --run-dir even if it holds something other than a phase-1 run")
 
     def embedding_config(self) -> EmbeddingConfig:
         return EmbeddingConfig(
@@ -288,6 +299,8 @@ def export_embeddings(net: EmbeddingNet, ds: Dataset, d: Phase1Data, batch: int,
         sketch_split=sketch_split,
         sketch_embedding=embed_sketch_levels(net, d.first_ink.numpy(), batch).numpy(),
         meta=meta,
+        sketch_digest=sketch_digests(ds.sketches),
+        photo_digest=photo_digests(ds.photos),
     )
 
 
@@ -362,8 +375,7 @@ def run(cfg: Phase1Config) -> dict:
     """Train (or resume), keep the best network, export embeddings, write run.json. Returns run.json."""
     cfg.check()
     torch.set_num_threads(cfg.num_threads)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = prepare_output_dir(cfg.run_dir, RUN_KIND, inputs=(cfg.data, cfg.backbone_weights), force=cfg.force)
     emb_cfg = cfg.embedding_config()
     ds = load_dataset(cfg.data)
     d = prepare_data(ds, emb_cfg)

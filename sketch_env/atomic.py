@@ -1,15 +1,45 @@
-"""Atomic writes: write to a temporary file beside the target, then rename over it.
+"""Writing outputs safely: atomic files and directories, and the check before a command writes a directory.
 
-A crash or Ctrl-C mid-write leaves the previous file (or none), never a truncated one.
+- `atomic_write` (and its bytes/text/JSON forms): write to a temporary file beside the target, then
+  rename it over the target, so a crash or Ctrl-C leaves the previous file (or none), never a
+  truncated one.
+- `replace_dir`: the same for a whole directory (a data set, an embedding export): it is built in a
+  temporary sibling and swapped in at the end.
+- `prepare_output_dir` / `check_output_dir`: a command may only write a directory that is new,
+  empty, or already holds output of its own kind (an `OutputKind`'s marker: manifest.json of a data
+  set, run.json of a run, metrics.json of an evaluation); anything else is refused with a one-line
+  `DataError` unless the user passes --force. A directory that is, or holds, one of the command's
+  own inputs is never replaced, not even with --force.
+
+Everything is created with the user's umask (tempfile alone would make 0600 files and 0700 directories).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
+
+from sketch_env.errors import DataError
+
+
+def umask() -> int:
+    """The process's umask: from /proc where Linux shows it, else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -19,6 +49,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~umask())
         write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
@@ -37,3 +68,155 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What a command writes into a directory, and how to tell that a directory already holds it.
+
+    name:    for messages ("data set", "RL run", ...).
+    markers: paths relative to the directory (glob patterns allowed); any of them present marks it
+             as this kind of output (run.json, or a checkpoint of a run killed before its first run.json).
+    only:    for directories replaced whole (`replace_dir`): the names such a directory holds. One
+             that holds anything else is someone's other work too, and is only replaced with force.
+    """
+
+    name: str
+    markers: tuple[str, ...]
+    only: frozenset[str] | None = None
+
+
+def _absolute(path: str | Path) -> Path:
+    """`path` made absolute without resolving links ("." becomes the working directory's own name)."""
+    return Path(os.path.abspath(path))
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    """Whether `inner` is `outer` or lies inside it, links resolved."""
+    inner, outer = Path(os.path.realpath(inner)), Path(os.path.realpath(outer))
+    return inner == outer or outer in inner.parents
+
+
+def check_output_dir(
+    out: str | Path, kind: OutputKind, *, inputs: Iterable[str | Path | None] = (), force: bool = False, replace: bool = False
+) -> Path:
+    """Whether a command may write the directory `out`; returns it as an absolute path, or raises DataError.
+
+    Allowed: `out` does not exist, is an empty directory, or holds one of `kind.markers` (and, when
+    the directory is to be replaced whole (`replace`), nothing outside `kind.only`). Anything else,
+    a regular file included, only with `force`. Never allowed, whatever `force` says: `out` is one
+    of `inputs` (files or directories the command reads; None entries are skipped), or, when it is
+    to be replaced, holds one of them.
+    """
+    target = _absolute(out)
+    for given in inputs:
+        if given is None or str(given) == "":
+            continue
+        same = _is_within(target, given) and _is_within(given, target)
+        if same or (replace and _is_within(given, target)):
+            raise DataError(f"{out}: {'is' if same else 'holds'} {given}, an input of this command; choose another output directory")
+    if not os.path.lexists(target):
+        return target
+    if not target.is_dir():
+        if force:
+            return target
+        raise DataError(f"{out}: a file is there, not a directory; choose another output directory or pass --force to replace it")
+    try:
+        entries = sorted(e.name for e in target.iterdir())
+    except OSError as e:
+        raise DataError(f"{out}: cannot read the directory ({e.strerror})") from None
+    if not entries or force:
+        return target
+    marked = any(next(target.glob(m), None) is not None for m in kind.markers)
+    foreign = [name for name in entries if kind.only is not None and name not in kind.only] if replace else []
+    if marked and not foreign:
+        return target
+    shown = ", ".join((foreign or entries)[:4]) + (", ..." if len(foreign or entries) > 4 else "")
+    reason = f"holds {shown} besides the {kind.name}" if marked else f"holds other work ({shown}) and no {kind.name} ({' or '.join(kind.markers)})"
+    action = "replace it" if replace else "write into it"
+    raise DataError(f"{out}: {reason}; choose another output directory, or pass --force to {action}")
+
+
+def prepare_output_dir(
+    out: str | Path, kind: OutputKind, *, inputs: Iterable[str | Path | None] = (), force: bool = False
+) -> Path:
+    """`check_output_dir` for a command that writes files into `out`, then create it (with parents).
+
+    With `force`, a regular file at `out` is removed first. Returns `out` as given (a Path).
+    """
+    target = check_output_dir(out, kind, inputs=inputs, force=force)
+    try:
+        if os.path.lexists(target) and not target.is_dir():
+            target.unlink()
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{out}: cannot create the directory ({e.strerror})") from None
+    return Path(out)
+
+
+def replace_dir(
+    out: str | Path,
+    write: Callable[[Path], None],
+    kind: OutputKind | None = None,
+    *,
+    inputs: Iterable[str | Path | None] = (),
+    force: bool = False,
+) -> Path:
+    """Write a whole directory at once: `write(tmp)` fills a temporary sibling that then replaces `out`.
+
+    A crash before the swap leaves the previous `out` untouched. `kind` (with `inputs`, `force`)
+    checks `out` first as `check_output_dir(..., replace=True)` does; None for directories that
+    only this project names (an export inside a run). When `out` holds the working directory
+    (`--out .`) the new entries are moved into it instead, markers last. Returns `out` (a Path).
+    """
+    target = _absolute(out)
+    if kind is not None:
+        check_output_dir(out, kind, inputs=inputs, force=force, replace=True)
+    in_place = target.is_dir() and _is_within(Path.cwd(), target)
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target if in_place else target.parent))
+        os.chmod(tmp, 0o777 & ~umask())
+        write(tmp)
+        if in_place:
+            _move_entries(tmp, target, kind.markers if kind is not None else ())
+        elif os.path.lexists(target):
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except OSError as e:
+        raise DataError(f"{out}: cannot write the directory ({e})") from None
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Path(out)
+
+
+def _move_entries(tmp: Path, target: Path, markers: tuple[str, ...]) -> None:
+    """Make `target` hold exactly what `tmp` holds (`tmp` lies inside it), moving markers last.
+
+    The markers go first on the way out, so a crash half-way leaves a directory that does not pass
+    for a finished output.
+    """
+    for pattern in markers:
+        for path in target.glob(pattern):
+            _remove(path)
+    new = {e.name for e in tmp.iterdir()}
+    for entry in target.iterdir():
+        if entry != tmp and entry.name not in new:
+            _remove(entry)
+    for name in sorted(new, key=lambda n: any(fnmatch.fnmatch(n, m) for m in markers)):
+        if (target / name).is_dir() and not (target / name).is_symlink():
+            shutil.rmtree(target / name)
+        os.replace(tmp / name, target / name)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()

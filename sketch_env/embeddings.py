@@ -2,32 +2,48 @@
 
 Layout of ``RUN_DIR/embeddings/`` (written atomically: temp directory + rename)::
 
-    photos.parquet    photo_id, split, embedding fixed_size_list<float32>[D]
-    sketches.parquet  sketch_id, photo_id, split, embedding fixed_size_list<float32>[17 * D]
+    photos.parquet    photo_id, split, embedding fixed_size_list<float32>[D][, image_digest]
+    sketches.parquet  sketch_id, photo_id, split, embedding fixed_size_list<float32>[17 * D][, points_digest]
                       (row-major (level, dim): the embedding of each of the 17 partial sketches)
     meta.json         {"schema_version", "n_photos", "n_sketches", "dim", "n_levels", "meta": {...}}
 
 Embeddings are L2-normalised float32 (the network's output). Every sketch's photo is in the export,
 so a gallery built from `photo_embedding` always holds each sketch's target.
+
+An export is only right for the strokes and photos it was computed from. The digest columns
+(`sketch_env.data.sketch_digests` / `photo_digests` of what was embedded) let every reader check
+that, item by item: `sketch_embeddings_for` and `gallery_for` look a data set's sketches and
+photos up by id and re-embed the changed ones with a function the caller gives (the phase-1
+network lives in `policies`), or stop with a DataError naming them. Exports written before the
+digests existed are checked by their data-set fingerprint (meta's "data_fingerprint") instead;
+exports without either (made by hand) are taken as they are.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
-from sketch_env.data.store import DataError, _atomic_dir, _commit_dir
+from sketch_env.atomic import replace_dir
+from sketch_env.data.store import DataError, PhotoSet, SketchSet, data_fingerprint, photo_digests, sketch_digests
+from sketch_env.gallery import Gallery
 from sketch_env.render import N_LEVELS
+
+# What re-embeds changed items: (n, 17, D) embeddings of n sketches, (n, D) of n photos.
+SketchEmbedder = Callable[[SketchSet], "np.ndarray | torch.Tensor"]
+PhotoEmbedder = Callable[[PhotoSet], "np.ndarray | torch.Tensor"]
 
 EXPORT_DIR = "embeddings"
 SCHEMA_VERSION = 1
+SKETCH_DIGEST, PHOTO_DIGEST = "points_digest", "image_digest"  # optional columns
 
 
 @dataclass
@@ -36,6 +52,8 @@ class EmbeddingExport:
 
     String columns are numpy object arrays; arrays are coerced on construction and checked for
     consistent shapes, distinct ids, and sketches whose photo is missing (ValueError).
+    sketch_digest (S,) / photo_digest (N,): `sketch_digests` / `photo_digests` of what was embedded,
+    or None (exports written before they were recorded).
     """
 
     photo_id: np.ndarray
@@ -46,6 +64,8 @@ class EmbeddingExport:
     sketch_split: np.ndarray
     sketch_embedding: np.ndarray
     meta: dict = field(default_factory=dict)
+    sketch_digest: np.ndarray | None = None
+    photo_digest: np.ndarray | None = None
 
     def __post_init__(self):
         self.photo_id = np.asarray(self.photo_id, dtype=object)
@@ -60,6 +80,11 @@ class EmbeddingExport:
         )
         if problem:
             raise ValueError(problem)
+        for name, n in (("sketch_digest", len(self.sketch_id)), ("photo_digest", len(self.photo_id))):
+            if getattr(self, name) is not None:
+                setattr(self, name, np.asarray(getattr(self, name), dtype=object))
+                if getattr(self, name).shape != (n,):
+                    raise ValueError(f"{name} must have shape ({n},), got {getattr(self, name).shape}")
 
     @property
     def dim(self) -> int:
@@ -85,6 +110,8 @@ class EmbeddingExport:
             self.sketch_split[index],
             self.sketch_embedding[index],
             dict(self.meta),
+            None if self.sketch_digest is None else self.sketch_digest[index],
+            self.photo_digest,
         )
 
     def subset_photos(self, mask_or_index) -> EmbeddingExport:
@@ -100,6 +127,8 @@ class EmbeddingExport:
             self.sketch_split[kept],
             self.sketch_embedding[kept],
             dict(self.meta),
+            None if self.sketch_digest is None else self.sketch_digest[kept],
+            None if self.photo_digest is None else self.photo_digest[index],
         )
 
 
@@ -108,21 +137,21 @@ def save_embedding_export(run_dir: str | Path, export: EmbeddingExport) -> Path:
     out = Path(run_dir) / EXPORT_DIR
     n, d = export.photo_embedding.shape
     s = export.sketch_embedding.shape[0]
-    photos = pa.table(
-        {
-            "photo_id": pa.array(export.photo_id, pa.string()),
-            "split": pa.array(export.photo_split, pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(export.photo_embedding.reshape(-1), d),
-        }
-    )
-    sketches = pa.table(
-        {
-            "sketch_id": pa.array(export.sketch_id, pa.string()),
-            "photo_id": pa.array(export.sketch_photo_id, pa.string()),
-            "split": pa.array(export.sketch_split, pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(export.sketch_embedding.reshape(-1), N_LEVELS * d),
-        }
-    )
+    photos = {
+        "photo_id": pa.array(export.photo_id, pa.string()),
+        "split": pa.array(export.photo_split, pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(export.photo_embedding.reshape(-1), d),
+    }
+    sketches = {
+        "sketch_id": pa.array(export.sketch_id, pa.string()),
+        "photo_id": pa.array(export.sketch_photo_id, pa.string()),
+        "split": pa.array(export.sketch_split, pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(export.sketch_embedding.reshape(-1), N_LEVELS * d),
+    }
+    if export.photo_digest is not None:
+        photos[PHOTO_DIGEST] = pa.array(export.photo_digest, pa.string())
+    if export.sketch_digest is not None:
+        sketches[SKETCH_DIGEST] = pa.array(export.sketch_digest, pa.string())
     meta = {
         "schema_version": SCHEMA_VERSION,
         "n_photos": n,
@@ -132,17 +161,14 @@ def save_embedding_export(run_dir: str | Path, export: EmbeddingExport) -> Path:
         "meta": export.meta,
     }
     meta_text = json.dumps(meta, indent=2) + "\n"  # before the temp dir: a non-JSON meta fails cleanly
-    tmp = _atomic_dir(out)
-    try:
-        # Dictionary-encoding the float embeddings only costs time (they hardly repeat).
-        pq.write_table(photos, tmp / "photos.parquet", use_dictionary=["photo_id", "split"])
-        pq.write_table(sketches, tmp / "sketches.parquet", use_dictionary=["sketch_id", "photo_id", "split"])
+
+    def write(tmp: Path) -> None:
+        # Dictionary-encoding the float embeddings and digests only costs time (they hardly repeat).
+        pq.write_table(pa.table(photos), tmp / "photos.parquet", use_dictionary=["photo_id", "split"])
+        pq.write_table(pa.table(sketches), tmp / "sketches.parquet", use_dictionary=["sketch_id", "photo_id", "split"])
         (tmp / "meta.json").write_text(meta_text)
-        _commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return replace_dir(out, write)
 
 
 def load_embedding_export(run_dir: str | Path) -> EmbeddingExport:
@@ -170,8 +196,8 @@ def load_embedding_export(run_dir: str | Path) -> EmbeddingExport:
         raise DataError(f"{meta_file}: n_levels {meta['n_levels']}, this code uses {N_LEVELS} completion levels")
     d = meta["dim"]
     photo_file, sketch_file = folder / "photos.parquet", folder / "sketches.parquet"
-    photos = _read_table(photo_file, ("photo_id", "split"), d, meta["n_photos"])
-    sketches = _read_table(sketch_file, ("sketch_id", "photo_id", "split"), N_LEVELS * d, meta["n_sketches"])
+    photos = _read_table(photo_file, ("photo_id", "split"), d, meta["n_photos"], PHOTO_DIGEST)
+    sketches = _read_table(sketch_file, ("sketch_id", "photo_id", "split"), N_LEVELS * d, meta["n_sketches"], SKETCH_DIGEST)
     n, s = meta["n_photos"], meta["n_sketches"]
     photo_embedding = photos["embedding"].reshape(n, d)
     problem = _photo_problem(photos["photo_id"], photos["split"], photo_embedding)
@@ -187,13 +213,125 @@ def load_embedding_export(run_dir: str | Path) -> EmbeddingExport:
             sketch_split=sketches["split"],
             sketch_embedding=sketches["embedding"].reshape(s, N_LEVELS, d),
             meta=meta["meta"],
+            sketch_digest=sketches.get(SKETCH_DIGEST),
+            photo_digest=photos.get(PHOTO_DIGEST),
         )
     except ValueError as e:  # the photos are checked above, so the sketches disagree with them
         raise DataError(f"{sketch_file}: {e}") from None
 
 
-def _read_table(path: Path, string_columns: tuple[str, ...], width: int, n_rows: int) -> dict[str, np.ndarray]:
-    """The string columns (object arrays) and the flat float32 embedding of one Parquet file, checked."""
+def sketch_embeddings_for(
+    export: EmbeddingExport,
+    sketches: SketchSet,
+    export_dir: str | Path,
+    data_dir: str | Path | None = None,
+    embed: SketchEmbedder | None = None,
+) -> torch.Tensor:
+    """(S, 17, D) float32 phase-1 embeddings of `sketches`, looked up in `export` by id and checked
+    against their strokes.
+
+    export_dir: the run directory the export came from (named in errors).
+    data_dir:   the data set the sketches were read from unchanged (the fingerprint check of exports
+                without digests; None for sketches made or changed in memory).
+    embed:      re-embeds the sketches whose strokes differ from what the export embedded
+                (e.g. `functools.partial(policies.embedding.embed_sketches, PHASE1_RUN)`); without
+                it they are a DataError that names them.
+    DataError as well when a sketch is not in the export, or the export pairs it with another photo.
+    """
+    rows = _rows(export.sketch_index(), sketches.sketch_id, "sketch", export_dir)
+    paired = export.sketch_photo_id[rows]
+    mismatch = np.flatnonzero(paired != sketches.photo_id)
+    if len(mismatch):
+        i = mismatch[0]
+        raise DataError(
+            f"{export_dir}: the embedding export pairs sketch {sketches.sketch_id[i]!r} with photo {paired[i]!r} "
+            f"but {data_dir or 'the data'} pairs it with {sketches.photo_id[i]!r} ({len(mismatch)} such sketches): "
+            "was the export made from another data set?"
+        )
+    out = torch.from_numpy(export.sketch_embedding[rows])
+    changed = _changed(export, export.sketch_digest, rows, lambda: sketch_digests(sketches), data_dir)
+    if len(changed):
+        if embed is None:
+            raise DataError(_stale(export, export_dir, data_dir, "sketch", sketches.sketch_id[changed]))
+        out[changed] = _embedded(embed(sketches.subset(changed)), (len(changed), N_LEVELS, export.dim), "sketch")
+    return out
+
+
+def gallery_for(
+    export: EmbeddingExport,
+    photos: PhotoSet,
+    export_dir: str | Path,
+    data_dir: str | Path | None = None,
+    embed: PhotoEmbedder | None = None,
+) -> Gallery:
+    """The gallery of `photos` (in their order), embeddings looked up in `export` by id and checked
+    against the photos' bytes as `sketch_embeddings_for` checks sketches (`embed` re-embeds changed
+    photos: (n, D)). DataError naming the photos that are missing, or changed without `embed`."""
+    rows = _rows(export.photo_index(), photos.photo_id, "photo", export_dir)
+    embeddings = torch.from_numpy(export.photo_embedding[rows])
+    changed = _changed(export, export.photo_digest, rows, lambda: photo_digests(photos), data_dir)
+    if len(changed):
+        if embed is None:
+            raise DataError(_stale(export, export_dir, data_dir, "photo", photos.photo_id[changed]))
+        embeddings[changed] = _embedded(embed(photos.subset(changed)), (len(changed), export.dim), "photo")
+    return Gallery(embeddings, photos.photo_id)
+
+
+def _rows(index: dict[str, int], wanted, what: str, export_dir) -> np.ndarray:
+    """Row of each id of `wanted` in the export (`index`: id -> row); DataError naming the missing ones."""
+    missing = [key for key in wanted if key not in index]
+    if missing:
+        raise DataError(
+            f"{export_dir}: the embedding export has no {what} embedding for {len(missing)} {what}(s), "
+            f"e.g. {missing[:3]}; export the embeddings again from this data set"
+        )
+    return np.array([index[key] for key in wanted], np.int64)
+
+
+def _changed(export: EmbeddingExport, stored, rows: np.ndarray, digests: Callable[[], np.ndarray], data_dir) -> np.ndarray:
+    """Indices (into `rows`) of the items whose content is not what the export embedded.
+
+    With stored digests: those whose digest differs. Without (older exports): all of them when the
+    export names a data fingerprint that `data_dir` does not have (or no `data_dir` is given),
+    none when it matches or the export names no fingerprint at all (made by hand).
+    """
+    if stored is not None:
+        return np.flatnonzero(stored[rows] != digests())
+    fingerprint = export.meta.get("data_fingerprint")
+    if fingerprint is None or (data_dir is not None and data_fingerprint(data_dir) == fingerprint):
+        return np.zeros(0, np.int64)
+    return np.arange(len(rows))
+
+
+def _stale(export: EmbeddingExport, export_dir, data_dir, what: str, ids) -> str:
+    where = data_dir or "the data"
+    fix = (
+        f"Export them again (`darp pretrain --data {data_dir or 'DATA'} --run-dir {export_dir}`: a finished run only "
+        f"re-exports), or evaluate with `darp evaluate`, which re-embeds changed {what}s with the phase-1 network."
+    )
+    if (export.sketch_digest if what == "sketch" else export.photo_digest) is None:
+        return (
+            f"{export_dir}: the embedding export was made from another version of {where} (its data fingerprint "
+            f"differs) and records no per-{what} digests to tell which {what}s changed; their old embeddings "
+            f"would rank them wrongly. {fix}"
+        )
+    content = "other strokes" if what == "sketch" else "another image"
+    return (
+        f"{export_dir}: {len(ids)} {what}(s) of {where} have {content} than the embedding export was "
+        f"computed from (e.g. {list(ids[:3])}); their old embeddings would rank them wrongly. {fix}"
+    )
+
+
+def _embedded(values, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    out = torch.as_tensor(np.asarray(values, np.float32) if not isinstance(values, torch.Tensor) else values).float()
+    if tuple(out.shape) != shape:
+        raise ValueError(f"re-embedding {what}s gave shape {tuple(out.shape)}, expected {shape}")
+    return out
+
+
+def _read_table(path: Path, string_columns: tuple[str, ...], width: int, n_rows: int, optional: str) -> dict[str, np.ndarray]:
+    """The string columns (object arrays; `optional` only if present) and the flat float32 embedding
+    of one Parquet file, checked."""
     if not path.is_file():
         raise DataError(f"{path}: missing")
     try:
@@ -206,7 +344,7 @@ def _read_table(path: Path, string_columns: tuple[str, ...], width: int, n_rows:
     if table.num_rows != n_rows:
         raise DataError(f"{path}: {table.num_rows} rows, meta.json says {n_rows}")
     out = {}
-    for name in string_columns:
+    for name in (*string_columns, *([optional] if optional in table.column_names else [])):
         column = table.column(name)
         if not pa.types.is_string(column.type) or column.null_count:
             raise DataError(f"{path}: column {name!r} must be non-null strings, got {column.type} with {column.null_count} nulls")

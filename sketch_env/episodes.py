@@ -4,6 +4,8 @@ An episode shows one sketch at its 17 completion levels. Everything a step needs
 here, in memory (nothing is cached on disk): the partial renders, the phase-1 embedding of every
 partial sketch, the index of the sketch's photo in the gallery of its split, and the rank of each
 phase-1 embedding (the triplet baseline, used for the first `rank_gain` reward and by `render`).
+The embeddings come from the phase-1 export, checked sketch by sketch against the strokes they are
+shown with (`sketch_env.embeddings.sketch_embeddings_for`), or from the caller (`episode_data`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sketch_env.data import DataError, load_dataset, select_split
-from sketch_env.embeddings import load_embedding_export
+from sketch_env.data import DataError, Dataset, load_dataset, select_split
+from sketch_env.embeddings import (
+    PhotoEmbedder,
+    SketchEmbedder,
+    gallery_for,
+    load_embedding_export,
+    sketch_embeddings_for,
+)
 from sketch_env.gallery import Gallery
 from sketch_env.render import N_LEVELS, render_levels
 
@@ -78,6 +86,8 @@ def load_episode_data(
     split: str = "train",
     image_size: int = 64,
     thumbnails: bool = False,
+    embed_sketches: SketchEmbedder | None = None,
+    embed_photos: PhotoEmbedder | None = None,
 ) -> EpisodeData:
     """Episodes of one split: the data set's sketches of `split`, ranked among that split's photos.
 
@@ -86,33 +96,38 @@ def load_episode_data(
     split:         "train", "val", "test", "train+val" or "all" (`sketch_env.data.select_split`).
     image_size:    side of the partial renders the glimpses are taken from.
     thumbnails:    decode the gallery photos at 64 x 64 for `render` (slow on large galleries).
-    Raises DataError when a sketch or photo of the split has no embedding in the export, or when the
-    export pairs a sketch with another photo than the data set does.
+    embed_sketches, embed_photos: re-embed the sketches (photos) whose strokes (bytes) changed since
+                   the export was made (`sketch_env.embeddings.sketch_embeddings_for`); without them
+                   a changed one is a DataError naming it, as is a sketch or photo missing from the
+                   export, or a sketch the export pairs with another photo than the data set does.
     """
     ds = select_split(load_dataset(data_dir), split)
     if len(ds.sketches) == 0:
         raise DataError(f"{data_dir}: split {split!r} has no sketches")
     export = load_embedding_export(embedding_run)
-    sketch_rows = _rows_in_export(export.sketch_index(), ds.sketches.sketch_id, "sketch", embedding_run, split)
-    paired = export.sketch_photo_id[sketch_rows]
-    mismatch = np.flatnonzero(paired != ds.sketches.photo_id)
-    if len(mismatch):
-        i = mismatch[0]
-        raise DataError(
-            f"{embedding_run}: the embedding export pairs sketch {ds.sketches.sketch_id[i]!r} with photo "
-            f"{paired[i]!r} but {data_dir} pairs it with {ds.sketches.photo_id[i]!r} ({len(mismatch)} such "
-            "sketches): was the export made from another data set?"
-        )
-    gallery = _split_gallery(ds, export, embedding_run, split)
-    sketch_embedding = torch.from_numpy(export.sketch_embedding[sketch_rows])
+    return episode_data(
+        ds,
+        gallery_for(export, ds.photos, embedding_run, data_dir, embed_photos),
+        sketch_embeddings_for(export, ds.sketches, embedding_run, data_dir, embed_sketches),
+        image_size,
+        thumbnails,
+    )
+
+
+def episode_data(
+    split: Dataset, gallery: Gallery, sketch_embedding: torch.Tensor, image_size: int = 64, thumbnails: bool = False
+) -> EpisodeData:
+    """Episodes of the sketches of `split` (a `Dataset`, also one made or changed in memory) ranked in
+    `gallery`, with their (S, 17, D) phase-1 `sketch_embedding` computed anywhere (from the export by
+    `sketch_embeddings_for`, or by the phase-1 network for sketches the export never saw)."""
     return EpisodeData(
-        images=_render(ds.sketches, image_size),
-        sketch_embedding=sketch_embedding,
-        target_index=gallery.index_of(ds.sketches.photo_id),
+        images=_render(split.sketches, image_size),
+        sketch_embedding=torch.as_tensor(sketch_embedding, dtype=torch.float32),
+        target_index=gallery.index_of(split.sketches.photo_id),
         gallery=gallery,
-        sketch_id=np.asarray(ds.sketches.sketch_id, dtype=object),
-        photo_id=np.asarray(ds.sketches.photo_id, dtype=object),
-        thumbnails=ds.photos.decode_all(THUMBNAIL_SIZE) if thumbnails else None,
+        sketch_id=np.asarray(split.sketches.sketch_id, dtype=object),
+        photo_id=np.asarray(split.sketches.photo_id, dtype=object),
+        thumbnails=split.photos.decode_all(THUMBNAIL_SIZE) if thumbnails else None,
     )
 
 
@@ -122,27 +137,11 @@ def load_supervised_targets(
     """What a learner's supervised term looks up, in `load_episode_data`'s order, without rendering:
     the split's gallery (infos' target_index indexes it) and the (S, D) phase-1 embedding of each
     complete sketch of the split (infos' sketch_index indexes it). The data set and the export are
-    read once for both."""
+    read once for both, and checked against each other as `load_episode_data` checks them."""
     ds = select_split(load_dataset(data_dir), split)
     export = load_embedding_export(embedding_run)
-    rows = _rows_in_export(export.sketch_index(), ds.sketches.sketch_id, "sketch", embedding_run, split)
-    return _split_gallery(ds, export, embedding_run, split), torch.from_numpy(export.sketch_embedding[rows, -1])
-
-
-def _split_gallery(ds, export, embedding_run, split: str) -> Gallery:
-    photo_rows = _rows_in_export(export.photo_index(), ds.photos.photo_id, "photo", embedding_run, split)
-    return Gallery(torch.from_numpy(export.photo_embedding[photo_rows]), ds.photos.photo_id)
-
-
-def _rows_in_export(index: dict[str, int], wanted, what: str, run, split: str) -> np.ndarray:
-    """Row of each id of `wanted` in the export (`index`: id -> row); DataError naming the missing ones."""
-    missing = [key for key in wanted if key not in index]
-    if missing:
-        raise DataError(
-            f"{run}: the embedding export has no {what} embedding for {len(missing)} {what}(s) of split "
-            f"{split!r}, e.g. {missing[:3]}; export the embeddings again from this data set"
-        )
-    return np.array([index[key] for key in wanted], np.int64)
+    gallery = gallery_for(export, ds.photos, embedding_run, data_dir)
+    return gallery, sketch_embeddings_for(export, ds.sketches, embedding_run, data_dir)[:, -1]
 
 
 def _render(sketches, size: int) -> torch.Tensor:

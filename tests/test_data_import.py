@@ -181,7 +181,7 @@ def test_hand_made_pickle_imports(tmp_path):
     assert sk.sketch_id.tolist() == ["a_1", "a_2", "b_1"]
     assert sk.photo_id.tolist() == ["a", "a", "b"]
     assert sk.split.tolist() == ["train", "train", "test"]
-    assert sk.drawer.tolist() == [1, 2, 1]
+    assert sk.drawer.tolist() == ["1", "2", "1"]
     np.testing.assert_allclose(sk.sketch(1)[:, :2], coords["/train/a_2"][:, :2] / 256, rtol=1e-6)
     assert sk.sketch(1)[:, 2].tolist() == coords["/train/a_2"][:, 2].tolist()
     assert dict(zip(ds.photos.photo_id, ds.photos.split)) == {"a": "train", "b": "test"}
@@ -254,7 +254,7 @@ def test_bad_input_is_skipped_or_fails_without_output(tmp_path, name, points, ph
 def test_bad_key_and_all_bad_and_failed_reimport_keeps_old_output(tmp_path):
     path, photos = make_qmul(tmp_path, {"/train/ok_1": good_sketch(), "/elsewhere/x_1": good_sketch()})
     summary = import_qmul(path, photos, tmp_path / "out")
-    assert summary.skipped[0][0] == "/elsewhere/x_1" and "'/train/NAME_k'" in summary.skipped[0][1]
+    assert summary.skipped[0][0] == "/elsewhere/x_1" and "'/train/NAME_DRAWER'" in summary.skipped[0][1]
     before = (tmp_path / "out" / "sketches.parquet").read_bytes()
 
     bad = tmp_path / "bad.pkl"
@@ -384,7 +384,7 @@ def test_import_sketchy_skips_bad_files_and_fails_cleanly(tmp_path):
     assert summary.n_imported == 1 and summary.n_photos == 1
     assert sorted(n for n, _ in summary.skipped) == ["noname", "p-2", "q-1"]
     sk = load_sketches(tmp_path / "out")
-    assert sk.sketch_id.tolist() == ["p-1"] and sk.drawer.tolist() == [1] and sk.split.tolist() == ["test"]
+    assert sk.sketch_id.tolist() == ["p-1"] and sk.drawer.tolist() == ["1"] and sk.split.tolist() == ["test"]
     assert (sk.canvas_width[0], sk.canvas_height[0]) == (640, 480)
     assert sk.points[-1].tolist() == pytest.approx([620 / 640, (470 + 80) / 640, 1])
 
@@ -445,3 +445,116 @@ def test_generate_command_writes_a_loadable_data_set(tmp_path):
     ds = load_dataset(out)
     assert len(ds.photos) == 4 and len(ds.sketches) == 8
     assert set(ds.sketches.split) == {"train", "test"}
+
+
+# ---------------------------------------------------------------- hostile and real-world input
+
+
+def test_qmul_keys_whose_drawer_is_not_a_number_import(tmp_path):
+    coords = {
+        "/train/00140128_v1_A7QX2KD9PLMZ3": good_sketch(),  # as in real coordinate files
+        "/train/00140128_v1_2": good_sketch(8),
+        "/test/shoe_b_7z": good_sketch(5),
+        "/train/nodrawer_": good_sketch(),  # an empty suffix names no drawer
+    }
+    path, photos = make_qmul(tmp_path, coords)
+    summary = import_qmul(path, photos, tmp_path / "out")
+    assert summary.n_imported == 3 and [name for name, _ in summary.skipped] == ["/train/nodrawer_"]
+    sk = load_sketches(tmp_path / "out")
+    assert sk.sketch_id.tolist() == ["00140128_v1_A7QX2KD9PLMZ3", "00140128_v1_2", "shoe_b_7z"]
+    assert sk.photo_id.tolist() == ["00140128_v1", "00140128_v1", "shoe_b"]
+    assert sk.drawer.tolist() == ["A7QX2KD9PLMZ3", "2", "7z"]
+
+
+def test_data_sets_of_schema_1_still_load(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path, photos = make_qmul(tmp_path, {"/train/a_1": good_sketch(), "/train/a_2": good_sketch(7)})
+    out = tmp_path / "out"
+    import_qmul(path, photos, out)
+    table = pq.read_table(out / "sketches.parquet")
+    old = table.set_column(table.column_names.index("drawer"), "drawer", pa.array([1, 2], pa.int32()))
+    pq.write_table(old, out / "sketches.parquet")
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 1}))
+    assert load_sketches(out).drawer.tolist() == ["1", "2"]
+
+
+@pytest.mark.parametrize("text, message", [("[1, 2]", "expected a JSON object, got list"), ('"x"', "got str"), ("\xff", "not valid JSON")])
+def test_a_manifest_that_is_not_an_object_is_a_one_line_error(tmp_path, capsys, text, message):
+    path, photos = make_qmul(tmp_path, {"/train/a_1": good_sketch()})
+    import_qmul(path, photos, tmp_path / "out")
+    (tmp_path / "out" / "manifest.json").write_text(text, encoding="latin-1")
+    assert main(["data", "info", "--data", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "out" / "manifest.json") in err and message in err
+
+
+def test_photo_bytes_that_are_not_an_image_name_the_photo_and_file(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path, photos = make_qmul(tmp_path, {"/train/a_1": good_sketch(), "/train/b_1": good_sketch()})
+    out = tmp_path / "out"
+    import_qmul(path, photos, out)
+    table = pq.read_table(out / "photos.parquet")
+    table = table.set_column(2, "image", pa.array([table.column("image")[0].as_py(), b"not an image"], pa.binary()))
+    pq.write_table(table, out / "photos.parquet")
+    with pytest.raises(DataError, match=r"photos\.parquet: photo 'b' is not a readable image"):
+        load_dataset(out).photos.decode_all(8)
+    assert main(["data", "show", "--data", str(out), "--sketch", "b_1", "--out", str(tmp_path / "b.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "photo 'b' is not a readable image" in err
+
+
+ENTITIES = """<?xml version="1.0"?>
+<!DOCTYPE svg [
+ <!ENTITY a "l1,1 l-1,-1 ">
+ <!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">
+ <!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">
+]>
+<svg width="640" height="480" xmlns="http://www.w3.org/2000/svg"><path d="M10,10 &c;"/></svg>
+"""
+
+
+def test_svg_that_declares_entities_is_refused(tmp_path):
+    f = tmp_path / "bomb-1.svg"
+    f.write_text(ENTITIES)
+    with pytest.raises(DataError, match=r"bomb-1\.svg: the document declares the entity 'a'; .* refused"):
+        parse_sketchy_svg(f)
+    external = tmp_path / "ext-1.svg"
+    external.write_text(ENTITIES.replace('<!ENTITY a "l1,1 l-1,-1 ">', f'<!ENTITY a SYSTEM "file://{f}">'))
+    with pytest.raises(DataError, match="declares the entity 'a'"):
+        parse_sketchy_svg(external)
+
+
+def test_points_per_sketch_are_capped(tmp_path, monkeypatch):
+    from sketch_env.data import validate
+
+    many = "M0,0 " + "l1,0 l-1,0 " * (validate.MAX_POINTS // 2)
+    f = write_svg(tmp_path / "long-1.svg", [many])
+    with pytest.raises(DataError, match=rf"long-1\.svg: <path> 1: more than the {validate.MAX_POINTS} points a sketch may have"):
+        parse_sketchy_svg(f)
+    long = np.zeros((validate.MAX_POINTS + 1, 3))
+    long[:, 0] = np.linspace(0, 200, len(long))
+    long[-1, 2] = 1
+    assert check_sketch(long, 256, 256, "s") == f"sketch s: {validate.MAX_POINTS + 1} points, more than the {validate.MAX_POINTS} a sketch may have"
+    path, photos = make_qmul(tmp_path, {"/train/a_1": good_sketch(), "/train/b_1": long})
+    summary = import_qmul(path, photos, tmp_path / "out")
+    assert summary.n_imported == 1 and "more than the" in summary.skipped[0][1]
+
+
+def test_import_sketchy_stores_only_splits_that_can_be_read_back(tmp_path, capsys):
+    svg, photos = tmp_path / "svg", tmp_path / "photos"
+    svg.mkdir()
+    photos.mkdir()
+    write_photo(photos / "p.jpg")
+    write_svg(svg / "p-1.svg", ["M10,10 L20,20"])
+    with pytest.raises(DataError, match=r"unknown split 'val'.*\('train', 'test'\)"):
+        import_sketchy(svg, photos, tmp_path / "out", split="val")
+    with pytest.raises(SystemExit):
+        main(["data", "import-sketchy", "--svg", str(svg), "--photos", str(photos), "--out", str(tmp_path / "out"), "--split", "val"])
+    assert "invalid choice: 'val'" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -58,7 +58,7 @@ def test_counts_ids_and_split_by_photo(chairs):
     assert len(photos) == 12 and len(sketches) == 36
     assert list(photos.photo_id) == [f"chair{i:04d}" for i in range(12)]
     assert list(sketches.sketch_id[:3]) == ["chair0000_1", "chair0000_2", "chair0000_3"]
-    assert list(sketches.drawer) == [0, 1, 2] * 12
+    assert list(sketches.drawer) == ["0", "1", "2"] * 12
     assert all(s.startswith(p + "_") for s, p in zip(sketches.sketch_id, sketches.photo_id))
     assert sorted(photos.split) == ["test"] * 3 + ["train"] * 9
     split_of = dict(zip(photos.photo_id, photos.split))

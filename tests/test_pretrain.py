@@ -56,6 +56,20 @@ def test_export_covers_every_photo_and_sketch_at_every_level(trained, data_dir):
     assert np.abs(export.sketch_embedding[:, 0] - export.sketch_embedding[:, 16]).max() > 1e-3
 
 
+def test_export_records_what_it_embedded_and_the_network_reproduces_it(trained, data_dir):
+    from policies.embedding import embed_photos, embed_sketches
+    from sketch_env.data import photo_digests, sketch_digests
+
+    run_dir, _, _ = trained
+    ds = load_dataset(data_dir)
+    export = load_embedding_export(run_dir)
+    assert list(export.sketch_digest) == list(sketch_digests(ds.sketches))
+    assert list(export.photo_digest) == list(photo_digests(ds.photos))
+    # the re-embedding path (sketches changed since the export) computes what the export holds
+    np.testing.assert_allclose(embed_sketches(run_dir, ds.sketches).numpy(), export.sketch_embedding, atol=1e-5)
+    np.testing.assert_allclose(embed_photos(run_dir, ds.photos).numpy(), export.photo_embedding, atol=1e-5)
+
+
 def test_resume_continues_from_the_checkpoint(trained):
     run_dir, first, second = trained
     assert first["epochs"] == 1 and [h["epoch"] for h in first["history"]] == [1]

@@ -7,7 +7,9 @@
     darp data show --data runs/data/chairv2 --sketch 00140128_v1_1 --out sketch.png
 
 Bad input stops with a `DataError` (exit status 1) that names the file and the problem; the import
-commands can instead skip bad sketches and list them (`--on-error skip`, the default).
+commands can instead skip bad sketches and list them (`--on-error skip`, the default). `--out` may
+be new, empty or an earlier data set; any other directory (or a file) is only replaced with
+`--force`, and never one that holds the command's own input.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from tune_runs.cli import arg
 class GenerateConfig:
     """Generate the built-in fine-grained chair data set: photos and sketches by simulated drawers."""
 
-    out: Path = arg(Path("runs/data/chairs"), "data-set directory to write (replaced if it exists)")
+    out: Path = arg(Path("runs/data/chairs"), "data-set directory to write (replaces an earlier data set there)")
     photos: int = arg(400, "number of chair instances, one photo each")
     sketches_per_photo: int = arg(3, "sketches per photo, each by a different simulated drawer")
     seed: int = arg(0, "random seed: the same seed gives the same data set")
     test_fraction: float = arg(0.25, "share of the photos that go, with their sketches, to the test split")
+    force: bool = arg(False, "replace --out even if it holds something other than a data set (never an input)")
 
 
 @dataclass
@@ -41,8 +44,9 @@ class ImportQMULConfig:
     coords: Path = arg(help="coordinate pickle, e.g. ChairV2_Coordinate_train (read with a restricted unpickler)")
     photos: Path = arg(help="directory of the photos NAME.png / NAME.jpg")
     split: Literal["all", "train", "test"] = arg("all", "which keys ('/train/...', '/test/...') to import")
-    out: Path = arg(Path("runs/data/chairv2"), "data-set directory to write (replaced if it exists)")
+    out: Path = arg(Path("runs/data/chairv2"), "data-set directory to write (replaces an earlier data set there)")
     on_error: Literal["skip", "fail"] = arg("skip", "bad sketches: skip and report them, or stop at the first")
+    force: bool = arg(False, "replace --out even if it holds something other than a data set (never an input)")
 
 
 @dataclass
@@ -51,9 +55,10 @@ class ImportSketchyConfig:
 
     svg: Path = arg(help="directory of the SVG sketches of one category")
     photos: Path = arg(help="directory of the photos PHOTO.jpg / PHOTO.png")
-    out: Path = arg(Path("runs/data/sketchy"), "data-set directory to write (replaced if it exists)")
-    split: Literal["train", "val", "test"] = arg("train", "split of every imported sketch and photo")
+    out: Path = arg(Path("runs/data/sketchy"), "data-set directory to write (replaces an earlier data set there)")
+    split: Literal["train", "test"] = arg("train", "split of every imported sketch and photo (val is 20% of train, chosen when read)")
     on_error: Literal["skip", "fail"] = arg("skip", "bad sketches: skip and report them, or stop at the first")
+    force: bool = arg(False, "replace --out even if it holds something other than a data set (never an input)")
 
 
 @dataclass
@@ -77,7 +82,7 @@ def generate(cfg: GenerateConfig) -> int:
     from sketch_env.data.generate import generate_dataset
 
     start = time.perf_counter()
-    out = generate_dataset(Path(cfg.out), cfg.photos, cfg.sketches_per_photo, cfg.seed, cfg.test_fraction)
+    out = generate_dataset(Path(cfg.out), cfg.photos, cfg.sketches_per_photo, cfg.seed, cfg.test_fraction, cfg.force)
     print(f"generated {out} in {time.perf_counter() - start:.1f} s")
     print(describe(load_dataset(out)))
     return 0
@@ -87,7 +92,7 @@ def import_qmul(cfg: ImportQMULConfig) -> int:
     from sketch_env.data.qmul import import_qmul as run_import
 
     start = time.perf_counter()
-    summary = run_import(cfg.coords, cfg.photos, cfg.out, split=cfg.split, on_error=cfg.on_error)
+    summary = run_import(cfg.coords, cfg.photos, cfg.out, split=cfg.split, on_error=cfg.on_error, force=cfg.force)
     print(f"{summary.format()}\nwrote {cfg.out} in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -96,7 +101,7 @@ def import_sketchy(cfg: ImportSketchyConfig) -> int:
     from sketch_env.data.sketchy import import_sketchy as run_import
 
     start = time.perf_counter()
-    summary = run_import(cfg.svg, cfg.photos, cfg.out, split=cfg.split, on_error=cfg.on_error)
+    summary = run_import(cfg.svg, cfg.photos, cfg.out, split=cfg.split, on_error=cfg.on_error, force=cfg.force)
     print(f"{summary.format()}\nwrote {cfg.out} in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sketch_env.atomic import atomic_write_text
+from sketch_env.atomic import OutputKind, atomic_write_text, prepare_output_dir
 from tune_runs.cli import arg
 
 
@@ -30,11 +30,15 @@ class DemoConfig:
     train_budget_s: float = arg(180.0, "time budget of phase 2 (DARP)")
     train_iterations: int = arg(200, "most DARP iterations")
     split: str = arg("val", "split evaluated (val: 20% of the train photos; test: the held-out test photos)")
+    force: bool = arg(False, "write into --run-dir even if it holds something other than a demo")
 
 
 def _stage(name: str):
     print(f"\n=== {name} " + "=" * max(0, 60 - len(name)), flush=True)
     return time.time()
+
+
+DEMO_KIND = OutputKind("demo", ("data/manifest.json", "phase1", "results.md"))
 
 
 def run(cfg: DemoConfig) -> int:
@@ -43,8 +47,7 @@ def run(cfg: DemoConfig) -> int:
     from tune_runs import data_cmd, evaluate, pretrain, train
     from tune_runs.plots import format_table, plot_curves
 
-    root = Path(cfg.run_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    root = prepare_output_dir(cfg.run_dir, DEMO_KIND, inputs=(cfg.shared_data,), force=cfg.force)
     timings = {}
 
     t = _stage("data")

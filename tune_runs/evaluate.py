@@ -4,7 +4,10 @@ The gallery is the photos of the evaluated split; every sketch of the split is a
 the 17 completion levels. Ranks come from `sketch_env.gallery.Gallery`, figures from
 `sketch_env.metrics.retrieval_metrics`. A triplet run (`darp pretrain`) is queried with the
 embedding of each partial sketch (from its export when the export was made from this data set, else
-by running its saved network); an RL run is evaluated by `tune_runs.rl_eval.evaluate_policy_run`.
+by running its saved network); an RL run is evaluated by `tune_runs.rl_eval.evaluate_policy_run`,
+on the phase-1 embeddings of its export, except for sketches (photos) whose strokes (bytes) changed
+since the export was made: those are re-embedded by its phase-1 network, so the ranks always belong
+to the strokes evaluated.
 
 Writes OUT/metrics.json (auir, m_at_a, acc@1, acc@5, acc@10, percentile_curve, n_sketches, n_photos),
 OUT/curve.png (ranking percentile vs completion) and OUT/ranks.parquet (sketch_id, level, rank), and
@@ -32,7 +35,7 @@ from policies.embedding import (
     photo_decode_size,
     photo_inputs,
 )
-from sketch_env.atomic import atomic_write, atomic_write_json
+from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, prepare_output_dir
 from sketch_env.data import DataError, Dataset, data_fingerprint, load_dataset, select_split
 from sketch_env.embeddings import EXPORT_DIR, EmbeddingExport, load_embedding_export
 from sketch_env.gallery import Gallery, ranks_from_embeddings
@@ -41,6 +44,7 @@ from sketch_env.render import N_LEVELS, first_ink_level
 from tune_runs.cli import arg
 
 METRIC_KEYS = ("auir", "m_at_a", "acc@1", "acc@5", "acc@10", "percentile_curve", "n_sketches", "n_photos")
+EVAL_KIND = OutputKind("evaluation", ("metrics.json", "glimpses.png"))
 
 
 @dataclass
@@ -57,6 +61,7 @@ class EvaluateConfig:
         "policy", "where a policy that looks takes its glimpses: its own locator, or a fixed rule in its place "
         "(centre; random: uniform; ink: a random inked pixel; newest-ink: on the stroke drawn last)")
     seed: int = arg(0, "seed of the random locators")
+    force: bool = arg(False, "write into --out even if it holds something other than an evaluation")
 
 
 def export_covers(export: EmbeddingExport, ds: Dataset) -> bool:
@@ -164,8 +169,9 @@ def run(cfg: EvaluateConfig) -> dict:
 
     torch.set_num_threads(cfg.num_threads)
     run_dir, data_dir = Path(cfg.run), Path(cfg.data)
-    out = Path(cfg.out) if cfg.out is not None else run_dir / f"eval-{cfg.split}"
     record = read_run(run_dir)
+    out = prepare_output_dir(cfg.out if cfg.out is not None else run_dir / f"eval-{cfg.split}", EVAL_KIND,
+                             inputs=(cfg.data, cfg.run), force=cfg.force)
     kind = record.get("kind")
     if kind == "triplet" and cfg.locator != "policy":
         raise DataError(f"{run_dir}: a triplet run does not look anywhere; --locator needs a policy that looks")

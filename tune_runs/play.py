@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from sketch_env.atomic import atomic_write
+from sketch_env.atomic import OutputKind, atomic_write, prepare_output_dir
 from sketch_env.data import DataError
 from sketch_env.env import EnvConfig, SketchRetrievalEnv
 from sketch_env.episodes import EpisodeData, load_episode_data
@@ -45,6 +45,7 @@ class PlayConfig:
     out: str = arg("play_frames", "folder for the frames (frame_000.png, ...; earlier ones are removed) and episode.gif")
     seed: int = arg(0, "seed of the sketch draw and of the random policy")
     max_steps: int | None = arg(None, "stop after this many steps (default: the whole episode)")
+    force: bool = arg(False, "write into --out even if it holds something other than play frames")
 
 
 class RandomPolicy:
@@ -150,8 +151,12 @@ def save_gif(path: Path, frames: list[np.ndarray]) -> None:
     )
 
 
+FRAMES_KIND = OutputKind("play frames folder", ("episode.gif", "frame_[0-9][0-9][0-9].png"))
+
+
 def run(cfg: PlayConfig) -> int:
     """Play one episode (see the module docstring); frames of an earlier play in `out` are replaced."""
+    out = prepare_output_dir(cfg.out, FRAMES_KIND, inputs=(cfg.data, cfg.embedding, cfg.policy), force=cfg.force)
     episodes = load_episode_data(cfg.data, cfg.embedding, cfg.split, thumbnails=True)
     policy = make_policy(cfg.policy, cfg.seed)
     env_options = {}
@@ -174,7 +179,6 @@ def run(cfg: PlayConfig) -> int:
         f"{env.episode_length} steps: 17 levels x {glimpses} glimpses; policy {cfg.policy}"
     )
     print(f"the phase-1 embedding of level 1 ranks the photo {start_rank}/{n_photos}")
-    out = Path(cfg.out)
     for old in out.glob("frame_[0-9][0-9][0-9].png"):
         old.unlink()
     frames = [env.render()]

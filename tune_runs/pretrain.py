@@ -7,8 +7,8 @@ The options are `policies.phase1.Phase1Config`; the training lives in `policies.
 
 from __future__ import annotations
 
-from policies.phase1 import CHECKPOINT_FILE, RUN_FILE, Phase1Config, run
+from policies.phase1 import CHECKPOINT_FILE, RUN_FILE, RUN_KIND, Phase1Config, run
 
 PretrainConfig = Phase1Config
 
-__all__ = ["CHECKPOINT_FILE", "RUN_FILE", "PretrainConfig", "run"]
+__all__ = ["CHECKPOINT_FILE", "RUN_FILE", "RUN_KIND", "PretrainConfig", "run"]

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray import tune
 
-from sketch_env.atomic import atomic_write, atomic_write_json, atomic_write_text
+from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, atomic_write_text, prepare_output_dir
 from sketch_env.data import DataError
 from tune_runs.cli import arg
 from tune_runs.train import ALGOS, GLIMPSING
@@ -86,6 +86,7 @@ class ReportConfig:
     threads_per_trial: int = arg(1, "torch CPU threads per trial")
     n_traces: int = arg(4, "sketches shown in glimpses.png")
     progress_interval_s: float = arg(30.0, "print the running trials' iterations this often")
+    force: bool = arg(False, "write into --run-dir even if it holds something other than a report")
 
 
 def trial_dir(run_dir: str | Path, model: str, seed: int) -> Path:
@@ -384,6 +385,9 @@ def check_config(cfg: ReportConfig) -> None:
             raise SystemExit(f"darp report: --{name} {getattr(cfg, name)} is not a directory")
 
 
+REPORT_KIND = OutputKind("report", ("trials", "tune", "results.md"))
+
+
 def run(cfg: ReportConfig) -> int:
     import ray
 
@@ -392,8 +396,7 @@ def run(cfg: ReportConfig) -> int:
 
     check_config(cfg)
     start = time.time()
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = prepare_output_dir(cfg.run_dir, REPORT_KIND, inputs=(cfg.data, cfg.embedding), force=cfg.force)
     manifest = read_manifest(cfg.data)
     cfg = with_split(cfg, manifest)
     if "triplet" in cfg.models and not is_done(run_dir, "triplet", TRIPLET_SEED):

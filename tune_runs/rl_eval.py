@@ -40,8 +40,18 @@ def load_module(run_dir: str | Path):
     return module
 
 
-def make_env(run: dict, data_dir: str | Path, split: str, num_envs: int, render_mode: str | None = None):
-    """The batched env an RL run was trained with, on another data directory/split."""
+def load_run_episodes(run: dict, data_dir: str | Path, split: str):
+    """The episodes of `split` for an RL run: phase-1 embeddings from the run's export, with the
+    sketches and photos that changed since it was made re-embedded by its phase-1 network."""
+    from policies.embedding import reembedders
+    from sketch_env.episodes import load_episode_data
+
+    return load_episode_data(data_dir, run["embedding"], split, **reembedders(run["embedding"], log=print))
+
+
+def make_env(run: dict, data_dir: str | Path, split: str, num_envs: int, render_mode: str | None = None, episodes=None):
+    """The batched env an RL run was trained with, on another data directory/split (on `episodes`
+    when given, e.g. from `load_run_episodes`)."""
     from sketch_env.vector_env import make_vector_env
 
     cfg = run["config"]
@@ -54,18 +64,21 @@ def make_env(run: dict, data_dir: str | Path, split: str, num_envs: int, render_
             "reward": cfg["reward"],
             "sketch_order": "sequential",
             "num_envs": num_envs,
+            "episodes": episodes,
         }
     )
 
 
 def evaluate_policy_run(run_dir: Path, data_dir: Path, split: str, n_traces: int = 6,
-                        locator: str = "policy", seed: int = 0) -> dict:
+                        locator: str = "policy", seed: int = 0, episodes=None) -> dict:
     """Ranks (S, 17) of the deterministic policy on every sketch of `split`, plus glimpse traces.
 
     locator: "policy" (its own) or a rule of `sketch_env.locators` that chooses every location in
-    its place (seeded by `seed`). Returns {"ranks", "sketch_id", "n_photos", "fovea_on_ink" (share of
-    chosen glimpses with ink in the finest patch; None for a policy that does not look),
-    "extras": {"trace": Trace of the first n_traces, ...}}.
+    its place (seeded by `seed`). episodes: the EpisodeData to evaluate on (default:
+    `load_run_episodes`, which re-embeds sketches changed since the run's phase-1 export).
+    Returns {"ranks", "sketch_id", "n_photos", "fovea_on_ink" (share of chosen glimpses with ink in
+    the finest patch; None for a policy that does not look), "extras": {"trace": Trace of the first
+    n_traces, ...}}.
     """
     from policies.rollout import FixedLocator, rollout_ranks, run_episodes
 
@@ -74,11 +87,12 @@ def evaluate_policy_run(run_dir: Path, data_dir: Path, split: str, n_traces: int
     looks = bool(getattr(module, "attention", False))
     if locator != "policy" and not looks:
         raise DataError(f"{run_dir}: a {run.get('kind')} run does not choose where to look; --locator needs a policy that looks")
-    env = make_env(run, data_dir, split, num_envs=64)
+    episodes = episodes if episodes is not None else load_run_episodes(run, data_dir, split)
+    env = make_env(run, data_dir, split, num_envs=64, episodes=episodes)
     n = len(env.episodes)
     fixed = FixedLocator(locator, env.episodes, seed) if locator != "policy" else None
     ranks, on_ink = rollout_ranks(module, env, np.arange(n), locator=fixed, with_on_ink=True)
-    trace_env = make_env(run, data_dir, split, num_envs=min(n_traces, n))
+    trace_env = make_env(run, data_dir, split, num_envs=min(n_traces, n), episodes=episodes)
     trace_locator = FixedLocator(locator, trace_env.episodes, seed) if locator != "policy" else None
     trace = run_episodes(module, trace_env, np.arange(min(n_traces, n)), locator=trace_locator)
     return {

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ray import tune
 
-from sketch_env.atomic import atomic_write, atomic_write_json, atomic_write_text
+from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, atomic_write_text, prepare_output_dir
 from tune_runs.cli import arg
 from tune_runs.train import TrainConfig, build_algo_config
 
@@ -69,6 +69,7 @@ class SweepConfig:
     num_gpus_per_learner: float = arg(0.0, "GPUs per learner (1 on a GPU cluster)")
     n_glimpses: int = arg(12, "glimpses per completion level")
     val_max_sketches: int = arg(0, "validate each iteration on at most this many sketches (0: all)")
+    force: bool = arg(False, "write into --run-dir even if it holds something other than a sweep")
 
 
 def trial_train_config(cfg: SweepConfig, **searched) -> TrainConfig:
@@ -312,10 +313,14 @@ def write_outputs(cfg: SweepConfig, results) -> list[dict]:
     return rows
 
 
+SWEEP_KIND = OutputKind("sweep", ("best_config.json", "trials.csv", EXPERIMENT))
+
+
 def run(cfg: SweepConfig) -> int:
     import ray
 
     check_config(cfg)
+    prepare_output_dir(cfg.run_dir, SWEEP_KIND, inputs=(cfg.data, cfg.embedding), force=cfg.force)
     # Checkpointing every iteration with num_to_keep=1 forces an experiment snapshot per result (what
     # makes a killed sweep resume where it was); Tune warns about that when iterations are short.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")

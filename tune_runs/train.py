@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from sketch_env.atomic import atomic_write_json
+from sketch_env.atomic import OutputKind, atomic_write_json, prepare_output_dir
 from sketch_env.render import N_LEVELS
 from tune_runs.cli import arg
 
@@ -89,6 +89,7 @@ class TrainConfig:
     val_split: str = arg("val", "split to validate on")
     keep_best: bool = arg(True, "keep the checkpoint of the best validation AUIR (RUN/best_checkpoint); evaluation uses it")
     val_max_sketches: int = arg(0, "validate on at most this many sketches (0: all)")
+    force: bool = arg(False, "write into --run-dir even if it holds something other than an RL run")
 
 
 def env_config_of(cfg: TrainConfig, split: str = "train") -> dict:
@@ -327,6 +328,10 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     return val
 
 
+RUN_KIND = OutputKind("RL run", ("run.json", "checkpoint", "best_checkpoint", "results.jsonl"))
+
+
 def run(cfg: TrainConfig) -> int:
+    prepare_output_dir(cfg.run_dir, RUN_KIND, inputs=(cfg.data, cfg.embedding), force=cfg.force)
     train(cfg)
     return 0

@@ -2,6 +2,7 @@
 
 from sketch_env.data.store import (
     SCHEMA_VERSION,
+    SPLITS,
     DataError,
     Dataset,
     PhotoSet,
@@ -13,12 +14,15 @@ from sketch_env.data.store import (
     load_dataset,
     load_photos,
     load_sketches,
+    photo_digests,
     read_manifest,
     save_dataset,
+    sketch_digests,
 )
 
 __all__ = [
     "SCHEMA_VERSION",
+    "SPLITS",
     "DataError",
     "Dataset",
     "PhotoSet",
@@ -30,6 +34,8 @@ __all__ = [
     "load_dataset",
     "load_photos",
     "load_sketches",
+    "photo_digests",
     "read_manifest",
     "save_dataset",
+    "sketch_digests",
 ]

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from sketch_env.data.store import PhotoSet, SketchSet, encode_png, save_dataset
+from sketch_env.atomic import check_output_dir
+from sketch_env.data.store import DATASET, PhotoSet, SketchSet, encode_png, save_dataset
 
 CANVAS = 256.0  # sketch canvas side in pixels, as in Chair-V2
 FIT = 0.80  # the chair's longer side spans this share of the photo (and of an undistorted sketch)
@@ -829,8 +830,18 @@ def generate_chairs(
 
 
 def generate_dataset(
-    out: str | Path, n_photos: int = 400, sketches_per_photo: int = 3, seed: int = 0, test_fraction: float = 0.25
+    out: str | Path,
+    n_photos: int = 400,
+    sketches_per_photo: int = 3,
+    seed: int = 0,
+    test_fraction: float = 0.25,
+    force: bool = False,
 ) -> Path:
-    """Generate the built-in data set and write it as a data-set directory (atomically). Returns `out`."""
+    """Generate the built-in data set and write it as a data-set directory (atomically). Returns `out`.
+
+    `out` may be new, empty or an earlier data set; anything else only with `force` (see
+    `sketch_env.atomic.check_output_dir`), checked before the data is generated.
+    """
+    check_output_dir(out, DATASET, force=force, replace=True)
     sketches, photos = generate_chairs(n_photos, sketches_per_photo, seed, test_fraction)
-    return save_dataset(out, sketches, photos, name="builtin-chairs", source=f"darp data generate seed={seed}")
+    return save_dataset(out, sketches, photos, name="builtin-chairs", source=f"darp data generate seed={seed}", force=force)

@@ -4,18 +4,24 @@ A Sketchy sketch is an SVG on a 640x480 canvas with one `<path>` per stroke in d
 real files use relative `m`, `c` and `l` commands with many short cubic curves (one per mouse sample);
 the parser also reads absolute M/L/C, H/V (h/v), Z (z) and implicitly repeated coordinates. Each
 subpath (moveto) is one stroke; cubic curves are flattened to points in one vectorised pass per file.
+
+SVG files come from anywhere, so the XML is read with expat directly and a document that declares
+entities is refused before any is expanded (a Sketchy SVG never needs them; nested internal entities
+turn a few hundred bytes into hundreds of megabytes). External entities and DTDs are never loaded,
+and the drawing commands are capped at `validate.MAX_POINTS` before curves are flattened.
 """
 
 from __future__ import annotations
 
 import re
-import xml.etree.ElementTree as ET
+from functools import partial
 from pathlib import Path
+from xml.parsers import expat
 
 import numpy as np
 
-from sketch_env.data.store import SPLITS, DataError, SketchSet, save_dataset
-from sketch_env.data.validate import ImportSummary, OnError, check_sketch, collect_photos, normalise_sketch
+from sketch_env.data.store import SPLITS, DataError
+from sketch_env.data.validate import MAX_POINTS, FoundSketch, ImportSummary, OnError, import_sketches
 
 # Real Sketchy files are at most a few hundred kB; refuse anything far larger before parsing it.
 MAX_SVG_BYTES = 16 * 2**20
@@ -82,6 +88,8 @@ def _path_segments(d: str, where: str, stroke0: int, starts: list, segments: lis
                 px, py = ox + a[4], oy + a[5]
                 segments.append((stroke, cx, cy, ox + a[0], oy + a[1], ox + a[2], oy + a[3], px, py, True))
             cx, cy = px, py
+        if len(segments) + len(starts) > MAX_POINTS:
+            raise DataError(f"{where}: more than the {MAX_POINTS} points a sketch may have")
     return stroke + 1
 
 
@@ -119,6 +127,37 @@ def _length(value: str | None, what: str, where: str) -> float:
         raise DataError(f"{where}: the <svg> element needs a numeric {what} attribute, got {value!r}") from None
 
 
+class _EntityDeclared(Exception):
+    pass
+
+
+def _refuse_entity(name, *args) -> None:
+    raise _EntityDeclared(name)
+
+
+def _read_elements(path: Path) -> list[tuple[str, dict[str, str]]]:
+    """Every element of an XML file in document order: (local tag name, attributes); root first.
+
+    Read with expat: an entity declaration (internal or external) stops the parse before it is
+    used, and no external DTD or entity is ever fetched.
+    """
+    elements: list[tuple[str, dict[str, str]]] = []
+    parser = expat.ParserCreate(namespace_separator="}")
+    parser.EntityDeclHandler = _refuse_entity
+    parser.UnparsedEntityDeclHandler = _refuse_entity
+    parser.StartElementHandler = lambda tag, attrs: elements.append((tag.rsplit("}", 1)[-1], attrs))
+    try:
+        with open(path, "rb") as f:
+            parser.ParseFile(f)
+    except _EntityDeclared as e:
+        raise DataError(f"{path}: the document declares the entity {e.args[0]!r}; SVG sketches with entity declarations are refused") from None
+    except expat.ExpatError as e:
+        raise DataError(f"{path}: not well-formed XML ({e})") from None
+    if not elements:
+        raise DataError(f"{path}: not well-formed XML (no element)")
+    return elements
+
+
 def parse_sketchy_svg(path: str | Path) -> tuple[np.ndarray, float, float]:
     """Read one Sketchy SVG: ((n, 3) points x, y in canvas pixels and pen flag, canvas_w, canvas_h).
 
@@ -130,21 +169,19 @@ def parse_sketchy_svg(path: str | Path) -> tuple[np.ndarray, float, float]:
         raise DataError(f"{path}: SVG file not found")
     if size > MAX_SVG_BYTES:
         raise DataError(f"{path}: {size} bytes, more than the {MAX_SVG_BYTES} an SVG sketch may have")
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as e:
-        raise DataError(f"{path}: not well-formed XML ({e})") from None
-    if root.tag.rsplit("}", 1)[-1] != "svg":
-        raise DataError(f"{path}: the root element is <{root.tag}>, expected <svg>")
+    elements = _read_elements(path)
+    tag, root = elements[0]
+    if tag != "svg":
+        raise DataError(f"{path}: the root element is <{tag}>, expected <svg>")
     canvas_w = _length(root.get("width"), "width", path)
     canvas_h = _length(root.get("height"), "height", path)
-    if any(el.get("transform") for el in root.iter()):
+    if any(attrs.get("transform") for _, attrs in elements):
         raise DataError(f"{path}: transform attributes are not supported in sketch SVGs")
     starts: list[tuple[float, float]] = []
     segments: list[tuple] = []
     n_strokes = 0
-    for i, el in enumerate(e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "path"):
-        n_strokes = _path_segments(el.get("d", ""), f"{path}: <path> {i + 1}", n_strokes, starts, segments)
+    for i, (_, attrs) in enumerate(e for e in elements if e[0] == "path"):
+        n_strokes = _path_segments(attrs.get("d", ""), f"{path}: <path> {i + 1}", n_strokes, starts, segments)
     if not starts:
         return np.zeros((0, 3)), canvas_w, canvas_h
     return _flatten(np.array(starts, np.float64), np.array(segments, np.float64).reshape(-1, 10)), canvas_w, canvas_h
@@ -156,14 +193,18 @@ def import_sketchy(
     out: str | Path,
     split: str = "train",
     on_error: OnError = "skip",
+    force: bool = False,
 ) -> ImportSummary:
     """Import the Sketchy SVGs of `svg_dir` and their photos into the data-set directory `out`.
 
-    File PHOTO-N.svg is sketch PHOTO-N of photo PHOTO (PHOTO.jpg or .png in `photos_dir`) by drawer N.
-    All sketches and their photos go to `split`. Bad sketches are skipped and reported, or raise.
+    File PHOTO-DRAWER.svg is sketch PHOTO-DRAWER of photo PHOTO (PHOTO.jpg or .png in `photos_dir`)
+    by drawer DRAWER (everything after the last '-', non-empty). All sketches and their photos go to
+    `split`, "train" or "test" (the stored splits; "val" is carved out of "train" when read). Bad
+    sketches are skipped and reported, or raise. `out` is checked before anything is read
+    (`import_sketches`: `force` to replace other work, never the inputs).
     """
     if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}: use one of {SPLITS}")
+        raise DataError(f"unknown split {split!r}: a data set stores {SPLITS} (val is 20% of train, chosen when read)")
     svg_dir = Path(svg_dir)
     if not svg_dir.is_dir():
         raise DataError(f"{svg_dir}: SVG directory not found")
@@ -171,39 +212,12 @@ def import_sketchy(
     if not files:
         raise DataError(f"{svg_dir}: no .svg files")
     summary = ImportSummary(on_error=on_error)
-    named: list[tuple[Path, str, int]] = []  # (file, photo, drawer)
+    found: list[FoundSketch] = []
     for f in files:
         photo, _, drawer = f.stem.rpartition("-")
-        if not photo or not drawer.isdigit():
-            summary.reject(f, f.stem, f"sketch {f.stem}: file name is not of the form PHOTO-N.svg")
+        if not photo or not drawer:
+            summary.reject(f, f.stem, f"sketch {f.stem}: file name is not of the form PHOTO-DRAWER.svg")
             continue
-        named.append((f, photo, int(drawer)))
-
-    photos, photo_problems = collect_photos({photo: split for _, photo, _ in named}, photos_dir)
-    sketches, ids, photo_ids, drawers, widths, heights = [], [], [], [], [], []
-    for f, photo, drawer in named:
-        if photo in photo_problems:
-            summary.reject(f, f.stem, f"sketch {f.stem}: {photo_problems[photo]}")
-            continue
-        try:
-            points, canvas_w, canvas_h = parse_sketchy_svg(f)
-        except DataError as e:
-            summary.reject(f, f.stem, f"sketch {f.stem}: {str(e).removeprefix(f'{f}: ')}")
-            continue
-        reason = check_sketch(points, canvas_w, canvas_h, f.stem)
-        if reason is not None:
-            summary.reject(f, f.stem, reason)
-            continue
-        sketches.append(normalise_sketch(points, canvas_w, canvas_h))
-        ids.append(f.stem)
-        photo_ids.append(photo)
-        drawers.append(drawer)
-        widths.append(canvas_w)
-        heights.append(canvas_h)
-    if not sketches:
-        raise DataError(f"{svg_dir}: no usable sketches\n{summary.format()}")
-    sketch_set = SketchSet.from_list(sketches, ids, photo_ids, [split] * len(sketches), drawers, widths, heights)
-    save_dataset(out, sketch_set, photos, name=svg_dir.parent.name or svg_dir.name, source=f"sketchy:{svg_dir}")
-    summary.n_imported = len(sketches)
-    summary.n_photos = len(photos)
-    return summary
+        found.append(FoundSketch(f.stem, f, f.stem, photo, split, drawer, partial(parse_sketchy_svg, f)))
+    return import_sketches(found, summary, photos_dir, out, svg_dir, name=svg_dir.parent.name or svg_dir.name,
+                           source=f"sketchy:{svg_dir}", inputs=(svg_dir, photos_dir), force=force)

@@ -2,14 +2,20 @@
 
 Layout of a data set directory::
 
-    manifest.json     {"schema_version": 1, "name": ..., "n_sketches": ..., "n_photos": ..., "source": ...}
+    manifest.json     {"schema_version": 2, "name": ..., "n_sketches": ..., "n_photos": ..., "source": ...}
     sketches.parquet  sketch_id, photo_id, split, drawer, canvas_width, canvas_height, x, y, pen
     photos.parquet    photo_id, split, image (encoded PNG/JPEG bytes)
 
 Coordinates are stored normalised to the unit square [0, 1]^2 of the canvas (a non-square canvas is
 scaled by its longer side and centred), y pointing down as on screen. ``pen`` is 1 on the last point
-of every stroke, 0 elsewhere. Writes go to a temporary sibling directory that is renamed at the end,
-so a crash never leaves a half-written data set.
+of every stroke, 0 elsewhere. ``drawer`` names who drew the sketch, as the source names them (a
+string since schema 2; schema 1 stored integers and is still read). Stored splits are "train" and
+"test"; "val" is carved out of "train" by `select_split`. Writes go to a temporary sibling directory
+that is renamed at the end (`sketch_env.atomic.replace_dir`), so a crash never leaves a
+half-written data set, and a directory holding anything but a data set is never replaced unasked.
+
+`data_fingerprint` identifies a whole data-set directory, `sketch_digests` and `photo_digests` each
+sketch's points and each photo's bytes: what the phase-1 export is checked against.
 """
 
 from __future__ import annotations
@@ -17,9 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,12 +30,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
-SPLITS = ("train", "val", "test")
+from sketch_env.atomic import OutputKind, replace_dir
+from sketch_env.errors import DataError
 
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and the problem."""
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # schema 1: integer drawers
+SPLITS = ("train", "test")  # the splits a data set stores
+DATASET_FILES = ("manifest.json", "sketches.parquet", "photos.parquet")
+DATASET = OutputKind("data set", ("manifest.json",), frozenset(DATASET_FILES))
 
 
 @dataclass
@@ -41,7 +46,7 @@ class SketchSet:
 
     points:  (P, 3) float32, columns x, y in [0, 1] and pen (1.0 on the last point of a stroke).
     offsets: (S + 1,) int64; sketch i is points[offsets[i]:offsets[i + 1]].
-    The per-sketch columns are numpy arrays of length S.
+    The per-sketch columns are numpy arrays of length S (ids, splits and drawers are str objects).
     """
 
     points: np.ndarray
@@ -115,7 +120,7 @@ class SketchSet:
             sketch_id=np.asarray(sketch_id, dtype=object),
             photo_id=np.asarray(photo_id, dtype=object),
             split=np.asarray(split, dtype=object),
-            drawer=np.asarray(drawer, np.int32),
+            drawer=np.array([str(d) for d in drawer], dtype=object),
             canvas_width=None if canvas_width is None else np.asarray(canvas_width, np.float32).reshape(n),
             canvas_height=None if canvas_height is None else np.asarray(canvas_height, np.float32).reshape(n),
         )
@@ -123,11 +128,15 @@ class SketchSet:
 
 @dataclass
 class PhotoSet:
-    """Photos of a data set: ids, splits and the encoded image bytes (decoded on demand)."""
+    """Photos of a data set: ids, splits and the encoded image bytes (decoded on demand).
+
+    source: the file the photos were read from, named by decoding errors.
+    """
 
     photo_id: np.ndarray
     split: np.ndarray
     image_bytes: list[bytes]
+    source: Path | None = None
 
     def __len__(self) -> int:
         return len(self.photo_id)
@@ -139,11 +148,15 @@ class PhotoSet:
         """Photo i as an (H, W, 3) uint8 array, resized to size x size if given."""
         from PIL import Image
 
-        with Image.open(io.BytesIO(self.image_bytes[i])) as im:
-            im = im.convert("RGB")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            return np.asarray(im, np.uint8)
+        try:
+            with Image.open(io.BytesIO(self.image_bytes[i])) as im:
+                im = im.convert("RGB")
+                if size is not None and im.size != (size, size):
+                    im = im.resize((size, size), Image.BILINEAR)
+                return np.asarray(im, np.uint8)
+        # PIL reports an unknown format as an OSError, some corrupt files as SyntaxError or ValueError.
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"{self.source or 'photos'}: photo {self.photo_id[i]!r} is not a readable image ({e})") from None
 
     def decode_all(self, size: int) -> np.ndarray:
         """All photos as (N, size, size, 3) uint8."""
@@ -154,7 +167,7 @@ class PhotoSet:
 
     def subset(self, index) -> "PhotoSet":
         index = np.flatnonzero(index) if np.asarray(index).dtype == bool else np.asarray(index, np.int64)
-        return PhotoSet(self.photo_id[index], self.split[index], [self.image_bytes[i] for i in index])
+        return PhotoSet(self.photo_id[index], self.split[index], [self.image_bytes[i] for i in index], self.source)
 
 
 @dataclass
@@ -202,7 +215,7 @@ def _sketch_table(s: SketchSet) -> pa.Table:
             "sketch_id": pa.array(list(s.sketch_id), pa.string()),
             "photo_id": pa.array(list(s.photo_id), pa.string()),
             "split": pa.array(list(s.split), pa.string()),
-            "drawer": pa.array(s.drawer.astype(np.int32)),
+            "drawer": pa.array([str(d) for d in s.drawer], pa.string()),
             "canvas_width": pa.array(s.canvas_width.astype(np.float32)),
             "canvas_height": pa.array(s.canvas_height.astype(np.float32)),
             "n_points": pa.array(lengths.astype(np.int32)),
@@ -213,30 +226,24 @@ def _sketch_table(s: SketchSet) -> pa.Table:
     )
 
 
-def _atomic_dir(out: Path):
-    """A temporary sibling directory of `out`, to be renamed onto it by `_commit_dir`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+def save_dataset(
+    out: str | Path, sketches: SketchSet, photos: PhotoSet, name: str, source: str, *, inputs=(), force: bool = False
+) -> Path:
+    """Write a data set directory atomically (temp dir + rename). Returns the directory.
 
-
-def _commit_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "x")
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def save_dataset(out: str | Path, sketches: SketchSet, photos: PhotoSet, name: str, source: str) -> Path:
-    """Write a data set directory atomically (temp dir + rename). Returns the directory."""
+    `out` may be new, empty or an earlier data set (see `sketch_env.atomic.check_output_dir`);
+    anything else needs `force`, and a directory holding one of `inputs` (what the data was read
+    from) is never replaced.
+    """
     out = Path(out)
     missing = sorted(set(sketches.photo_id) - set(photos.photo_id))
     if missing:
         raise DataError(f"{out}: {len(missing)} sketches point to photos that are not in the set, e.g. {missing[:3]}")
-    tmp = _atomic_dir(out)
-    try:
+    unknown = sorted(set(sketches.split) - set(SPLITS)) + sorted(set(photos.split) - set(SPLITS))
+    if unknown:
+        raise DataError(f"{out}: a data set stores the splits {SPLITS} only, got {unknown[:3]}")
+
+    def write(tmp: Path) -> None:
         pq.write_table(_sketch_table(sketches), tmp / "sketches.parquet")
         pq.write_table(
             pa.table(
@@ -257,11 +264,8 @@ def save_dataset(out: str | Path, sketches: SketchSet, photos: PhotoSet, name: s
             "splits": {sp: int((sketches.split == sp).sum()) for sp in sorted(set(sketches.split))},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        _commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return replace_dir(out, write, DATASET, inputs=inputs, force=force)
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -271,10 +275,12 @@ def read_manifest(path: str | Path) -> dict:
         raise DataError(f"{path}: not a data set directory (no manifest.json); create one with `darp data generate` or `darp data import-qmul`")
     try:
         manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{mf}: not valid JSON ({e})") from None
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise DataError(f"{mf}: schema_version {manifest.get('schema_version')!r}, this code reads {SCHEMA_VERSION}")
+    if not isinstance(manifest, dict):
+        raise DataError(f"{mf}: expected a JSON object, got {type(manifest).__name__}")
+    if manifest.get("schema_version") not in READABLE_SCHEMAS:
+        raise DataError(f"{mf}: schema_version {manifest.get('schema_version')!r}, this code reads {READABLE_SCHEMAS}")
     return manifest
 
 
@@ -318,7 +324,7 @@ def load_sketches(path: str | Path) -> SketchSet:
             sketch_id=np.asarray(t.column("sketch_id").to_pylist(), dtype=object),
             photo_id=np.asarray(t.column("photo_id").to_pylist(), dtype=object),
             split=np.asarray(t.column("split").to_pylist(), dtype=object),
-            drawer=_numpy(t.column("drawer"), np.int32),
+            drawer=np.array([str(d) for d in t.column("drawer").to_pylist()], dtype=object),
             canvas_width=_numpy(t.column("canvas_width"), np.float32),
             canvas_height=_numpy(t.column("canvas_height"), np.float32),
         )
@@ -330,11 +336,15 @@ def load_photos(path: str | Path) -> PhotoSet:
     path = Path(path)
     f = path / "photos.parquet"
     t = _read_table(f)
-    return PhotoSet(
-        photo_id=np.asarray(t.column("photo_id").to_pylist(), dtype=object),
-        split=np.asarray(t.column("split").to_pylist(), dtype=object),
-        image_bytes=t.column("image").to_pylist(),
-    )
+    try:
+        return PhotoSet(
+            photo_id=np.asarray(t.column("photo_id").to_pylist(), dtype=object),
+            split=np.asarray(t.column("split").to_pylist(), dtype=object),
+            image_bytes=t.column("image").to_pylist(),
+            source=f,
+        )
+    except (KeyError, pa.ArrowException) as e:
+        raise DataError(f"{f}: not a photos table of schema {SCHEMA_VERSION} ({e})") from None
 
 
 def load_dataset(path: str | Path) -> Dataset:
@@ -342,6 +352,33 @@ def load_dataset(path: str | Path) -> Dataset:
     path = Path(path)
     manifest = read_manifest(path)
     return Dataset(load_sketches(path), load_photos(path), manifest, path)
+
+
+def data_fingerprint(data_dir: str | Path) -> str:
+    """sha256 over a data set directory's three files: tells whether an export was made from it."""
+    h = hashlib.sha256()
+    for name in ("manifest.json", "sketches.parquet", "photos.parquet"):
+        try:
+            with open(Path(data_dir) / name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as e:
+            raise DataError(f"{Path(data_dir) / name}: cannot read ({e.strerror})") from None
+    return h.hexdigest()
+
+
+def sketch_digests(sketches: SketchSet) -> np.ndarray:
+    """(S,) hex digests of each sketch's points (x, y, pen as float32): equal digests, equal strokes."""
+    points = np.ascontiguousarray(sketches.points, np.float32)
+    return np.array(
+        [hashlib.blake2b(points[a:b].tobytes(), digest_size=16).hexdigest() for a, b in zip(sketches.offsets[:-1], sketches.offsets[1:])],
+        dtype=object,
+    )
+
+
+def photo_digests(photos: PhotoSet) -> np.ndarray:
+    """(N,) hex digests of each photo's encoded bytes."""
+    return np.array([hashlib.blake2b(b, digest_size=16).hexdigest() for b in photos.image_bytes], dtype=object)
 
 
 def holdout_by_photo(ds: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:

@@ -1,9 +1,12 @@
-"""Checks on imported sketches and photos, normalisation to the unit square, and the import summary.
+"""The import pipeline every importer shares: checks, normalisation, the summary and the one import loop.
 
-Importers read sketches in canvas pixels, ask `check_sketch` whether each is usable, and either skip
-a bad one (recording why in an `ImportSummary`) or stop with a `DataError`, as the user chose with
-`on_error`. A sketch whose photo is missing or unreadable (`collect_photos`) is treated the same way.
-Everything is checked before anything is written, so a failed import leaves no output.
+An importer (`qmul.py`, `sketchy.py`) only names what it found: one `FoundSketch` per sketch (its
+id, photo, split, drawer and how to read its points in canvas pixels). `import_sketches` does the
+rest for all of them: checks the output directory first, reads the photos (`collect_photos`),
+reads each sketch, asks `check_sketch` whether it is usable, and either skips a bad one (recording
+why in an `ImportSummary`) or stops with a `DataError`, as the user chose with `on_error`. A sketch
+whose photo is missing or unreadable is treated the same way. Everything is checked before
+anything is written, so a failed import leaves no output.
 """
 
 from __future__ import annotations
@@ -11,17 +14,21 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 
-from sketch_env.data.store import DataError, PhotoSet, encode_png
+from sketch_env.atomic import check_output_dir
+from sketch_env.data.store import DATASET, DataError, PhotoSet, SketchSet, encode_png, save_dataset
 
 OnError = Literal["skip", "fail"]
 
 # How far (as a share of the canvas side) a point may lie beyond an edge before the sketch is refused;
 # points within this margin are clipped onto the canvas by `normalise_sketch`.
 OUTSIDE_MARGIN = 0.1
+# Real sketches have a few hundred points (Chair-V2 at most 519, Sketchy's pigs at most 1,722 once
+# curves are flattened); far more is a malformed or hostile file, refused before it costs memory.
+MAX_POINTS = 20_000
 
 
 def check_sketch(points: np.ndarray, canvas_w: float, canvas_h: float, name: str) -> str | None:
@@ -38,6 +45,8 @@ def check_sketch(points: np.ndarray, canvas_w: float, canvas_h: float, name: str
         return f"sketch {name}: empty (no points)"
     if len(points) == 1:
         return f"sketch {name}: only one point"
+    if len(points) > MAX_POINTS:
+        return f"sketch {name}: {len(points)} points, more than the {MAX_POINTS} a sketch may have"
     bad = ~np.isfinite(points).all(axis=1)
     if bad.any():
         return f"sketch {name}: {int(bad.sum())} points with non-finite coordinates (first at index {int(np.argmax(bad))})"
@@ -158,3 +167,73 @@ def collect_photos(split_of: dict[str, str], photos_dir: str | Path) -> tuple[Ph
         names.append(name)
         splits.append(split_of[name])
     return PhotoSet(np.asarray(names, dtype=object), np.asarray(splits, dtype=object), images), problems
+
+
+@dataclass
+class FoundSketch:
+    """One sketch an importer found, before it is read.
+
+    label:  how reasons name it (the pickle key, the file name); file: where it comes from.
+    read:   returns ((n, 3) x, y in canvas pixels and pen flag, canvas_w, canvas_h); may raise DataError.
+    """
+
+    label: str
+    file: Path
+    sketch_id: str
+    photo: str
+    split: str
+    drawer: str
+    read: Callable[[], tuple[np.ndarray, float, float]]
+
+
+def import_sketches(
+    found: list[FoundSketch],
+    summary: ImportSummary,
+    photos_dir: str | Path,
+    out: str | Path,
+    origin: Path,
+    name: str,
+    source: str,
+    *,
+    inputs=(),
+    force: bool = False,
+) -> ImportSummary:
+    """Import the sketches of `found` (read from `origin`) and their photos into the data-set directory `out`.
+
+    `summary` may already hold sketches the importer rejected while naming them. Every photo named
+    by a found sketch is imported with that sketch's split, even if all its sketches are skipped,
+    so the gallery stays complete. `out` is checked before anything is read (`check_output_dir`:
+    new, empty or an earlier data set, unless `force`; never a directory holding one of `inputs`).
+    """
+    check_output_dir(out, DATASET, inputs=inputs, force=force, replace=True)
+    photos, photo_problems = collect_photos({s.photo: s.split for s in found}, photos_dir)
+    kept: list[tuple[FoundSketch, np.ndarray, float, float]] = []
+    for s in found:
+        if s.photo in photo_problems:
+            summary.reject(s.file, s.label, f"sketch {s.label}: {photo_problems[s.photo]}")
+            continue
+        try:
+            points, canvas_w, canvas_h = s.read()
+        except DataError as e:
+            summary.reject(s.file, s.label, f"sketch {s.label}: {str(e).removeprefix(f'{s.file}: ')}")
+            continue
+        reason = check_sketch(points, canvas_w, canvas_h, s.label)
+        if reason is not None:
+            summary.reject(s.file, s.label, reason)
+            continue
+        kept.append((s, normalise_sketch(points, canvas_w, canvas_h), canvas_w, canvas_h))
+    if not kept:
+        raise DataError(f"{origin}: no usable sketches\n{summary.format()}")
+    sketches = SketchSet.from_list(
+        [points for _, points, _, _ in kept],
+        [s.sketch_id for s, *_ in kept],
+        [s.photo for s, *_ in kept],
+        [s.split for s, *_ in kept],
+        [s.drawer for s, *_ in kept],
+        [w for *_, w, _ in kept],
+        [h for *_, h in kept],
+    )
+    save_dataset(out, sketches, photos, name=name, source=source, inputs=inputs, force=force)
+    summary.n_imported = len(kept)
+    summary.n_photos = len(photos)
+    return summary
