@@ -342,7 +342,7 @@ def load_embedding_net(run_dir: str | Path) -> tuple[EmbeddingNet, EmbeddingConf
     """
     path = Path(run_dir) / NET_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no embedding network here; train one with `darp pretrain --run-dir {run_dir}`")
+        raise DataError(f"{path}: no embedding network here; train one with `darp pretrain --run-dir {run_dir}`")
     payload = torch.load(path, map_location="cpu", weights_only=True)
     config = EmbeddingConfig(**payload["config"])
     net = EmbeddingNet(dataclasses.replace(config, backbone_weights=None))

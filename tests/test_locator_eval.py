@@ -11,7 +11,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def darp_run(tiny, tmp_path_factory):
-    data, phase1 = tiny
+    """A DARP run on a real (tiny) phase-1 network: noise strokes need it to embed the noisy sketches."""
+    data, _ = tiny
+    phase1 = tmp_path_factory.mktemp("phase1")
+    assert main(["pretrain", "--data", str(data), "--run-dir", str(phase1), "--epochs", "1", "--batch-size", "8",
+                 "--image-size", "32", "--embedding-dim", "16", "--width", "8"]) == 0
     run_dir = tmp_path_factory.mktemp("darp")
     assert main(["train", "--data", str(data), "--embedding", str(phase1), "--run-dir", str(run_dir), "--iterations", "1",
                  "--num-envs-per-env-runner", "4", "--episodes-per-batch", "8", "--n-glimpses", "2",
@@ -36,3 +40,16 @@ def test_every_locator_is_named_and_ink_rules_always_see_ink(darp_run, tmp_path)
             assert metrics["fovea_on_ink"] == 1.0
     again = _evaluate(data, run_dir, tmp_path / "random2", "--locator", "random", "--seed", "1")
     assert again == json.loads((tmp_path / "random" / "metrics.json").read_text())
+
+
+def test_noise_strokes_reach_an_rl_run_and_are_repeatable(darp_run, tmp_path):
+    import pyarrow.parquet as pq
+
+    data, run_dir = darp_run
+    clean = _evaluate(data, run_dir, tmp_path / "clean")
+    noisy = _evaluate(data, run_dir, tmp_path / "noisy", "--noise-strokes", "3", "--noise-seed", "2")
+    again = _evaluate(data, run_dir, tmp_path / "again", "--noise-strokes", "3", "--noise-seed", "2")
+    assert noisy == again and (noisy["noise_strokes"], noisy["noise_seed"]) == (3, 2)
+    ranks = {name: pq.read_table(tmp_path / name / "ranks.parquet").to_pydict()["rank"] for name in ("clean", "noisy")}
+    assert ranks["noisy"] != ranks["clean"]
+    assert "noise_strokes" not in clean

@@ -89,6 +89,23 @@ def test_resume_refuses_another_network(trained, data_dir):
         run(_config(data_dir, run_dir, epochs=3, embedding_dim=8))
 
 
+def test_evaluate_with_noise_strokes_is_repeatable_and_zero_changes_nothing(trained, data_dir, tmp_path):
+    run_dir, _, _ = trained
+
+    def evaluate(name, *extra):
+        out = tmp_path / name
+        assert main(["evaluate", "--data", str(data_dir), "--run", str(run_dir), "--split", "train", "--out", str(out), *extra]) == 0
+        return json.loads((out / "metrics.json").read_text()), pq.read_table(out / "ranks.parquet").to_pydict()["rank"]
+
+    clean, clean_ranks = evaluate("clean")
+    zero, zero_ranks = evaluate("zero", "--noise-strokes", "0", "--noise-seed", "5")
+    assert zero == clean and zero_ranks == clean_ranks
+    a, a_ranks = evaluate("a", "--noise-strokes", "4", "--noise-seed", "1")
+    b, b_ranks = evaluate("b", "--noise-strokes", "4", "--noise-seed", "1")
+    assert a == b and a_ranks == b_ranks and (a["noise_strokes"], a["noise_seed"]) == (4, 1)
+    assert a_ranks != clean_ranks  # the noise reaches the queries
+
+
 def test_evaluate_refuses_a_locator_for_a_triplet_run(trained, data_dir, tmp_path, capsys):
     run_dir, _, _ = trained
     code = main(["evaluate", "--data", str(data_dir), "--run", str(run_dir), "--out", str(tmp_path / "e"), "--locator", "ink"])
@@ -145,18 +162,19 @@ def test_evaluate_hands_other_runs_to_rl_eval(data_dir, tmp_path, monkeypatch):
     (run_dir / "run.json").write_text(json.dumps({"kind": "darp", "config": {}}))
     calls = []
 
-    def fake(run, data, split, locator, seed):
-        calls.append((run, data, split, locator, seed))
+    def fake(run, data, split, locator, seed, episodes):
+        calls.append((run, data, split, locator, seed, episodes))
         ranks = np.tile(np.arange(1, 18)[::-1] % 4 + 1, (5, 1))
         return {"ranks": ranks, "sketch_id": [f"s{i}" for i in range(5)], "n_photos": 4, "fovea_on_ink": 0.75,
                 "extras": {}}
 
     monkeypatch.setattr(rl_eval, "evaluate_policy_run", fake)
+    monkeypatch.setattr(rl_eval, "load_run_episodes", lambda run, data, split, n, seed: ("episodes", split, n, seed))
     monkeypatch.setattr("tune_runs.evaluate.write_glimpses", lambda path, extras: calls.append(path.name))
     out = tmp_path / "eval"
     main(["evaluate", "--data", str(data_dir), "--run", str(run_dir), "--split", "val", "--out", str(out),
           "--locator", "newest-ink", "--seed", "3"])
-    assert calls == [(run_dir, data_dir, "val", "newest-ink", 3), "glimpses.png"]
+    assert calls == [(run_dir, data_dir, "val", "newest-ink", 3, ("episodes", "val", 0, 0)), "glimpses.png"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_sketches"] == 5 and metrics["n_photos"] == 4
     assert (metrics["locator"], metrics["locator_seed"], metrics["fovea_on_ink"]) == ("newest-ink", 3, 0.75)

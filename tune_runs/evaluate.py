@@ -61,6 +61,9 @@ class EvaluateConfig:
         "policy", "where a policy that looks takes its glimpses: its own locator, or a fixed rule in its place "
         "(centre; random: uniform; ink: a random inked pixel; newest-ink: on the stroke drawn last)")
     seed: int = arg(0, "seed of the random locators")
+    noise_strokes: int = arg(0, "add this many unnecessary strokes (random lines and scribbles at random places of "
+                                "the drawing order) to every evaluated sketch")
+    noise_seed: int = arg(0, "seed of the noise strokes (the same seed gives the same sketches)")
     force: bool = arg(False, "write into --out even if it holds something other than an evaluation")
 
 
@@ -176,15 +179,24 @@ def run(cfg: EvaluateConfig) -> dict:
     if kind == "triplet" and cfg.locator != "policy":
         raise DataError(f"{run_dir}: a triplet run does not look anywhere; --locator needs a policy that looks")
     looks = False
+    if cfg.noise_strokes < 0:
+        raise DataError(f"--noise-strokes must be >= 0, got {cfg.noise_strokes}")
     if kind == "triplet":
+        from tune_runs.rl_eval import with_noise_strokes
+
         split = select_split(load_dataset(data_dir), cfg.split)
-        ranks, source = _triplet_ranks(run_dir, split, cfg.level_batch)
+        if cfg.noise_strokes:
+            split = with_noise_strokes(split, cfg.noise_strokes, cfg.noise_seed)
+            ranks, source = ranks_for_triplet(load_embedding_net(run_dir)[0], split, cfg.level_batch), "saved network"
+        else:
+            ranks, source = _triplet_ranks(run_dir, split, cfg.level_batch)
         sketch_id, n_photos = split.sketches.sketch_id, len(split.photos)
         print(f"triplet run {run_dir}: queries from its {source}")
     else:
-        from tune_runs.rl_eval import evaluate_policy_run
+        from tune_runs.rl_eval import evaluate_policy_run, load_run_episodes, read_run
 
-        result = evaluate_policy_run(run_dir, data_dir, cfg.split, locator=cfg.locator, seed=cfg.seed)
+        episodes = load_run_episodes(read_run(run_dir), data_dir, cfg.split, cfg.noise_strokes, cfg.noise_seed)
+        result = evaluate_policy_run(run_dir, data_dir, cfg.split, locator=cfg.locator, seed=cfg.seed, episodes=episodes)
         ranks, sketch_id, n_photos = result["ranks"], result["sketch_id"], result["n_photos"]
         looks = result.get("fovea_on_ink") is not None
         if looks:
@@ -192,6 +204,9 @@ def run(cfg: EvaluateConfig) -> dict:
             write_glimpses(out / "glimpses.png", result["extras"])
     metrics = retrieval_metrics(ranks, n_photos)
     record = {k: metrics[k] for k in METRIC_KEYS}
+    if cfg.noise_strokes:
+        record.update(noise_strokes=cfg.noise_strokes, noise_seed=cfg.noise_seed)
+        print(f"{cfg.noise_strokes} noise strokes added to every sketch (seed {cfg.noise_seed})")
     if looks:
         record.update(locator=cfg.locator, locator_seed=cfg.seed, fovea_on_ink=result["fovea_on_ink"])
         print(f"locator: {cfg.locator}; glimpses with ink in the finest patch: {100 * result['fovea_on_ink']:.1f}%")
