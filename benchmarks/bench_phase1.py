@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from policies.embedding import EmbeddingConfig, EmbeddingNet, photo_edges  # noqa: E402
-from policies.phase1 import Phase1Config, fit, new_state, prepare_data, validate  # noqa: E402
+from policies.phase1 import Phase1Config, fit, new_state, prepare_data, validate, weight_average  # noqa: E402
 from policies.triplet import batch_triplet_loss, random_affine  # noqa: E402
 from sketch_env.data import load_dataset  # noqa: E402
 
@@ -46,6 +46,9 @@ RECIPES: dict[str, dict] = {
     "wide": dict(width=24),
     "size96": dict(image_size=96),
     "batch64": dict(batch_size=64),
+    "ema": dict(ema_decay=0.999),
+    "long": dict(epochs=400),
+    "long-ema": dict(epochs=400, ema_decay=0.999),
 }
 FIGURES = ("auir", "m_at_a", "acc@1", "acc@5", "acc@10")
 
@@ -64,7 +67,7 @@ def train_recipe(ds, name: str, overrides: dict, seed: int, base: dict, cache: d
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = new_state()
     start = time.monotonic()
-    fit(cfg, net, optimizer, d, state, run_dir=None, quiet=True)
+    fit(cfg, net, optimizer, d, state, run_dir=None, quiet=True, ema=weight_average(cfg, net))
     net.load_state_dict(state["best_state"])
     metrics = validate(net, d, cfg.eval_batch)
     net.config = dataclasses.replace(net.config, tta_flip=not cfg.tta_flip)

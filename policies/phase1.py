@@ -32,6 +32,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from policies.embedding import (
@@ -84,6 +85,8 @@ class Phase1Config:
     lr: float = _opt(1e-3, "Adam learning rate")
     lr_schedule: Literal["constant", "cosine"] = _opt("cosine", "learning rate over the epochs: constant, or cosine decay to 0 at --epochs")
     weight_decay: float = _opt(1e-4, "Adam weight decay")
+    ema_decay: float = _opt(0.0, "validate, keep and export an exponential moving average of the weights with this "
+                                 "decay per step (0: the weights themselves)")
     margin: float = _opt(0.2, "triplet margin on Euclidean distances of unit vectors (range 0..2)")
     mining: Mining = _opt("batch_hard", "negative per sketch: the closest other photo in the batch, or a random one")
     augment: bool = _opt(True, "random small rotation, scale and shift of sketch and photo images")
@@ -137,6 +140,8 @@ class Phase1Config:
             problems.append(f"--complete-fraction must be in [0, 1], got {self.complete_fraction}")
         if not 0.0 <= self.stroke_drop_p < 1.0:
             problems.append(f"--stroke-drop-p must be in [0, 1), got {self.stroke_drop_p}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if any(w < 1 for w in self.pen_widths):
             problems.append(f"--pen-widths must be >= 1 pixel, got {self.pen_widths}")
         if self.val_every < 1 or self.val_smooth < 1:
@@ -220,10 +225,12 @@ def train_epoch(
     gen: torch.Generator,
     deadline: float,
     on_batch,
+    after_step=None,
 ) -> tuple[float, bool]:
     """One pass over the training sketches in random order. Returns (mean loss, stopped by deadline).
 
-    level_maps: `epoch_level_maps`, rows in the order of d.train.
+    level_maps: `epoch_level_maps`, rows in the order of d.train; after_step(): called after every
+    optimizer step (the weight average's update).
     """
     net.train()
     order = torch.randperm(len(d.train), generator=gen)
@@ -250,6 +257,8 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         total, count = total + loss.item(), count + 1
         on_batch(total / count)
         if time.monotonic() > deadline:
@@ -304,15 +313,25 @@ def export_embeddings(net: EmbeddingNet, ds: Dataset, d: Phase1Data, batch: int,
     )
 
 
+def weight_average(cfg: Phase1Config, net: EmbeddingNet) -> AveragedModel | None:
+    """The exponential moving average of `net`'s weights and batch-norm statistics, if asked for."""
+    if not cfg.ema_decay:
+        return None
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+
+
 def fit(cfg: Phase1Config, net: EmbeddingNet, optimizer: torch.optim.Optimizer, d: Phase1Data, state: dict,
-        run_dir: Path | None, quiet: bool = False) -> None:
+        run_dir: Path | None, quiet: bool = False, ema: AveragedModel | None = None) -> None:
     """Epochs until cfg.epochs, early stopping or the time budget; `state` is updated in place.
 
     Every `val_every` epochs: validation on all levels, and the network to run_dir/embedding_net.pt
     when its smoothed AUIR is the best so far. After every epoch an atomic checkpoint (network,
-    optimizer, `state`) to run_dir/checkpoint.pt. run_dir None: nothing is written (benchmarks);
-    the best state dict is then kept in state["best_state"].
+    optimizer, weight average, `state`) to run_dir/checkpoint.pt. With `ema` (`weight_average`) the
+    averaged network is the one validated, kept and exported. run_dir None: nothing is written
+    (benchmarks); the best state dict is then kept in state["best_state"].
     """
+    judged = ema.module if ema is not None else net
+    after_step = (lambda: ema.update_parameters(net)) if ema is not None else None
     budget = cfg.time_budget_s if cfg.time_budget_s > 0 else math.inf
     bar = tqdm(total=cfg.epochs, initial=state["epoch"], desc="pretrain", unit="epoch", dynamic_ncols=True, disable=quiet)
     postfix: dict[str, str] = {}
@@ -330,21 +349,21 @@ def fit(cfg: Phase1Config, net: EmbeddingNet, optimizer: torch.optim.Optimizer, 
                 group["lr"] = _lr_at(cfg, state["epoch"])
             level_maps = epoch_level_maps(cfg, d, np.random.default_rng(seed))
             deadline = start + budget - state["train_seconds"]
-            loss, out_of_time = train_epoch(net, optimizer, cfg, d, level_maps, gen, deadline, show)
+            loss, out_of_time = train_epoch(net, optimizer, cfg, d, level_maps, gen, deadline, show, after_step)
             state["epoch"] += 1
             entry = {"epoch": state["epoch"], "loss": loss, "lr": _lr_at(cfg, state["epoch"] - 1)}
             last = state["epoch"] >= cfg.epochs or out_of_time
             if state["epoch"] % cfg.val_every == 0 or last:
-                metrics = validate(net, d, cfg.eval_batch)
+                metrics = validate(judged, d, cfg.eval_batch)
                 state["val_auir"].append(metrics["auir"])
                 smoothed = float(np.mean(state["val_auir"][-cfg.val_smooth :]))
                 entry.update({k: metrics[k] for k in ("auir", "m_at_a", "acc@1", "acc@5", "acc@10")}, smoothed_auir=smoothed)
                 if smoothed > state["best"]:
                     state["best"], state["bad_epochs"], state["best_epoch"] = smoothed, 0, state["epoch"]
                     if run_dir is not None:
-                        save_embedding_net(run_dir, net, net.config)
+                        save_embedding_net(run_dir, judged, net.config)
                     else:
-                        state["best_state"] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                        state["best_state"] = {k: v.detach().clone() for k, v in judged.state_dict().items()}
                 else:
                     state["bad_epochs"] += cfg.val_every
                 postfix.update({"val_auir": f"{metrics['auir']:.1f}", "val_acc@5": f"{metrics['acc@5']:.1f}",
@@ -355,6 +374,7 @@ def fit(cfg: Phase1Config, net: EmbeddingNet, optimizer: torch.optim.Optimizer, 
             state["history"].append(entry)
             if run_dir is not None:
                 payload = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                           "ema": ema.state_dict() if ema is not None else None,
                            "embedding_config": dataclasses.asdict(net.config),
                            **{k: v for k, v in state.items() if k != "best_state"}}
                 atomic_write(run_dir / CHECKPOINT_FILE, lambda p: torch.save(payload, p))
@@ -383,18 +403,24 @@ def run(cfg: Phase1Config) -> dict:
     torch.manual_seed(cfg.seed)
     net = EmbeddingNet(emb_cfg)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = weight_average(cfg, net)
     state = new_state()
     ckpt_path = run_dir / CHECKPOINT_FILE
     if cfg.resume and ckpt_path.is_file():
         ckpt = _load_checkpoint(ckpt_path, emb_cfg)
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if (ema is None) != (ckpt.get("ema") is None):
+            raise DataError(f"{ckpt_path}: checkpoint {'without' if ema is not None else 'with'} a weight average; "
+                            "keep --ema-decay as it was, or use --no-resume to start over")
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         if not isinstance(ckpt.get("best"), float):
             raise DataError(f"{ckpt_path}: checkpoint of an older phase-1 version; use --no-resume to start over")
         state = {k: ckpt[k] for k in state}
         print(f"resuming {ckpt_path} after epoch {state['epoch']} ({state['train_seconds']:.0f} s trained)")
     try:
-        fit(cfg, net, optimizer, d, state, run_dir)
+        fit(cfg, net, optimizer, d, state, run_dir, ema=ema)
     except KeyboardInterrupt:
         raise SystemExit(f"interrupted: {ckpt_path} holds epoch {state['epoch']}; run the same command to resume") from None
 

@@ -179,3 +179,20 @@ def test_evaluate_hands_other_runs_to_rl_eval(data_dir, tmp_path, monkeypatch):
     assert metrics["n_sketches"] == 5 and metrics["n_photos"] == 4
     assert (metrics["locator"], metrics["locator_seed"], metrics["fovea_on_ink"]) == ("newest-ink", 3, 0.75)
     assert metrics["acc@1"] == 0.0 and metrics["acc@5"] == 100.0  # the complete sketch ranks 2
+
+
+def test_weight_average_is_the_network_kept_and_resumes(data_dir, tmp_path):
+    record = run(_config(data_dir, tmp_path, epochs=2, ema_decay=0.9, val_every=1))
+    assert record["epochs"] == 2
+    ckpt = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    kept = torch.load(tmp_path / "embedding_net.pt", weights_only=True)["state_dict"]
+    averaged = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    assert set(averaged) == set(kept) == set(ckpt["model"])
+    live_differs = any(not torch.equal(ckpt["model"][k], averaged[k]) for k in kept)
+    assert live_differs  # the average is not the live network
+    if record["best_epoch"] == 2:
+        assert all(torch.equal(kept[k], averaged[k]) for k in kept)
+    with pytest.raises(ValueError, match="weight average"):
+        run(_config(data_dir, tmp_path, epochs=3, val_every=1))
+    resumed = run(_config(data_dir, tmp_path, epochs=3, ema_decay=0.9, val_every=1))
+    assert resumed["epochs"] == 3
