@@ -49,6 +49,7 @@ RECIPES: dict[str, dict] = {
     "ema": dict(ema_decay=0.999),
     "long": dict(epochs=400),
     "long-ema": dict(epochs=400, ema_decay=0.999),
+    "hed-multi-ema": dict(photo_input="hed", levels_per_sketch=2, complete_fraction=0.3, ema_decay=0.999, epochs=300),
 }
 FIGURES = ("auir", "m_at_a", "acc@1", "acc@5", "acc@10")
 
