@@ -198,8 +198,9 @@ class LivePolicy:
             actions, state = policy_step(self.module, obs, state)
             location = actions["location"].clamp(-1.0, 1.0)
         query = actions["query"].clamp(-1.0, 1.0)
-        return [
-            LevelState({k: v[b : b + 1] for k, v in state.items()}, location[b], query[b], looked[b].numpy())
+        return [  # clones: a view would keep the whole batch alive in the cache
+            LevelState({k: v[b : b + 1].clone() for k, v in state.items()}, location[b].clone(), query[b].clone(),
+                       looked[b].numpy().copy())
             for b in range(B)
         ]
 
