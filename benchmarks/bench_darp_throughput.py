@@ -37,7 +37,7 @@ def plain_loop(data: str, embedding: str, num_envs: int, n_glimpses: int, batche
 
     from policies.darp_learner import TARGET_EMBEDDING, darp_loss
     from policies.darp_module import BOOTSTRAP_MASK, LOCATION_SAMPLE, DARPModule
-    from policies.rollout import initial_state, obs_to_batch
+    from policies.rollout import initial_state
     from sketch_env.vector_env import make_vector_env
 
     env = make_vector_env({"data": data, "embedding": embedding, "n_glimpses": n_glimpses, "num_envs": num_envs})
@@ -53,7 +53,8 @@ def plain_loop(data: str, embedding: str, num_envs: int, n_glimpses: int, batche
         cols = {k: [] for k in ("obs", "loc", "mask", "reward", "target")}
         with torch.no_grad():
             for _ in range(T):
-                out = module.forward_exploration({Columns.OBS: obs_to_batch(obs), Columns.STATE_IN: state})
+                step_obs = {k: torch.as_tensor(np.asarray(v)).unsqueeze(1) for k, v in obs.items()}  # (B, 1, ...)
+                out = module.forward_exploration({Columns.OBS: step_obs, Columns.STATE_IN: state})
                 state = out[Columns.STATE_OUT]
                 action = {k: v[:, 0].numpy() for k, v in out[Columns.ACTIONS].items()}
                 cols["obs"].append(obs)

@@ -1,130 +1,287 @@
-"""Latency of one stroke in `darp serve`: render + phase-1 embedding + policy glimpses + ranking.
+"""`darp serve` under load: end-to-end latency measured by concurrent drawing clients.
 
-Builds the serving path (`tune_runs.serve.LiveRetriever`) at the paper's sizes with untrained
-weights (latency does not depend on them): the compact phase-1 CNN on 64 x 64 partial sketches
-(D = 64), the DARP module (GRU 256, K = 6 heads, 3 patches of 8 x 8), 12 glimpses per stroke, and
-a gallery of 10,000 random unit vectors. Sketches come from the built-in generator. Each sketch is
-sent stroke by stroke as the page sends it (all strokes so far; earlier levels come from the cache),
-which is the latency a person feels after lifting the pen. Also timed: each part of a stroke on its
-own, and a whole sketch sent at once to a replica that has not seen it (a cache miss replays every
-stroke). Target: median stroke under 50 ms on 2 cores.
+Each client draws data-set sketches stroke by stroke as the page does: after every stroke it POSTs
+all strokes so far (on a 512 x 512 canvas, with the sketch's photo as the target) to /api/query.
+Every client shifts its drawings by its own sub-pixel offset, so no two clients send the same
+strokes (the server's cache only helps a drawer with its own earlier strokes). Two paces:
 
-One torch thread, as a serve replica runs by default: the ops of a policy step are tiny, and on a
-busy machine a second thread's synchronisation costs more than it saves (measured: 8x slower at
-load 4 on 2 cores). The process-CPU column is the steadier figure on a shared machine.
+- "1/s": a person drawing one stroke per second; requests go out on that schedule whether or not
+  the last answer has come (the page does not wait either), so queueing shows in the latency
+  instead of slowing the clients down;
+- "max": each client sends its next stroke as soon as the last answer arrives (closed loop), which
+  measures how many strokes per second the server can answer.
 
-    python benchmarks/bench_serve.py [--gallery 10000] [--glimpses 12] [--sketches 20] [--threads 1]
+For each number of clients (1, 5, 20, 50) and pace it prints requests/s and the client-side p50,
+p95 and p99 latency (from sending the request to the parsed answer) next to the server's own
+figure (`latency_ms` in the answer: from the request reaching the app to the answer). The last
+row adds clients that replay long drawings the server has never seen (200 strokes each, a cache
+miss every time) beside 20 paced drawers, and reports the drawers' latency.
+
+    python benchmarks/bench_serve.py --url http://127.0.0.1:8000/           # a running darp serve
+    python benchmarks/bench_serve.py --data DIR --run RUN [--split all]      # starts darp serve itself
+    python benchmarks/bench_serve.py                                          # tiny runs in a temp dir
+
+Aim (issue 17): 20 drawers at one stroke per second, p95 <= 150 ms end to end, on 2 cores with a
+10,000-photo gallery: `darp data generate --photos 10000 --sketches-per-photo 1`, a phase-1 and a
+DARP run with tiny budgets, then `--data DIR --run RUN --split all`.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-import torch
 
-from policies.darp_module import DARPModule
-from policies.embedding import EmbeddingConfig, EmbeddingNet
-from sketch_env.data.generate import generate_chairs
-from sketch_env.env import EnvConfig, action_space, observation_space
-from sketch_env.gallery import Gallery
-from sketch_env.render import render_points
-from tune_runs.serve import LiveRetriever
-
-DIM = 64
+SIDE = 512  # the page's canvas
+CLIENTS = (1, 5, 20, 50)
+PACES = ("1/s", "max")
+LONG_STROKES = 200  # strokes of the uncached long drawings of the last row
+REQUEST_TIMEOUT_S = 30.0  # a request still unanswered after this counts as an error (ReadTimeout)
 
 
-def make_retriever(n_photos: int, n_glimpses: int, seed: int = 0) -> LiveRetriever:
-    torch.manual_seed(seed)
-    config = EnvConfig(n_glimpses=n_glimpses)
-    module = DARPModule(observation_space=observation_space(config, DIM), action_space=action_space(DIM), model_config={})
-    module.eval()
-    net = EmbeddingNet(EmbeddingConfig(embedding_dim=DIM)).eval()
-    photos = torch.nn.functional.normalize(torch.randn(n_photos, DIM, generator=torch.Generator().manual_seed(seed)), dim=1)
-    return LiveRetriever(module, net, Gallery(photos, [f"p{i}" for i in range(n_photos)]), config)
+@dataclass
+class Cell:
+    """What one load level measured."""
+
+    name: str
+    latency_ms: list[float] = field(default_factory=list)  # client side, successful requests
+    server_ms: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def row(self) -> dict:
+        lat, srv = np.array(self.latency_ms), np.array(self.server_ms)
+        pct = lambda x, q: float(np.percentile(x, q)) if len(x) else float("nan")  # noqa: E731
+        return {
+            "load": self.name, "requests": len(lat), "errors": sum(self.errors.values()),
+            "error_kinds": dict(self.errors), "req_per_s": len(lat) / self.seconds if self.seconds else 0.0,
+            "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99),
+            "server_p50_ms": pct(srv, 50), "server_p95_ms": pct(srv, 95),
+        }
 
 
-def stroke_latencies(retriever: LiveRetriever, sketches: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Wall-clock and process-CPU milliseconds of each `query` call, sending every sketch stroke by
-    stroke with a target. On a shared machine the CPU time is the steadier figure (with one thread)."""
-    wall, cpu = [], []
-    for i, points in enumerate(sketches):
-        target = retriever.gallery.photo_ids[i % len(retriever.gallery)]
-        for end in np.flatnonzero(points[:, 2] == 1) + 1:
-            start, cpu_start = time.perf_counter(), time.process_time()
-            retriever.query(points[:end], target)
-            wall.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - cpu_start)
-    return 1000 * np.array(wall), 1000 * np.array(cpu)
+class Drawings:
+    """Data-set sketches as the page sends them: strokes in canvas pixels, and each one's photo."""
+
+    def __init__(self, sketches: list[tuple[list[np.ndarray], str]]):
+        self.sketches = sketches
+
+    def strokes(self, client: int, round_: int) -> tuple[list[np.ndarray], str]:
+        strokes, photo = self.sketches[(client * 7 + round_) % len(self.sketches)]
+        shift = 0.01 * (1 + client) + 1e-4 * round_  # unique per client and round, far below a pixel
+        return [s + shift for s in strokes], photo
 
 
-@torch.no_grad()
-def part_latencies(retriever: LiveRetriever, points: np.ndarray, repeats: int) -> dict[str, float]:
-    """Median milliseconds of each part of one stroke (on the partial sketch `points`), timed alone."""
-    cfg, net = retriever.config, retriever.net
-    sketch = torch.from_numpy(render_points(points, net.config.image_size))
-    query = net.embed_sketches(sketch[None, None]).clamp(-1.0, 1.0)
-    previous = retriever.advance(None, points, 0)
-    parts = {
-        "render (2 sizes)": lambda: (render_points(points, cfg.image_size), render_points(points, net.config.image_size)),
-        "phase-1 embedding": lambda: net.embed_sketches(sketch[None, None]),
-        "one level (the above + policy)": lambda: retriever.advance(previous, points, 1),
-        "rank + top-10": lambda: (retriever.gallery.topk(query, 10), retriever.gallery.rank(query, torch.tensor([0]))),
-    }
-    result = {}
-    for name, fn in parts.items():
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        result[name] = 1000 * float(np.median(times))
-    policy = result["one level (the above + policy)"] - result["render (2 sizes)"] - result["phase-1 embedding"]
-    result[f"  of which policy ({cfg.n_glimpses} glimpses)"] = policy
-    return result
+def long_drawing(seed: int) -> list[np.ndarray]:
+    """LONG_STROKES two-point strokes at random, never sent before (a cache miss on every replica)."""
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(20, SIDE - 20, (2, 2)) for _ in range(LONG_STROKES)]
+
+
+def body(strokes: list[np.ndarray], target: str | None) -> bytes:
+    return json.dumps({"strokes": [np.round(s, 3).tolist() for s in strokes], "canvas": [SIDE, SIDE],
+                       "target": target}).encode()
+
+
+async def post(client, url: str, payload: bytes, cell: Cell | None) -> None:
+    start = time.perf_counter()
+    try:
+        response = await client.post(url, content=payload, headers={"Content-Type": "application/json"})
+        answer = response.json()
+    except Exception as e:  # timeouts, refused connections, broken bodies: all count as errors
+        if cell is not None:
+            cell.error(type(e).__name__)
+        return
+    elapsed = 1000 * (time.perf_counter() - start)
+    if cell is None:
+        return
+    if response.status_code != 200:
+        cell.error(f"HTTP {response.status_code}")
+        return
+    cell.latency_ms.append(elapsed)
+    cell.server_ms.append(float(answer.get("latency_ms", float("nan"))))
+
+
+async def drawer(client, url: str, drawings: Drawings, number: int, pace: str, until: float, cell: Cell) -> None:
+    """One client drawing sketch after sketch until `until` (time.perf_counter)."""
+    rng = np.random.default_rng(number)
+    in_flight: set[asyncio.Task] = set()
+    next_send = time.perf_counter() + (rng.uniform(0, 1.0) if pace == "1/s" else 0.0)
+    round_ = 0
+    while True:
+        strokes, photo = drawings.strokes(number, round_)
+        round_ += 1
+        for k in range(1, len(strokes) + 1):
+            if pace == "1/s":
+                await asyncio.sleep(max(0.0, next_send - time.perf_counter()))
+                if time.perf_counter() >= until:
+                    await asyncio.gather(*in_flight)
+                    return
+                task = asyncio.create_task(post(client, url, body(strokes[:k], photo), cell))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                next_send += 1.0
+            else:
+                if time.perf_counter() >= until:
+                    return
+                await post(client, url, body(strokes[:k], photo), cell)
+
+
+async def replayer(client, url: str, number: int, until: float) -> None:
+    """A client sending whole long drawings the server has not seen, back to back."""
+    k = 0
+    while time.perf_counter() < until:
+        await post(client, url, body(long_drawing(1000 * number + k), None), None)
+        k += 1
+
+
+async def measure(url: str, drawings: Drawings, clients: int, pace: str, seconds: float, replayers: int = 0) -> Cell:
+    import httpx
+
+    name = f"{clients} x {pace}" + (f" + {replayers} long uncached" if replayers else "")
+    cell = Cell(name)
+    limits = httpx.Limits(max_connections=4 * (clients + replayers) + 10, max_keepalive_connections=4 * (clients + replayers) + 10)
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        start = time.perf_counter()
+        until = start + seconds
+        jobs = [drawer(client, url + "api/query", drawings, i, pace, until, cell) for i in range(clients)]
+        jobs += [replayer(client, url + "api/query", i, until) for i in range(replayers)]
+        await asyncio.gather(*jobs)
+        cell.seconds = time.perf_counter() - start
+    return cell
+
+
+def fetch_drawings(url: str, n: int) -> tuple[Drawings, int]:
+    """n data-set sketches of 3 strokes or more from the server (its replay endpoint), and the gallery size."""
+    with urllib.request.urlopen(url + "api/gallery", timeout=60) as response:
+        listing = json.loads(response.read())
+    chosen = [s for s in listing["sketches"] if s["n_strokes"] >= 3][:n] or listing["sketches"][:n]
+    sketches = []
+    for s in chosen:
+        request = urllib.request.Request(url + "api/replay", data=json.dumps({"sketch_id": s["sketch_id"]}).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=60) as response:
+            replay = json.loads(response.read())
+        sketches.append(([np.asarray(st, np.float64) * SIDE for st in replay["strokes"]], replay["photo_id"]))
+    return Drawings(sketches), len(listing["photo_ids"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(data: str, run: str, split: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """`darp serve` in a child process; returns it and its URL once the gallery answers."""
+    port = free_port()
+    command = [sys.executable, "-m", "tune_runs.cli", "serve", "--data", data, "--run", run, "--split", split,
+               "--port", str(port), *extra]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"darp serve exited with code {server.returncode}: {' '.join(command)}")
+        try:
+            with urllib.request.urlopen(url + "api/gallery", timeout=5):
+                return server, url
+        except OSError:
+            time.sleep(1.0)
+    server.send_signal(signal.SIGTERM)
+    raise SystemExit(f"darp serve did not answer within 600 s: {' '.join(command)}")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def tiny_runs(root: Path, photos: int) -> tuple[str, str]:
+    """A generated data set and a phase-1 + DARP run with tiny budgets (latency does not depend on training)."""
+    darp = [sys.executable, "-m", "tune_runs.cli"]
+    data, phase1, run = root / "data", root / "phase1", root / "darp"
+    for command in (
+        ["data", "generate", "--out", str(data), "--photos", str(photos), "--sketches-per-photo", "1"],
+        ["pretrain", "--data", str(data), "--run-dir", str(phase1), "--epochs", "1", "--time-budget-s", "10"],
+        ["train", "--data", str(data), "--embedding", str(phase1), "--run-dir", str(run), "--iterations", "1",
+         "--num-envs-per-env-runner", "4", "--episodes-per-batch", "8", "--val-interval", "0"],
+    ):
+        subprocess.run(darp + command, check=True, stdout=subprocess.DEVNULL)
+    return str(data), str(run)
+
+
+def print_table(rows: list[dict], gallery: int) -> None:
+    print(f"\nend to end, measured by the clients (gallery of {gallery} photos, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f})")
+    head = f"{'load':34s}{'req':>6s}{'err':>5s}{'req/s':>7s}{'p50':>8s}{'p95':>8s}{'p99':>8s}{'server p50':>12s}{'p95':>7s}"
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        print(f"{r['load']:34s}{r['requests']:6d}{r['errors']:5d}{r['req_per_s']:7.1f}{r['p50_ms']:8.0f}{r['p95_ms']:8.0f}"
+              f"{r['p99_ms']:8.0f}{r['server_p50_ms']:12.0f}{r['server_p95_ms']:7.0f}")
+    print("latencies in ms; server = the answer's latency_ms (inside the app, without the HTTP proxy and the network)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gallery", type=int, default=10_000, help="photos in the synthetic gallery")
-    parser.add_argument("--glimpses", type=int, default=12, help="glimpses per stroke (the run's n_glimpses)")
-    parser.add_argument("--sketches", type=int, default=20, help="generated sketches sent stroke by stroke")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (a serve replica's default is 1)")
+    parser.add_argument("--url", help="a running darp serve (e.g. http://127.0.0.1:8000/)")
+    parser.add_argument("--data", help="data set to serve (with --run: starts darp serve)")
+    parser.add_argument("--run", help="DARP run to serve")
+    parser.add_argument("--split", default="all", help="gallery split (darp serve --split)")
+    parser.add_argument("--serve-args", default="", help="more darp serve flags, e.g. '--num-replicas 2'")
+    parser.add_argument("--photos", type=int, default=1000, help="photos of the generated data set when neither --url nor --run")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each load level")
+    parser.add_argument("--clients", type=int, nargs="+", default=list(CLIENTS))
+    parser.add_argument("--paces", nargs="+", default=list(PACES), choices=PACES)
+    parser.add_argument("--long-replayers", type=int, default=4, help="clients replaying long uncached drawings in the last row (0: skip it)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    retriever = make_retriever(args.gallery, args.glimpses)
-    sketch_set, _ = generate_chairs(n_photos=args.sketches, sketches_per_photo=1, seed=0)
-    sketches = [sketch_set.sketch(i) for i in range(len(sketch_set))]
-    n_strokes = [int(s[:, 2].sum()) for s in sketches]
-    print(f"gallery {args.gallery} photos (D {DIM}), {args.glimpses} glimpses per stroke, {args.threads} torch threads, "
-          f"{len(sketches)} sketches of {min(n_strokes)}-{max(n_strokes)} strokes")
 
-    stroke_latencies(retriever, sketches[:2])  # warm-up
-    live, live_cpu = stroke_latencies(make_retriever(args.gallery, args.glimpses), sketches)
-    parts = part_latencies(retriever, sketches[0], repeats=20)
-    cold = []
-    for points in sketches[:5]:
-        fresh = make_retriever(args.gallery, args.glimpses)
-        start = time.perf_counter()
-        fresh.query(points, fresh.gallery.photo_ids[0])
-        cold.append(1000 * (time.perf_counter() - start) / int(points[:, 2].sum()))
-
-    print(f"\n{'per stroke (as the page sends it)':38s}{'ms':>8s}{'CPU ms':>8s}")
-    for name, fn in (("min", np.min), ("median", np.median), ("p90", lambda x: np.percentile(x, 90)), ("max", np.max)):
-        print(f"  {name:36s}{fn(live):8.1f}{fn(live_cpu):8.1f}")
-    print(f"  {'strokes timed':36s}{len(live):8d}")
-    print(f"{'parts of one stroke, each timed alone':38s}{'ms':>8s}")
-    for name, value in parts.items():
-        print(f"  {name:36s}{value:8.1f}")
-    print(f"  {'one level + rank + top-10':36s}{parts['one level (the above + policy)'] + parts['rank + top-10']:8.1f}")
-    print(f"{'cache miss: whole sketch at once':38s}{'ms':>8s}")
-    print(f"  {'per stroke replayed (median)':36s}{np.median(cold):8.1f}")
-    verdict = "under" if np.median(live) < 50 else "OVER"
-    print(f"\nmedian stroke {np.median(live):.1f} ms wall ({np.median(live_cpu):.1f} ms CPU): {verdict} the 50 ms target"
-          f" (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    server, tmp = None, None
+    try:
+        url = args.url
+        if url is None:
+            if args.run is None:
+                tmp = tempfile.TemporaryDirectory(prefix="bench_serve-")
+                print(f"making a {args.photos}-photo data set and tiny runs in {tmp.name} ...", flush=True)
+                args.data, args.run = tiny_runs(Path(tmp.name), args.photos)
+            server, url = start_server(args.data, args.run, args.split, args.serve_args.split())
+        url = url if url.endswith("/") else url + "/"
+        drawings, gallery = fetch_drawings(url, 40)
+        asyncio.run(measure(url, drawings, 2, "max", 3.0))  # warm-up
+        rows = []
+        for pace in args.paces:
+            for clients in args.clients:
+                rows.append(asyncio.run(measure(url, drawings, clients, pace, args.seconds)).row())
+                print(f"  {rows[-1]['load']}: p95 {rows[-1]['p95_ms']:.0f} ms, {rows[-1]['req_per_s']:.1f} req/s", flush=True)
+        if args.long_replayers:
+            rows.append(asyncio.run(measure(url, drawings, 20, "1/s", args.seconds, args.long_replayers)).row())
+        print_table(rows, gallery)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"gallery": gallery, "rows": rows}, indent=1))
+    finally:
+        if server is not None:
+            stop_server(server)
+        if tmp is not None:
+            tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -1,32 +1,57 @@
-"""Deterministic rollouts of a recurrent policy over the batched environment, in plain PyTorch.
+"""Acting with a trained recurrent policy, in plain PyTorch: the one act step and the episodes built on it.
 
-One loop serves validation during training, `darp evaluate`, `darp play` with a trained run, the
-live server and the plain-loop throughput benchmark: it steps a `SketchRetrievalVectorEnv` on a
-chosen list of sketches and records, for every sketch and completion level, the rank of the true
-photo after the level's last glimpse (the query the user would see when that level is complete).
+`policy_step` is the policy's one step on a batch of observations; everything that acts with a
+trained module calls it:
+- `run_episodes` / `rollout_ranks` step a `SketchRetrievalVectorEnv` through whole episodes on a
+  chosen list of sketches and record, for every sketch and completion level, the rank of the true
+  photo after the level's last glimpse (validation during training, `darp evaluate`, `darp report`,
+  the plain-loop throughput benchmark);
+- `tune_runs.rl_eval.TrainedPolicy` acts in a single env, one step at a time (`darp play`);
+- `LivePolicy` is the incremental episode: one partial sketch in (the drawing after a new stroke),
+  that level's glimpses and query out, with no precomputed episode data; `LiveRetrieval` ranks its
+  queries against a gallery and caches the episode after every stroke (`darp serve`). Cut at
+  `render.level_cut_points` a live episode is exactly the episode `darp evaluate` steps.
+Observations are built by `sketch_env.env.build_observation` everywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from ray.rllib.core.columns import Columns
 
+from sketch_env.env import EnvConfig, build_observation
+from sketch_env.gallery import Gallery
+from sketch_env.geometry import location_to_unit, stroke_ends, unit_length
+from sketch_env.glimpse import GlimpseSensor, integral_image
 from sketch_env.locators import LOCATORS, fixed_locations
 from sketch_env.metrics import retrieval_metrics
-from sketch_env.render import N_LEVELS
+from sketch_env.render import N_LEVELS, render_points
 
-
-def obs_to_batch(obs: dict) -> dict[str, torch.Tensor]:
-    """Batched numpy observations (B, ...) -> tensors with a time axis (B, 1, ...)."""
-    return {k: torch.as_tensor(np.asarray(v)).unsqueeze(1) for k, v in obs.items()}
+TOP_K = 10
 
 
 def initial_state(module, batch_size: int) -> dict[str, torch.Tensor]:
+    """The module's initial recurrent state for `batch_size` episodes (empty for a stateless module)."""
     return {k: torch.as_tensor(np.asarray(v)).unsqueeze(0).repeat(batch_size, *([1] * np.ndim(v)))
             for k, v in module.get_initial_state().items()}
+
+
+def policy_step(module, obs: dict[str, torch.Tensor], state: dict, explore: bool = False) -> tuple[dict, dict]:
+    """The policy's one step on B episodes: observations (B, ...) -> actions (B, ...) and the next state.
+
+    Deterministic (forward_inference) unless `explore`. Actions are a dict of tensors (location
+    (B, 2), query (B, D)) as the module returns them; the env clips both to [-1, 1].
+    """
+    batch = {Columns.OBS: {k: torch.as_tensor(v).unsqueeze(1) for k, v in obs.items()}, Columns.STATE_IN: state}
+    out = (module.forward_exploration if explore else module.forward_inference)(batch)
+    return {k: v[:, 0] for k, v in out[Columns.ACTIONS].items()}, out[Columns.STATE_OUT]
 
 
 @dataclass
@@ -81,11 +106,9 @@ def run_episodes(module, env, sketch_index: np.ndarray, explore: bool = False,
     locations = np.zeros((B, N_LEVELS, G, 2), np.float32)
     on_ink = np.zeros(B, np.int64)
     queries = None
-    forward = module.forward_exploration if explore else module.forward_inference
     for t in range(T):
-        out = forward({Columns.OBS: obs_to_batch(obs), Columns.STATE_IN: state})
-        state = out[Columns.STATE_OUT]
-        action = {k: v[:, 0].numpy() for k, v in out[Columns.ACTIONS].items()}
+        actions, state = policy_step(module, obs, state, explore)
+        action = {k: v.numpy() for k, v in actions.items()}
         if locator is not None:  # the location chosen now is read at step t + 1, on that step's level
             action["location"] = locator(sketch_index, np.full(B, min((t + 1) // G, N_LEVELS - 1)))
         level, glimpse = np.asarray(obs["level"]), np.asarray(obs["glimpse_index"])
@@ -153,3 +176,244 @@ class PolicyValidator:
         return {k: v for k, v in metrics.items() if k != "percentile_curve"} | {
             f"percentile_level_{i:02d}": v for i, v in enumerate(metrics["percentile_curve"])
         }
+
+
+# ---- the incremental episode: partial sketches drawn live ------------------------------------------
+
+
+@dataclass(frozen=True)
+class LevelState:
+    """A live episode after one partial sketch: what the next level starts from and what it found.
+
+    state: recurrent state after the level's last glimpse (tensors of batch 1); location: (2,)
+    where the next glimpse looks; query: (D,) the query after the last glimpse, clipped to [-1, 1]
+    as the env clips it; looked: (G, 2) the centres of this level's glimpses (sensor coordinates).
+    """
+
+    state: dict
+    location: torch.Tensor
+    query: torch.Tensor
+    looked: np.ndarray
+
+
+class LivePolicy:
+    """A trained policy on partial sketches drawn live: the incremental episode.
+
+    module: a trained RLModule (set to eval mode here); embedding_net: its phase-1 EmbeddingNet;
+    env_config: the environment it was trained in (glimpse geometry, image size, n_glimpses).
+    `advance` takes one partial sketch per episode, renders it as the env's episodes are rendered,
+    embeds it with the phase-1 network and takes the level's G glimpses, carrying the recurrent
+    state from the episode's previous level: what `SketchRetrievalEnv` does with precomputed levels.
+    """
+
+    def __init__(self, module, embedding_net, env_config: EnvConfig):
+        self.module = module.eval()
+        self.net = embedding_net.eval()
+        self.config = env_config
+        self.sensor = GlimpseSensor(env_config.glimpse_size, env_config.n_patches, env_config.patch_scale)
+
+    @torch.inference_mode()
+    def advance(self, steps: Sequence[tuple[LevelState | None, np.ndarray, int]]) -> list[LevelState]:
+        """One level of B episodes at once, in one batch.
+
+        steps[b] = (previous, partial, level): episode b continues from `previous` (None: a new
+        episode, looking at the centre) on the partial sketch `partial` (n, 3) points at `level`.
+        """
+        B, G = len(steps), self.config.n_glimpses
+        sizes = {self.config.image_size, self.net.config.image_size}
+        rendered = {s: torch.from_numpy(np.stack([render_points(p, s) for _, p, _ in steps])) for s in sizes}
+        embedding = self.net.embed_sketches(rendered[self.net.config.image_size][:, None])  # (B, D)
+        integral = integral_image(rendered[self.config.image_size])
+        fresh = initial_state(self.module, 1)
+        states = [fresh if previous is None else previous.state for previous, _, _ in steps]
+        state = {k: torch.cat([s[k] for s in states]) for k in fresh}
+        location = torch.stack([torch.zeros(2) if previous is None else previous.location for previous, _, _ in steps])
+        level = torch.tensor([lv for _, _, lv in steps], dtype=torch.long)
+        looked = torch.zeros(B, G, 2)
+        for g in range(G):
+            looked[:, g] = location
+            obs = build_observation(self.sensor, integral, location, level, torch.full((B,), g), embedding)
+            actions, state = policy_step(self.module, obs, state)
+            location = actions["location"].clamp(-1.0, 1.0)
+        query = actions["query"].clamp(-1.0, 1.0)
+        return [  # clones: a view would keep the whole batch alive in the cache
+            LevelState({k: v[b : b + 1].clone() for k, v in state.items()}, location[b].clone(), query[b].clone(),
+                       looked[b].numpy().copy())
+            for b in range(B)
+        ]
+
+    def episode(self, points: np.ndarray, cuts: np.ndarray) -> list[LevelState]:
+        """One sketch through partial sketches points[:cuts[0]], points[:cuts[1]], ...; the i-th is level min(i, 16).
+
+        With cuts = `render.level_cut_points(len(points))` this is the episode `darp evaluate` steps.
+        """
+        levels: list[LevelState] = []
+        for i, cut in enumerate(_checked_cuts(cuts, len(points)).tolist()):
+            levels += self.advance([(levels[-1] if levels else None, points[:cut], min(i, N_LEVELS - 1))])
+        return levels
+
+
+def _checked_cuts(cuts, n_points: int) -> np.ndarray:
+    cuts = np.asarray(cuts, np.int64)
+    if cuts.ndim != 1 or len(cuts) == 0 or cuts[0] < 1 or cuts[-1] > n_points or np.any(np.diff(cuts) < 1):
+        raise ValueError(f"cuts must be increasing point counts in [1, {n_points}], got {cuts.tolist()}")
+    return cuts
+
+
+@dataclass
+class Drawing:
+    """One drawing being answered: its points, one cut per stroke, and the levels found so far.
+
+    points: (P, 3) in [0, 1]; cuts: (L,) point counts ending each stroke; keys: (L,) cache keys of
+    the partial sketches; levels: the LevelStates of the first len(levels) partial sketches (from
+    the cache or computed); target: the target photo's gallery row, or None.
+    """
+
+    points: np.ndarray
+    cuts: np.ndarray
+    keys: list[bytes]
+    target: int | None
+    levels: list[LevelState] = field(default_factory=list)
+
+    @property
+    def pending(self) -> bool:
+        """Whether partial sketches are left to compute."""
+        return len(self.levels) < len(self.cuts)
+
+    def next_step(self) -> tuple[LevelState | None, np.ndarray, int]:
+        """The next partial sketch as a `LivePolicy.advance` step."""
+        i = len(self.levels)
+        return (self.levels[-1] if self.levels else None, self.points[: self.cuts[i]], min(i, N_LEVELS - 1))
+
+
+class LiveRetrieval:
+    """Drawings -> a trained policy's queries ranked against a gallery, stroke by stroke.
+
+    The partial sketch after stroke k + 1 is episode level min(k, 16) (a drawing with more than
+    17 strokes stays at level 16). Every answer depends only on the points sent (no sessions): the
+    LevelState after each partial sketch is cached under a hash chain of the points up to it
+    (`cache_size` states, least recently used dropped), so a new stroke costs one level and a
+    drawing the cache has not seen is replayed from its longest cached prefix. The target's rank after
+    each level is cached too, so an answer ranks only what is new.
+
+    One drawing at a time: `query`. Many at once (the server's batches): `start` each, then `step`
+    them together (one level each for the pending ones in one batch, then one ranking pass for the
+    finished ones) until each has its answer. `start` and `step` may run in different threads.
+    """
+
+    def __init__(self, policy: LivePolicy, gallery: Gallery, cache_size: int = 4096):
+        self.policy = policy
+        self.gallery = gallery
+        self.cache_size = cache_size
+        self._cache: OrderedDict[bytes, LevelState] = OrderedDict()
+        self._ranks: OrderedDict[tuple[bytes, int], int] = OrderedDict()  # (level key, target row) -> rank
+        self._lock = threading.Lock()
+
+    @property
+    def config(self) -> EnvConfig:
+        return self.policy.config
+
+    def start(self, points: np.ndarray, target: str | None = None) -> Drawing:
+        """A drawing of `points` (P, 3) x, y in [0, 1] (y down) and pen, with its cached levels filled in.
+
+        target: a gallery photo id or None (KeyError for an id not in the gallery).
+        """
+        points = np.ascontiguousarray(points, np.float32)
+        cuts = stroke_ends(points)
+        keys, key, start = [], b"", 0
+        for cut in cuts.tolist():
+            key = hashlib.sha256(key + cut.to_bytes(8, "little") + points[start:cut].tobytes()).digest()
+            keys.append(key)
+            start = cut
+        row = None if target is None else int(self.gallery.index_of([target])[0])
+        drawing = Drawing(points, cuts, keys, row)
+        with self._lock:
+            for key in keys:
+                found = self._cache.get(key)
+                if found is None:
+                    break
+                self._cache.move_to_end(key)
+                drawing.levels.append(found)
+        return drawing
+
+    def advance(self, drawings: Sequence[Drawing]) -> None:
+        """Compute the next level of every drawing (all pending), in one batch, and cache it."""
+        if not all(d.pending for d in drawings):
+            raise ValueError("advance() takes pending drawings only: a finished one has no next level")
+        results = self.policy.advance([d.next_step() for d in drawings])
+        with self._lock:
+            for drawing, result in zip(drawings, results):
+                self._cache[drawing.keys[len(drawing.levels)]] = result
+                if len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+                drawing.levels.append(result)
+
+    @torch.inference_mode()
+    def answer(self, drawings: Sequence[Drawing]) -> list[dict]:
+        """The answers of finished drawings, ranked in one pass.
+
+        Each: {"top": [(photo_id, rank, squared distance)] x min(10, N) for the last query,
+        "glimpses": (G, 2) centres of the last level's glimpses and "glimpse_sides": (n_patches,)
+        patch sides, both in sketch units, "level", "n_strokes", "target_rank" (int or None) and
+        "target_ranks" (one per stroke, or None)}.
+        """
+        if any(d.pending for d in drawings):
+            raise ValueError("answer() needs finished drawings: advance() the pending ones first")
+        k = min(TOP_K, len(self.gallery))
+        top, distance, top_rank = self.gallery.ranked_topk(torch.stack([d.levels[-1].query for d in drawings]), k)
+        target_ranks = self._target_ranks([d for d in drawings if d.target is not None])
+        cfg = self.config
+        sides = unit_length(cfg.glimpse_size * cfg.patch_scale ** np.arange(cfg.n_patches), cfg.image_size)
+        answers = []
+        for i, d in enumerate(drawings):
+            ranks = [target_ranks[key, d.target] for key in d.keys] if d.target is not None else None
+            answers.append({
+                "top": [(self.gallery.photo_ids[j], int(r), float(s))
+                        for j, r, s in zip(top[i].tolist(), top_rank[i].tolist(), distance[i].tolist())],
+                "glimpses": location_to_unit(d.levels[-1].looked, cfg.image_size),
+                "glimpse_sides": sides,
+                "level": min(len(d.levels) - 1, N_LEVELS - 1),
+                "n_strokes": len(d.levels),
+                "target_rank": None if ranks is None else ranks[-1],
+                "target_ranks": ranks,
+            })
+        return answers
+
+    def _target_ranks(self, drawings: Sequence[Drawing]) -> dict[tuple[bytes, int], int]:
+        """{(level key, target row): the target's rank after that level} for every level of `drawings`;
+        ranks computed before come from the cache, the others in one `Gallery.rank` pass."""
+        found, todo = {}, []
+        with self._lock:
+            for d in drawings:
+                for key, level in zip(d.keys, d.levels):
+                    rank = self._ranks.get((key, d.target))
+                    if rank is None:
+                        todo.append(((key, d.target), level.query))
+                    else:
+                        found[key, d.target] = rank
+        if todo:
+            ranks = self.gallery.rank(torch.stack([q for _, q in todo]), torch.tensor([t for (_, t), _ in todo]))
+            found.update(zip([name for name, _ in todo], ranks.tolist()))
+            with self._lock:
+                for name, _ in todo:
+                    self._ranks[name] = found[name]
+                while len(self._ranks) > self.cache_size:
+                    self._ranks.popitem(last=False)
+        return found
+
+    def step(self, drawings: Sequence[Drawing]) -> list[dict | None]:
+        """One round for many drawings: the next level of the pending ones (one batch), then the
+        answers of those now finished (one ranking pass); None for a drawing still pending."""
+        pending = [d for d in drawings if d.pending]
+        if pending:
+            self.advance(pending)
+        finished = [d for d in drawings if not d.pending]
+        answers = dict(zip(map(id, finished), self.answer(finished))) if finished else {}
+        return [answers.get(id(d)) for d in drawings]
+
+    def query(self, points: np.ndarray, target: str | None = None) -> dict:
+        """Rank the gallery for one drawing (see `start` and `answer`)."""
+        drawing = self.start(points, target)
+        while (answer := self.step([drawing])[0]) is None:
+            pass
+        return answer

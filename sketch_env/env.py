@@ -31,6 +31,7 @@ import torch
 from gymnasium import spaces
 
 from sketch_env.episodes import EpisodeData, load_episode_data
+from sketch_env.geometry import location_to_pixel
 from sketch_env.glimpse import GlimpseSensor, integral_image
 from sketch_env.render import N_LEVELS
 from sketch_env.rewards import REWARDS, best_rank_reward, eta, rank_gain_reward, threshold_reward
@@ -129,6 +130,33 @@ def observation_space(config: EnvConfig, dim: int) -> spaces.Dict:
     return spaces.Dict(parts)
 
 
+def build_observation(
+    sensor: GlimpseSensor,
+    integral: torch.Tensor,
+    location: torch.Tensor,
+    level: torch.Tensor,
+    glimpse_index: torch.Tensor,
+    sketch_embedding: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """The observation of B episodes as fresh tensors (the one place an observation is built).
+
+    integral: (B, H + 1, W + 1) integral images of the current partial sketches (`integral_image`);
+    location: (B, 2) where the glimpse looks; level, glimpse_index: (B,) long; sketch_embedding:
+    (B, D) phase-1 embeddings of the partial sketches, or None where the env does not observe them.
+    Returns glimpse (B, k, g, g) in [0, 1], location (B, 2), level (B,), glimpse_index (B,) and,
+    unless None, sketch_embedding (B, D) clipped to [-1, 1] (the observation space's bounds).
+    """
+    obs = {
+        "glimpse": sensor.from_integral(integral, location).clamp_(0.0, 1.0),
+        "location": location.clone(),
+        "level": level,
+        "glimpse_index": glimpse_index,
+    }
+    if sketch_embedding is not None:
+        obs["sketch_embedding"] = sketch_embedding.clamp(-1.0, 1.0)
+    return obs
+
+
 def action_space(dim: int) -> spaces.Dict:
     """The action of one env: where to look next (2,) and the query embedding (D,), both in [-1, 1]."""
     return spaces.Dict(
@@ -209,7 +237,7 @@ class EpisodeBatch:
         self.length = N_LEVELS * config.n_glimpses
         height, width = episodes.images.shape[-2:]
         self.images = episodes.images.reshape(-1, height, width)  # (S * 17, H, W), row sketch * 17 + level
-        self.embeddings = episodes.sketch_embedding.reshape(-1, episodes.dim).clamp(-1.0, 1.0)  # (S * 17, D), in the Box
+        self.embeddings = episodes.sketch_embedding.reshape(-1, episodes.dim)  # (S * 17, D)
         self.sketch = torch.zeros(n, dtype=torch.long)
         self.t = torch.zeros(n, dtype=torch.long)
         self.location = torch.zeros(n, 2, dtype=torch.float32)
@@ -274,15 +302,9 @@ class EpisodeBatch:
             fresh = self.images.index_select(0, row.index_select(0, stale)).to(torch.float32)
             self.integral.index_copy_(0, stale, integral_image(fresh))
             self.integral_row.index_copy_(0, stale, row.index_select(0, stale))
-        obs = {
-            "glimpse": self.sensor.from_integral(self.integral, self.location).clamp_(0.0, 1.0).numpy(),
-            "location": self.location.numpy().copy(),
-            "level": level.numpy(),
-            "glimpse_index": (t % self.config.n_glimpses).numpy(),
-        }
-        if self.config.observe_sketch_embedding:
-            obs["sketch_embedding"] = self.embeddings.index_select(0, row).numpy()
-        return obs
+        embedding = self.embeddings.index_select(0, row) if self.config.observe_sketch_embedding else None
+        obs = build_observation(self.sensor, self.integral, self.location, level, t % self.config.n_glimpses, embedding)
+        return {key: value.numpy() for key, value in obs.items()}
 
     def infos(self, rows: torch.Tensor, level: torch.Tensor, glimpse_index: torch.Tensor) -> dict[str, np.ndarray]:
         """Per-slot infos for `rows` (R,): level, glimpse index, ids, the sketch's row in `episodes`
@@ -430,9 +452,8 @@ def render_frame(batch: EpisodeBatch, query: torch.Tensor, rank: int) -> np.ndar
     ink = 255 - 255 * ep.images[s, level].numpy().astype(np.uint8)
     sketch = Image.fromarray(ink, "L").resize((SKETCH_PANEL, SKETCH_PANEL), Image.NEAREST).convert("RGB")
     pen = ImageDraw.Draw(sketch)  # squares drawn on the panel itself are clipped to it
-    size_px = ep.images.shape[-1]
-    zoom = SKETCH_PANEL / size_px
-    x, y = ((batch.location[0].numpy() + 1.0) / 2.0 * size_px * zoom).tolist()
+    zoom = SKETCH_PANEL / ep.images.shape[-1]
+    x, y = location_to_pixel(batch.location[0].numpy(), SKETCH_PANEL).tolist()  # the panel is the image, zoomed
     for i in range(cfg.n_patches):
         half = cfg.glimpse_size * cfg.patch_scale**i * zoom / 2
         pen.rectangle([x - half, y - half, x + half, y + half], outline=PATCH_COLOURS[i % len(PATCH_COLOURS)], width=2)

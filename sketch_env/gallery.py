@@ -101,15 +101,26 @@ class Gallery:
         queries: (B, D). Returns indices (B, k) long and squared distances (B, k) float32.
         Equal distances come in no particular order.
         """
+        indices, distances, _ = self.ranked_topk(queries, k)
+        return indices, distances
+
+    def ranked_topk(self, queries: torch.Tensor | np.ndarray, k: int) -> tuple[torch.LongTensor, torch.Tensor, torch.LongTensor]:
+        """`topk` and the rank each of the k photos would have as the query's target: (B, k) long.
+
+        Read from the same k scores: every photo strictly closer than the j-th is among the first j,
+        so its rank is 1 + the number of the k scores below its own (ties in the query's favour),
+        exactly what `rank` gives, without ranking the k photos against the whole gallery again.
+        """
         if not 1 <= k <= len(self):
             raise ValueError(f"k must be in [1, {len(self)}] (the gallery size), got {k}")
         q = self._queries(queries)
-        indices, distances = [], []
+        indices, distances, ranks = [], [], []
         for start, scores in self._score_blocks(q):
             values, idx = torch.topk(scores, k, dim=1, largest=False, sorted=True)
             indices.append(idx)
             distances.append((values + (q[start : start + len(idx)] ** 2).sum(1, keepdim=True)).clamp_min_(0.0))
-        return torch.cat(indices), torch.cat(distances)
+            ranks.append((values[:, None, :] < values[:, :, None]).sum(2) + 1)
+        return torch.cat(indices), torch.cat(distances), torch.cat(ranks)
 
     def _queries(self, queries) -> torch.Tensor:
         q = torch.as_tensor(queries, device=self.device).detach()

@@ -39,3 +39,57 @@ def make_tiny_setup(root: Path, n_photos: int = 10, sketches_per_photo: int = 2,
     save_embedding_export(phase1, export)
     atomic_write_json(phase1 / "run.json", {"kind": "synthetic-export"})
     return data, phase1
+
+
+def save_untrained_run(run_dir: Path, data: Path, embedding: Path, **train_options) -> Path:
+    """A run directory as `darp train` leaves it, without training (no Ray): run.json and the RLModule
+    checkpoint RLlib itself writes (class_and_ctor_args.pkl, module_state.pkl), with initial weights."""
+    import dataclasses
+
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    from sketch_env.embeddings import load_embedding_export
+    from sketch_env.env import EnvConfig, action_space, observation_space
+    from tune_runs.rl_eval import MODULE_PATH
+    from tune_runs.train import TrainConfig, build_algo_config, with_algo_defaults
+
+    run_dir = Path(run_dir)
+    cfg = with_algo_defaults(TrainConfig(data=str(data), embedding=str(embedding), run_dir=str(run_dir), **train_options))
+    dim = load_embedding_export(embedding).dim
+    spaces = (observation_space(EnvConfig(n_glimpses=cfg.n_glimpses), dim), action_space(dim))
+    module = build_algo_config(cfg).get_rl_module_spec(spaces={DEFAULT_MODULE_ID: spaces}).build()
+    module.save_to_path(str((run_dir / "checkpoint" / MODULE_PATH).resolve()))
+    atomic_write_json(run_dir / "run.json", {"kind": cfg.algo, "config": dataclasses.asdict(cfg),
+                                             "data": str(data), "embedding": str(embedding)})
+    return run_dir
+
+
+def make_phase1_run(root: Path, data: Path) -> Path:
+    """A tiny real phase-1 run (`darp pretrain`, a few seconds: network and export) on `data`."""
+    from tune_runs.pretrain import PretrainConfig
+    from tune_runs.pretrain import run as pretrain
+
+    phase1 = root / "phase1"
+    pretrain(PretrainConfig(data=data, run_dir=phase1, epochs=1, batch_size=16, image_size=32, embedding_dim=16,
+                            eval_batch=256, time_budget_s=5.0))
+    return phase1
+
+
+def make_serve_runs(root: Path, data: Path) -> Path:
+    """Train a tiny phase-1 network and a tiny DARP run on `data` (Ray must be up); returns the DARP run."""
+    from tune_runs.train import TrainConfig, train
+
+    phase1 = make_phase1_run(root, data)
+    darp = root / "darp"
+    train(TrainConfig(data=str(data), embedding=str(phase1), run_dir=str(darp), iterations=1,
+                      num_envs_per_env_runner=4, episodes_per_batch=8, n_glimpses=2, val_interval=0), quiet=True)
+    return darp
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,8 +24,9 @@ import torch
 
 from sketch_env.data import load_dataset, save_dataset, select_split
 from sketch_env.render import N_LEVELS, level_cut_points
-from tests.test_serve import make_serve_runs
-from tune_runs.serve import LiveRetriever, ServeConfig, start, strokes_to_points
+from tests.rl_fixtures import free_port, make_serve_runs
+from tune_runs.rl_eval import live_retrieval
+from tune_runs.serve import ServeConfig, start, stop_ray, strokes_to_points
 
 pytestmark = pytest.mark.slow
 
@@ -35,19 +36,12 @@ N_PHOTOS = 40  # Chair-V2 photos kept (with all their sketches): a few seconds o
 SIDE = 512  # the page's canvas, in pixels
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(url, data dir, DARP run dir) of a Ray Serve deployment over a Chair-V2 subset."""
     if not (SHARED / "ChairV2_Coordinate_train").is_file():
         pytest.skip(f"Chair-V2 is not at {SHARED}")
     import ray
-    from ray import serve
 
     from tune_runs.cli import main
 
@@ -68,8 +62,7 @@ def served(tmp_path_factory):
         url = start(ServeConfig(data=data, run=darp, port=free_port()))
         yield url, data, darp
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_ray()
 
 
 def post(url: str, body: bytes) -> tuple[int, dict]:
@@ -107,7 +100,7 @@ def val_split(served):
 @pytest.fixture(scope="module")
 def retriever(served, val_split):
     _, _, darp = served
-    return LiveRetriever.from_run(darp, val_split)
+    return live_retrieval(darp, val_split)
 
 
 def sketch_with_strokes(split, low: int, high: int) -> int:
@@ -192,11 +185,28 @@ def test_drawing_a_chair_v2_sketch_shows_the_served_ranks(served, val_split, ret
         "return imgs.length === Math.min(10, darpLive.photoIds.length) && imgs.every(i => i.complete && i.naturalWidth > 0)"
     )
 
+    # the top-10 row fits the 1360 px wide window: no photo cut off, no horizontal scrollbar, even
+    # with Chair-V2's longest sketch ids in the replay list (e.g. /train/CHAKUB005PNK-UK_v1_CandyPink...)
+    browser.execute_script(
+        "const o = document.createElement('option'); o.value = 'long';"
+        "o.textContent = '/train/CHAKUB005PNK-UK_v1_CandyPinkWithRainbowButtons_3 (31 strokes)';"
+        "document.getElementById('sketch-select').append(o);"
+    )
+    overflow = browser.execute_script(
+        "const width = document.documentElement.clientWidth;"
+        "return {width, scroll: document.documentElement.scrollWidth,"
+        " right: Math.max(...[...document.querySelectorAll('#top10 img')].map(i => i.getBoundingClientRect().right))};"
+    )
+    assert browser.execute_script("return window.innerWidth") == 1360
+    assert overflow["scroll"] <= overflow["width"] and overflow["right"] <= overflow["width"], overflow
+    # the page shows the latency it measured end to end, next to the server's own figure
+    assert re.fullmatch(r"\d+ ms end to end \(\d+(\.\d)? ms in the server\)", browser.find_element("id", "latency").text)
+
     # and the same code path, cut at darp evaluate's completion levels, gives darp evaluate's ranks
     from tune_runs.rl_eval import evaluate_policy_run
 
     evaluated = evaluate_policy_run(darp, data, "val")
-    levels = retriever.episode(points, level_cut_points(len(points)))
+    levels = retriever.policy.episode(points, level_cut_points(len(points)))
     target = retriever.gallery.index_of([photo]).expand(N_LEVELS)
     live = retriever.gallery.rank(torch.stack([lv.query for lv in levels]), target).numpy()
     np.testing.assert_array_equal(live, evaluated["ranks"][i])

@@ -89,6 +89,20 @@ def test_topk_matches_sorted_distances_and_rank():
         assert g.rank(queries, idx[:, j]).tolist() == [j + 1] * 9
 
 
+def test_ranked_topk_gives_the_ranks_of_the_top_photos_with_ties():
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(60, 8)).astype(np.float32)
+    emb[10:14] = emb[5]  # duplicates: equal distances, ties in the query's favour
+    queries = np.concatenate([emb[5:6] + 0.01, rng.normal(size=(6, 8)).astype(np.float32)])
+    g = Gallery(emb, [str(i) for i in range(60)])
+    idx, dist, ranks = g.ranked_topk(queries, 12)
+    top_idx, top_dist = g.topk(queries, 12)
+    assert torch.equal(idx, top_idx) and torch.equal(dist, top_dist)
+    for j in range(12):
+        assert ranks[:, j].tolist() == g.rank(queries, idx[:, j]).tolist()
+    assert ranks[0, :5].tolist() == [1] * 5, "the target's five copies all rank 1"
+
+
 def test_index_of_and_attributes():
     g = Gallery(np.zeros((3, 4), np.float64), ["x", "y", "z"])
     assert len(g) == 3 and g.dim == 4

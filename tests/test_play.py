@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import re
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from PIL import Image
 from sketch_env.data import DataError
 from tune_runs.cli import main
 from tune_runs.play import PlayConfig, run
-from tests.test_env import DIM, synthetic  # noqa: F401  (fixture)
+from tests.test_env import synthetic  # noqa: F401  (fixture)
 
 
 def play(monkeypatch, capsys, stdin: str, **options) -> str:
@@ -73,30 +72,35 @@ def test_chosen_sketch_and_whole_episode(synthetic, tmp_path, monkeypatch, capsy
         play(monkeypatch, capsys, "", data=data, embedding=run_dir, split="all", sketch="nope")
 
 
-def test_a_trained_run_acts_through_load_policy(synthetic, tmp_path, monkeypatch, capsys):
-    """A run directory is handed to tune_runs.rl_eval.load_policy; its state goes round the loop."""
+def test_a_trained_run_acts_with_its_module_and_carries_its_state(synthetic, tmp_path, monkeypatch, capsys):
+    """--policy RUN loads the run (safely) and acts with its module: the printed looks are the module's
+    own deterministic steps, recurrent state carried, in an env with the run's glimpses per level."""
+    import torch
+
+    from policies.rollout import initial_state, policy_step
+    from sketch_env.env import EnvConfig, SketchRetrievalEnv
+    from tests.rl_fixtures import save_untrained_run
+    from tune_runs.rl_eval import load_module
+
     data, run_dir = synthetic
-    calls = []
-
-    class Recorder:
-        def initial_state(self):
-            return 0
-
-        def act(self, obs, state):
-            calls.append(state)
-            return {"location": np.array([0.25, 0.75], np.float32), "query": np.zeros(DIM, np.float32)}, state + 1
-
-    fake = types.ModuleType("tune_runs.rl_eval")
-    fake.load_policy = lambda path: Recorder()
-    fake.read_run = lambda path: {"config": {"n_glimpses": 2, "reward": "rank_gain"}}
-    monkeypatch.setitem(sys.modules, "tune_runs.rl_eval", fake)
-    trained = tmp_path / "darp_run"
-    trained.mkdir()
-    out = play(monkeypatch, capsys, "\n\n", data=data, embedding=run_dir, split="all", out=str(tmp_path / "f"),
-               policy=str(trained), max_steps=3)
-    assert calls == [0, 1, 2]
+    trained = save_untrained_run(tmp_path / "darp_run", data, run_dir, n_glimpses=2)
+    out = play(monkeypatch, capsys, "\n\n0.5 0.5\n\n", data=data, embedding=run_dir, split="all",
+               out=str(tmp_path / "f"), policy=str(trained), max_steps=4, seed=1)
     assert "17 levels x 2 glimpses" in out, "the env must take the trained run's glimpses per level"
-    assert all("next look (+0.25, +0.75)" in line for line in step_lines(out))
+    printed = [tuple(float(v) for v in re.search(r"next look \((\S+), (\S+)\)", line).groups()) for line in step_lines(out)]
+
+    env = SketchRetrievalEnv(EnvConfig(data=data, embedding=run_dir, split="all", n_glimpses=2))
+    module = load_module(trained, env.observation_space, env.action_space)
+    obs, _ = env.reset(seed=1)
+    state, expected = initial_state(module, 1), []
+    for step in range(4):
+        with torch.no_grad():
+            action, state = policy_step(module, {k: torch.as_tensor(np.asarray(v))[None] for k, v in obs.items()}, state)
+        location = np.array([0.5, 0.5], np.float32) if step == 2 else action["location"][0].numpy()
+        obs, *_ = env.step({"location": location, "query": action["query"][0].numpy()})
+        expected.append(tuple(obs["location"]))
+    np.testing.assert_allclose(printed, expected, atol=0.006)  # printed with two decimals
+    assert len(set(printed)) == 4, "the policy must not look at one place only (the state must move)"
     with pytest.raises(DataError, match="not 'random', 'center' or an existing run directory"):
         play(monkeypatch, capsys, "", data=data, embedding=run_dir, policy=str(tmp_path / "missing"))
 

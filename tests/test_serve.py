@@ -1,4 +1,4 @@
-"""`darp serve`'s core and app: the live path against `darp evaluate`, the cache, and bad requests.
+"""`darp serve`'s engine and app: the live path against `darp evaluate`, the cache, batching, bad requests.
 
 A tiny phase-1 network (`darp pretrain`, a few seconds) and a tiny DARP run (`darp train`, one
 iteration) on a small generated data set are shared by every test of this module.
@@ -7,41 +7,35 @@ iteration) on a small generated data set are shared by every test of this module
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from policies.rollout import LivePolicy, LiveRetrieval
 from sketch_env.data import load_dataset, select_split
 from sketch_env.data.generate import generate_dataset
+from sketch_env.geometry import split_strokes, unit_to_canvas
 from sketch_env.render import N_LEVELS, level_cut_points
-from tune_runs.serve import BadRequest, LiveRetriever, build_app, strokes_to_points, unit_to_canvas
+from tests.rl_fixtures import free_port, make_serve_runs
+from tune_runs.rl_eval import live_retrieval
+from tune_runs.serve import BadRequest, build_app, strokes_to_points
 
 pytestmark = pytest.mark.slow
 
 CANVAS = [512, 512]
 
 
-def make_serve_runs(root: Path, data: Path) -> Path:
-    """Train a tiny phase-1 network and a tiny DARP run on `data` (Ray must be up); returns the DARP run."""
-    from tune_runs.pretrain import PretrainConfig
-    from tune_runs.pretrain import run as pretrain
-    from tune_runs.train import TrainConfig, train
-
-    phase1 = root / "phase1"
-    pretrain(PretrainConfig(data=data, run_dir=phase1, epochs=1, batch_size=16, image_size=32, embedding_dim=16,
-                            eval_batch=256, time_budget_s=5.0))
-    darp = root / "darp"
-    train(TrainConfig(data=str(data), embedding=str(phase1), run_dir=str(darp), iterations=1,
-                      num_envs_per_env_runner=4, episodes_per_batch=8, n_glimpses=2, val_interval=0), quiet=True)
-    return darp
-
-
 def sketch_strokes(points: np.ndarray, side: float) -> list[list[list[float]]]:
     """(P, 3) points in [0, 1] -> JSON strokes in pixels of a side x side canvas."""
-    ends = np.flatnonzero(points[:, 2] == 1) + 1
-    return [(s[:, :2].astype(np.float64) * side).tolist() for s in np.split(points, ends[:-1])]
+    return [(s.astype(np.float64) * side).tolist() for s in split_strokes(points)]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +56,7 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def retriever(setup):
     _, darp, split = setup
-    return LiveRetriever.from_run(darp, split)
+    return live_retrieval(darp, split)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +79,7 @@ def test_episode_at_the_evaluation_cuts_is_darp_evaluate(setup, retriever):
     live = np.zeros_like(evaluated["ranks"])
     for i in range(len(split.sketches)):
         points = split.sketches.sketch(i)
-        levels = retriever.episode(points, level_cut_points(len(points)))
+        levels = retriever.policy.episode(points, level_cut_points(len(points)))
         target = retriever.gallery.index_of([split.sketches.photo_id[i]]).expand(N_LEVELS)
         live[i] = retriever.gallery.rank(torch.stack([lv.query for lv in levels]), target).numpy()
     np.testing.assert_array_equal(live, evaluated["ranks"])
@@ -99,12 +93,12 @@ def test_stroke_by_stroke_costs_one_level_per_stroke_and_equals_a_replay(setup, 
     ends = np.flatnonzero(points[:, 2] == 1) + 1
     assert len(ends) >= 3
     calls = []
-    advance = LiveRetriever.advance
-    monkeypatch.setattr(LiveRetriever, "advance", lambda self, *a: calls.append(1) or advance(self, *a))
-    fresh = LiveRetriever(retriever.module, retriever.net, retriever.gallery, retriever.config)
+    advance = LivePolicy.advance
+    monkeypatch.setattr(LivePolicy, "advance", lambda self, steps: calls.append(len(steps)) or advance(self, steps))
+    fresh = LiveRetrieval(retriever.policy, retriever.gallery)
     answers = [fresh.query(points[:end], photo) for end in ends]
-    assert len(calls) == len(ends), "each new stroke must cost one level, earlier ones come from the cache"
-    replayed = LiveRetriever(retriever.module, retriever.net, retriever.gallery, retriever.config).query(points, photo)
+    assert calls == [1] * len(ends), "each new stroke must cost one level, earlier ones come from the cache"
+    replayed = LiveRetrieval(retriever.policy, retriever.gallery).query(points, photo)
     assert replayed["target_ranks"] == answers[-1]["target_ranks"]
     assert [a["target_rank"] for a in answers] == answers[-1]["target_ranks"]
     assert replayed["top"] == answers[-1]["top"]
@@ -137,12 +131,6 @@ def test_more_than_17_strokes_stay_at_level_16(retriever):
     points = np.column_stack([rng.uniform(0.1, 0.9, (40, 2)), np.tile([0, 1], 20)]).astype(np.float32)
     answer = retriever.query(points, retriever.gallery.photo_ids[0])
     assert answer["n_strokes"] == 20 and answer["level"] == 16 and len(answer["target_ranks"]) == 20
-
-
-def test_sensor_locations_map_onto_the_sketch(retriever):
-    size = retriever.config.image_size
-    corners = retriever.sensor_to_unit(np.array([[-1.0, -1.0], [0.0, 0.0], [1.0, 1.0]]))
-    np.testing.assert_allclose(corners[:, 0], [-0.5 / (size - 1), 0.5, (size - 0.5) / (size - 1)])
 
 
 def test_strokes_to_points_normalises_like_the_data_sets():
@@ -226,6 +214,8 @@ GOOD = [[[10.0, 10.0], [100.0, 120.0]], [[200.0, 40.0], [220.0, 300.0]]]
         ({"strokes": GOOD, "canvas": CANVAS, "target": "no-such-photo"}, 422, "no-such-photo"),
         ({"strokes": GOOD, "canvas": CANVAS, "target": 7}, 422, "unknown target"),
         (b'{"pad": "' + b"x" * (1 << 20) + b'"}', 413, "limit"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "too deeply"),
+        (b'{"strokes": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "too deeply"),
     ],
 )
 def test_bad_queries_get_a_clear_4xx_and_the_server_keeps_serving(client, body, status, message):
@@ -245,3 +235,69 @@ def test_body_over_the_limit_is_refused_while_streaming(client):
 
     response = client.post("/api/query", content=chunks())  # no Content-Length: chunked upload
     assert response.status_code == 413 and "limit" in response.json()["error"]
+
+
+# ---- stopping `darp serve` ------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every process below `pid` in the process table: pid -> its start time (to tell a reused pid)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found[child] = started_at(child)
+            todo.append(child)
+    return found
+
+
+def started_at(pid: int) -> str | None:
+    """Start time of a live process (None if it is gone or a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in "ZX" else fields[19]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_darp_serve_shuts_ray_down_on_sigterm_and_sigint(setup, stop):
+    """Every process `darp serve` started (Ray's agents too, which ignore SIGTERM) is gone after it stops."""
+    data, darp, _ = setup
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tune_runs.cli", "serve", "--data", str(data), "--run", str(darp),
+                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    family: dict[int, str] = {}
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert server.poll() is None and time.time() < deadline, "darp serve did not come up"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/gallery", timeout=5):
+                    break
+            except OSError:
+                time.sleep(1.0)
+        time.sleep(3.0)  # Ray's agents start a little after the app is up
+        family = descendants(server.pid)
+        names = {Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace") for p in family}
+        assert any("raylet" in n for n in names), names
+        server.send_signal(stop)
+        assert server.wait(timeout=120) == 0
+        deadline = time.time() + 30
+        while time.time() < deadline and any(started_at(p) == t for p, t in family.items()):
+            time.sleep(0.5)
+        left = [p for p, t in family.items() if started_at(p) == t]
+        assert not left, f"left running: {[Path(f'/proc/{p}/cmdline').read_bytes()[:60] for p in left]}"
+        assert "darp serve: stopping" in server.stdout.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+        for p, t in family.items():  # whatever a failed run leaves must not outlive the test
+            if started_at(p) == t:
+                os.kill(p, signal.SIGKILL)

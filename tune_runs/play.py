@@ -8,7 +8,7 @@ PNG and the episode as an animated GIF.
 
 The query (the predicted sketch embedding) always comes from the policy: for "random" (uniform
 locations) and "center" (always (0, 0)) it is the phase-1 embedding of the current partial sketch;
-a run directory acts with its trained policy (`tune_runs.rl_eval.load_policy`).
+a run directory acts with its trained policy (`tune_runs.rl_eval.TrainedPolicy`, loaded safely).
 
     darp play --data DIR --embedding RUN [--policy random|center|RUN] [--sketch ID]
 """
@@ -72,17 +72,16 @@ class CenterPolicy:
         return {"location": np.zeros(2, np.float32), "query": obs["sketch_embedding"]}, state
 
 
-def make_policy(name: str, seed: int):
-    """"random", "center" or a trained run directory -> an object with initial_state() and act(obs, state)."""
+def make_policy(name: str, seed: int, env: SketchRetrievalEnv):
+    """"random", "center" or a trained run directory acting in `env` -> an object with
+    initial_state() and act(obs, state)."""
     if name == "random":
         return RandomPolicy(seed)
     if name == "center":
         return CenterPolicy()
-    if not Path(name).is_dir():
-        raise DataError(f"--policy {name!r}: not 'random', 'center' or an existing run directory")
-    from tune_runs.rl_eval import load_policy
+    from tune_runs.rl_eval import TrainedPolicy
 
-    return load_policy(name)
+    return TrainedPolicy(name, env)
 
 
 def sketch_index(episodes: EpisodeData, sketch_id: str, split: str) -> int:
@@ -157,18 +156,22 @@ FRAMES_KIND = OutputKind("play frames folder", ("episode.gif", "frame_[0-9][0-9]
 def run(cfg: PlayConfig) -> int:
     """Play one episode (see the module docstring); frames of an earlier play in `out` are replaced."""
     out = prepare_output_dir(cfg.out, FRAMES_KIND, inputs=(cfg.data, cfg.embedding, cfg.policy), force=cfg.force)
-    episodes = load_episode_data(cfg.data, cfg.embedding, cfg.split, thumbnails=True)
-    policy = make_policy(cfg.policy, cfg.seed)
     env_options = {}
     if cfg.policy not in ("random", "center"):
+        if not Path(cfg.policy).is_dir():
+            raise DataError(f"--policy {cfg.policy!r}: not 'random', 'center' or an existing run directory")
         from tune_runs.rl_eval import read_run
 
-        trained = read_run(cfg.policy)["config"]  # act in the env the policy was trained in
+        trained = read_run(cfg.policy).get("config") or {}  # act in the env the policy was trained in
+        if "n_glimpses" not in trained:
+            raise DataError(f"--policy {cfg.policy}: not a run of `darp train` (its run.json has no n_glimpses)")
         env_options = {"n_glimpses": trained["n_glimpses"], "reward": trained["reward"]}
+    episodes = load_episode_data(cfg.data, cfg.embedding, cfg.split, thumbnails=True)
     env = SketchRetrievalEnv(
         EnvConfig(data=cfg.data, embedding=cfg.embedding, split=cfg.split, **env_options), episodes,
         render_mode="rgb_array",
     )
+    policy = make_policy(cfg.policy, cfg.seed, env)
     options = None if cfg.sketch is None else {"sketch_index": sketch_index(episodes, cfg.sketch, cfg.split)}
     obs, info = env.reset(seed=cfg.seed, options=options)
     state = policy.initial_state()

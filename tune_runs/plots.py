@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from sketch_env.atomic import atomic_write
+from sketch_env.geometry import location_to_pixel
 
 TABLE_KEYS = ("auir", "acc@1", "acc@5", "acc@10", "m_at_a")
 TABLE_HEAD = ("AUIR", "acc@1", "acc@5", "acc@10", "m@A")
@@ -60,7 +61,7 @@ def plot_glimpses(images: np.ndarray, locations: np.ndarray, ranks: np.ndarray, 
             ax = axes[i, j]
             ax.imshow(1.0 - images[i, level], cmap="gray", vmin=0, vmax=1)
             locs = locations[i, level]
-            px = (locs + 1.0) / 2.0 * (H - 1)
+            px = location_to_pixel(locs, H)  # imshow draws pixel i's centre at i
             colours = plt.cm.viridis(np.linspace(0, 1, len(px)))
             for (x, y), c in zip(px, colours):
                 ax.add_patch(Rectangle((x - patch_pixels / 2, y - patch_pixels / 2), patch_pixels, patch_pixels,

@@ -1,11 +1,17 @@
-"""Evaluating and acting with trained RL runs (DARP and the RL baselines).
+"""Loading trained RL runs (DARP and the RL baselines) safely, and acting with them.
 
-`darp evaluate`, `darp play --policy RUN`, `darp report` and `darp serve` load a run's RLModule from
-its RLlib checkpoint here and step the batched environment with `policies.rollout`.
+`darp evaluate`, `darp play --policy RUN`, `darp report` and `darp serve` load a run's RLModule here
+without unpickling anything but plain data from the run directory: the module is rebuilt from
+run.json (the `darp train` config, through the code that built the training config) and its
+weights are read from RLlib's `module_state.pkl` by a restricted unpickler that only rebuilds numpy
+arrays and plain containers (`sketch_env.safe_pickle`). RLlib's `class_and_ctor_args.pkl` and every
+other pickle of the checkpoint are never opened here; only `darp train --resume` reads them.
+Acting goes through `policies.rollout` (`run_episodes`, `policy_step`, `LivePolicy`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,28 +20,96 @@ import numpy as np
 from sketch_env.data import DataError
 
 MODULE_PATH = Path("learner_group") / "learner" / "rl_module" / "default_policy"
+MODULE_STATE = "module_state.pkl"
 
 
 def read_run(run_dir: str | Path) -> dict:
+    """run.json of a run directory, as a dict; DataError naming the file when it is missing or not a JSON object."""
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise DataError(f"{run_dir}: not a run directory (no run.json); train one with `darp train` or `darp pretrain`")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        run = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(run, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(run).__name__}")
+    return run
 
 
-def load_module(run_dir: str | Path):
-    """The trained RLModule of an RL run, in eval mode: from run_dir/best_checkpoint (the best
-    validation AUIR, see `darp train --keep-best`) if there is one, else run_dir/checkpoint."""
-    from ray.rllib.core.rl_module.rl_module import RLModule
-
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    """The checkpoint whose policy `evaluate`, `play`, `serve` and `report` use: run_dir/best_checkpoint
+    (the best validation AUIR, `darp train --keep-best`) if there is one, else run_dir/checkpoint.
+    The one place that knows where a run keeps it."""
     best = Path(run_dir) / "best_checkpoint"
-    path = (best if best.is_dir() else Path(run_dir) / "checkpoint") / MODULE_PATH
-    if not path.is_dir():
-        raise DataError(f"{run_dir}: no RLModule checkpoint at {path}")
-    module = RLModule.from_checkpoint(str(path.resolve()))
+    return best if best.is_dir() else Path(run_dir) / "checkpoint"
+
+
+def module_weights_path(run_dir: str | Path) -> Path:
+    """The trained RLModule's weights in the run's checkpoint (RLlib's module_state.pkl)."""
+    return checkpoint_dir(run_dir) / MODULE_PATH / MODULE_STATE
+
+
+def algorithm_config(run_dir: str | Path, run: dict):
+    """The RLlib AlgorithmConfig a run of `darp train` trained with, rebuilt from its run.json."""
+    from tune_runs.train import ALGOS, TrainConfig, build_algo_config
+
+    config = run.get("config")
+    if not isinstance(config, dict) or config.get("algo", "darp") not in ALGOS:
+        raise DataError(f"{Path(run_dir) / 'run.json'}: not an RL run of `darp train` (kind {run.get('kind')!r})")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        return build_algo_config(TrainConfig(**{k: v for k, v in config.items() if k in names}))
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{Path(run_dir) / 'run.json'}: cannot rebuild the training config ({e})") from None
+
+
+def run_spaces(run: dict):
+    """(observation space, action space) of the env a run trained in (its phase-1 export gives D)."""
+    from sketch_env.embeddings import load_embedding_export
+    from sketch_env.env import EnvConfig, action_space, observation_space
+
+    dim = load_embedding_export(run["embedding"]).dim
+    return observation_space(EnvConfig(n_glimpses=run["config"]["n_glimpses"]), dim), action_space(dim)
+
+
+def load_module(run_dir: str | Path, observation_space=None, action_space=None):
+    """The trained RLModule of an RL run, in eval mode, loaded without running code from the run.
+
+    The module is built from run.json's config for the given spaces (default: the run's own env,
+    `run_spaces`); its weights come from `module_weights_path(run_dir)` through the restricted
+    unpickler, and must match the module exactly. DataError naming the file for anything else: a
+    missing, truncated or booby-trapped module_state.pkl, or weights of another architecture.
+    """
+    import torch
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    from sketch_env.safe_pickle import load_numpy_pickle
+
+    run = read_run(run_dir)
+    config = algorithm_config(run_dir, run)
+    if observation_space is None or action_space is None:
+        observation_space, action_space = run_spaces(run)
+    path = module_weights_path(run_dir)
+    if not path.is_file():
+        raise DataError(f"{run_dir}: no trained module at {path}; train one with `darp train --run-dir {run_dir}`")
+    state = load_numpy_pickle(path, "RLModule weights pickle")
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise DataError(f"{path}: expected a dict of named weights, got {type(state).__name__}")
+    try:
+        module = config.get_rl_module_spec(spaces={DEFAULT_MODULE_ID: (observation_space, action_space)}).build()
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{Path(run_dir) / 'run.json'}: cannot build the module it describes ({e})") from None
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise DataError(f"{path}: the weights do not fit the module run.json describes "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    try:
+        tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in state.items()}
+        module.load_state_dict(tensors, strict=True)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: the weights do not fit the module run.json describes ({str(e).splitlines()[0]})") from None
     module.eval()
     return module
 
@@ -103,12 +177,12 @@ def evaluate_policy_run(run_dir: Path, data_dir: Path, split: str, n_traces: int
     from policies.rollout import FixedLocator, rollout_ranks, run_episodes
 
     run = read_run(run_dir)
-    module = load_module(run_dir)
+    episodes = episodes if episodes is not None else load_run_episodes(run, data_dir, split)
+    env = make_env(run, data_dir, split, num_envs=64, episodes=episodes)
+    module = load_module(run_dir, env.single_observation_space, env.single_action_space)
     looks = bool(getattr(module, "attention", False))
     if locator != "policy" and not looks:
         raise DataError(f"{run_dir}: a {run.get('kind')} run does not choose where to look; --locator needs a policy that looks")
-    episodes = episodes if episodes is not None else load_run_episodes(run, data_dir, split)
-    env = make_env(run, data_dir, split, num_envs=64, episodes=episodes)
     n = len(env.episodes)
     fixed = FixedLocator(locator, env.episodes, seed) if locator != "policy" else None
     ranks, on_ink = rollout_ranks(module, env, np.arange(n), locator=fixed, with_on_ink=True)
@@ -125,10 +199,13 @@ def evaluate_policy_run(run_dir: Path, data_dir: Path, split: str, n_traces: int
 
 
 class TrainedPolicy:
-    """A trained run acting in a single env (for `darp play`): act(obs, state) -> (action, state)."""
+    """A trained run acting in a single env (for `darp play`): act(obs, state) -> (action, state).
 
-    def __init__(self, run_dir: str | Path):
-        self.module = load_module(run_dir)
+    env: the single env it acts in (its spaces must be those the run trained with).
+    """
+
+    def __init__(self, run_dir: str | Path, env):
+        self.module = load_module(run_dir, env.observation_space, env.action_space)
 
     def initial_state(self):
         from policies.rollout import initial_state
@@ -137,16 +214,48 @@ class TrainedPolicy:
 
     def act(self, obs: dict, state):
         import torch
-        from ray.rllib.core.columns import Columns
 
-        from policies.rollout import obs_to_batch
+        from policies.rollout import policy_step
 
-        batch = obs_to_batch({k: np.asarray(v)[None] for k, v in obs.items()})
+        batch = {k: torch.as_tensor(np.asarray(v))[None] for k, v in obs.items()}
         with torch.no_grad():
-            out = self.module.forward_inference({Columns.OBS: batch, Columns.STATE_IN: state})
-        action = {k: v[0, 0].numpy() for k, v in out[Columns.ACTIONS].items()}
-        return action, out[Columns.STATE_OUT]
+            actions, state = policy_step(self.module, batch, state)
+        return {k: v[0].numpy() for k, v in actions.items()}, state
 
 
-def load_policy(run_dir: str | Path) -> TrainedPolicy:
-    return TrainedPolicy(run_dir)
+def read_darp_run(run_dir: str | Path) -> dict:
+    """run.json of a DARP run (`darp train`); DataError naming the directory for any other run."""
+    run = read_run(run_dir)
+    if run.get("kind") != "darp" or "embedding" not in run:
+        raise DataError(f"{run_dir}: not a DARP run (run.json kind {run.get('kind')!r}); serve a run of `darp train`")
+    return run
+
+
+def live_retrieval(run_dir: str | Path, split, cache_size: int = 4096):
+    """The `LiveRetrieval` of DARP run `run_dir` over the photos of `split` (a `select_split` result).
+
+    The gallery holds the phase-1 export's embeddings of the split's photos, as in `darp evaluate`;
+    partial sketches are embedded by the run's phase-1 network.
+    """
+    from policies.embedding import load_embedding_net
+    from policies.rollout import LivePolicy, LiveRetrieval
+    from sketch_env.embeddings import load_embedding_export
+    from sketch_env.env import EnvConfig, action_space, observation_space
+    from sketch_env.gallery import Gallery
+
+    run = read_darp_run(run_dir)
+    if len(split.photos) == 0:
+        raise DataError(f"{split.path}: the chosen split has no photos to retrieve")
+    export = load_embedding_export(run["embedding"])
+    rows = export.photo_index()
+    missing = [p for p in split.photos.photo_id if p not in rows]
+    if missing:
+        raise DataError(
+            f"{run['embedding']}: the embedding export has no embedding for {len(missing)} photo(s) of "
+            f"{split.path}, e.g. {missing[:3]}; serve the data set the run was trained on"
+        )
+    gallery = Gallery(export.photo_embedding[[rows[p] for p in split.photos.photo_id]], split.photos.photo_id)
+    net, _ = load_embedding_net(run["embedding"])
+    env_config = EnvConfig(n_glimpses=run["config"]["n_glimpses"])  # the glimpse geometry of make_env
+    module = load_module(run_dir, observation_space(env_config, export.dim), action_space(export.dim))
+    return LiveRetrieval(LivePolicy(module, net, env_config), gallery, cache_size)

@@ -1,66 +1,59 @@
-"""`darp serve`: live on-the-fly retrieval in the browser, on Ray Serve.
+"""`darp serve`: live on-the-fly retrieval in the browser, on Ray Serve (the HTTP side).
 
 A person draws on the page (tune_runs/static/); after every stroke the page sends all strokes so
 far and the server answers with the top-10 photos, where the policy looked, and the rank of a target
-photo the person picked. The app is a plain Starlette (ASGI) app inside one Ray Serve deployment,
-so the same deployment scales out to more replicas on a cluster (`--num-replicas`).
+photo the person picked. The retrieval itself is `policies.rollout.LiveRetrieval` (one level per
+new stroke, cached by stroke prefix, so answers depend only on the strokes sent); this module parses
+and checks requests, batches concurrent drawers, and deploys the app on Ray Serve.
 
-How a drawing becomes a DARP episode (`LiveRetriever`): the partial sketch after stroke k + 1 (the
-first k + 1 strokes) is episode level min(k, 16); at each level the policy takes the run's G glimpses
-on that partial sketch, rendered as `darp evaluate`'s environment renders it, with the phase-1
-network's embedding of the same partial sketch, carrying its recurrent state from level to level;
-the query after a level's last glimpse is ranked against the gallery (`sketch_env.gallery`). A
-drawing with more than 17 strokes stays at level 16. `LiveRetriever.episode` takes any cut of the
-point sequence into partial sketches: with `render.level_cut_points` it is exactly the episode
-`darp evaluate` steps, which is how the tests tie the live path to the evaluation.
-
-Every answer depends only on the strokes sent (no sessions): the state after each partial sketch
-is cached under a hash of the points up to it, so a new stroke costs one level (G policy steps and
-one phase-1 embedding); a replica that has not seen the earlier strokes replays them.
+Under load (`Batcher`, Ray Serve's `@serve.batch`) the requests in flight share batched rounds: one
+policy level (rendering, the phase-1 embedding and the G glimpses of every drawer's new partial
+sketch in one pass), then one ranking pass for the drawings it finished. A request whose strokes the
+replica has not seen (a long drawing sent at once, or a replica that has not seen the earlier
+strokes) is replayed one level per round beside everyone else's new strokes, so it costs the others
+one row of a batch, not a stall; `--max-strokes` and `--max-points` bound a request (413 beyond).
+Each replica keeps its own cache; `--num-replicas` adds replicas where cores allow (a drawer's next
+stroke may then reach a replica that replays the earlier ones).
 
     darp serve --data runs/data/chairv2 --run runs/darp [--port 8000] [--split val]
 
 Endpoints: GET / (the page), GET /photos/{photo_id} (PNG thumbnail), GET /api/gallery (photo and
 sketch ids), POST /api/query {"strokes": [[[x, y], ...], ...], "canvas": [w, h], "target": id?},
 POST /api/replay {"sketch_id": id} (a data-set sketch's strokes, x and y in [0, 1]). Bad requests
-get a 4xx with {"error": message}.
+get a 4xx with {"error": message}. SIGINT (Ctrl-C) or SIGTERM stops Serve and Ray.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import hashlib
 import json
-import threading
+import os
+import signal
 import time
-from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
-from ray.rllib.core.columns import Columns
+from ray import serve
 
-from policies.embedding import load_embedding_net
-from policies.rollout import initial_state
+from policies.rollout import Drawing, LiveRetrieval
 from sketch_env.data import DataError, Dataset, encode_png, load_dataset, read_manifest, select_split
 from sketch_env.data.validate import OUTSIDE_MARGIN, normalise_sketch
-from sketch_env.embeddings import load_embedding_export
-from sketch_env.env import EnvConfig
-from sketch_env.gallery import Gallery
-from sketch_env.glimpse import GlimpseSensor, integral_image
-from sketch_env.render import N_LEVELS, render_points
+from sketch_env.geometry import join_strokes, split_strokes, unit_to_canvas
 from tune_runs.cli import arg
-from tune_runs.rl_eval import load_module, read_run
+from tune_runs.rl_eval import live_retrieval, load_module, read_darp_run
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_BODY_BYTES = 1 << 20
 MAX_CANVAS = 10_000.0  # largest canvas side in pixels a request may claim
-TOP_K = 10
 THUMBNAIL_SIZE = 128
 THUMBNAIL_CACHE = 1024  # PNG thumbnails kept in memory (about 20 KB each)
 APP_NAME = "darp-live"
+
+Answer = Callable[[np.ndarray, "str | None"], Awaitable[dict]]
 
 
 @dataclass
@@ -75,8 +68,11 @@ class ServeConfig:
     max_strokes: int = arg(200, "most strokes one request may hold")
     max_points: int = arg(5000, "most points (all strokes together) one request may hold")
     num_threads: int = arg(1, "torch CPU threads (and Ray CPUs) of each replica")
-    num_replicas: int = arg(1, "Ray Serve replicas of the deployment")
+    num_replicas: int = arg(1, "Ray Serve replicas of the deployment (each holds its own cache; 1 suits 2 cores)")
     cache_size: int = arg(4096, "recurrent states each replica keeps for incremental queries")
+    max_batch: int = arg(64, "most drawers one batched policy level or ranking pass serves")
+    batch_wait_ms: float = arg(2.0, "how long a batch waits for more drawers once the first one is in")
+    max_ongoing_requests: int = arg(256, "requests a replica takes at once (more wait in the proxy)")
 
 
 class BadRequest(Exception):
@@ -86,174 +82,6 @@ class BadRequest(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-@dataclass(frozen=True)
-class LevelResult:
-    """The policy after one partial sketch: what the next level starts from and what it found.
-
-    state: recurrent state after the level's last glimpse (tensors of batch 1); location: (1, 2)
-    where the next glimpse looks; query: (D,) the query after the last glimpse; seen: (G, 2) the
-    centres of this level's glimpses, in the sensor's [-1, 1] coordinates.
-    """
-
-    state: dict
-    location: torch.Tensor
-    query: torch.Tensor
-    seen: np.ndarray
-
-
-class LiveRetriever:
-    """Partial sketches -> DARP queries ranked against a gallery (see the module docstring).
-
-    module:        a trained DARP RLModule (eval mode); embedding_net: its phase-1 EmbeddingNet;
-    gallery:       the photos queries are ranked against; env_config: the run's environment
-                   (glimpse geometry, image size, n_glimpses); cache_size: LevelResults kept.
-    Thread-safe: queries are served one at a time.
-    """
-
-    def __init__(self, module, embedding_net, gallery: Gallery, env_config: EnvConfig, cache_size: int = 4096):
-        self.module = module.eval()
-        self.net = embedding_net.eval()
-        self.gallery = gallery
-        self.config = env_config
-        self.sensor = GlimpseSensor(env_config.glimpse_size, env_config.n_patches, env_config.patch_scale)
-        self.cache_size = cache_size
-        self._cache: OrderedDict[bytes, LevelResult] = OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def from_run(run_dir: str | Path, split: Dataset, cache_size: int = 4096) -> LiveRetriever:
-        """The retriever of DARP run `run_dir` over the photos of `split` (a `select_split` result).
-
-        The gallery holds the phase-1 export's embeddings of the split's photos, as in `darp evaluate`.
-        """
-        run = read_darp_run(run_dir)
-        if len(split.photos) == 0:
-            raise DataError(f"{split.path}: the chosen split has no photos to retrieve")
-        export = load_embedding_export(run["embedding"])
-        rows = export.photo_index()
-        missing = [p for p in split.photos.photo_id if p not in rows]
-        if missing:
-            raise DataError(
-                f"{run['embedding']}: the embedding export has no embedding for {len(missing)} photo(s) of "
-                f"{split.path}, e.g. {missing[:3]}; serve the data set the run was trained on"
-            )
-        gallery = Gallery(export.photo_embedding[[rows[p] for p in split.photos.photo_id]], split.photos.photo_id)
-        net, _ = load_embedding_net(run["embedding"])
-        env_config = EnvConfig(n_glimpses=run["config"]["n_glimpses"])  # the glimpse geometry of rl_eval.make_env
-        return LiveRetriever(load_module(run_dir), net, gallery, env_config, cache_size)
-
-    def query(self, points: np.ndarray, target: str | None = None) -> dict:
-        """Rank the gallery for a drawing, one level per stroke.
-
-        points: (P, 3) x, y in [0, 1] (y down) and pen (1 on the last point of each stroke; the last
-        point ends a stroke whatever its flag). target: a gallery photo id, or None.
-        Returns {"top": [(photo_id, rank, squared distance)] x min(10, N), "glimpses": (G, 2) centres
-        and "glimpse_sides": (n_patches,) patch sides, both in the points' [0, 1] units, "level",
-        "n_strokes", "target_rank" (int or None) and "target_ranks" (one per stroke, or None)}.
-        """
-        points = np.asarray(points, np.float32)
-        if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
-            raise ValueError(f"points must have shape (P, 3) with P >= 1, got {points.shape}")
-        ends = np.flatnonzero(points[:-1, 2] == 1) + 1
-        cuts = np.append(ends, len(points))
-        target_row = None if target is None else self.gallery.index_of([target])
-        with self._lock:
-            levels = self.episode(points, cuts)
-            queries = torch.stack([lv.query for lv in levels])
-            k = min(TOP_K, len(self.gallery))
-            top, distance = self.gallery.topk(queries[-1:], k)
-            top_rank = self.gallery.rank(queries[-1:].expand(k, -1), top[0])
-            target_ranks = None
-            if target_row is not None:
-                target_ranks = self.gallery.rank(queries, target_row.expand(len(levels))).tolist()
-        pixel = 1.0 / (self.config.image_size - 1)  # one pixel in [0, 1] units: x maps to x * (size - 1)
-        sides = self.config.glimpse_size * self.config.patch_scale ** np.arange(self.config.n_patches)
-        return {
-            "top": [(self.gallery.photo_ids[i], int(r), float(d)) for i, r, d in zip(top[0].tolist(), top_rank, distance[0])],
-            "glimpses": self.sensor_to_unit(levels[-1].seen),
-            "glimpse_sides": sides * pixel,
-            "level": min(len(levels) - 1, N_LEVELS - 1),
-            "n_strokes": len(levels),
-            "target_rank": None if target_ranks is None else target_ranks[-1],
-            "target_ranks": target_ranks,
-        }
-
-    def sensor_to_unit(self, locations: np.ndarray) -> np.ndarray:
-        """Sensor locations (..., 2) in [-1, 1] (image edges) -> sketch coordinates in [0, 1].
-
-        The image's edges lie half a pixel beyond the centres of its outer pixels, which are where
-        x = 0 and x = 1 are drawn (`render`), so -1 maps to -0.5 / (size - 1).
-        """
-        size = self.config.image_size
-        return ((np.asarray(locations, np.float64) + 1.0) / 2.0 * size - 0.5) / (size - 1)
-
-    def episode(self, points: np.ndarray, cuts: np.ndarray) -> list[LevelResult]:
-        """Step the policy through partial sketches points[:cuts[0]], points[:cuts[1]], ...
-
-        points: (P, 3) as in `query`; cuts: (L,) increasing point counts in [1, P]. Partial sketch i
-        is level min(i, 16). Call with the lock held (or from one thread). Results come from the
-        cache when the same points and cuts were seen before.
-        """
-        cuts = np.asarray(cuts, np.int64)
-        if cuts.ndim != 1 or len(cuts) == 0 or cuts[0] < 1 or cuts[-1] > len(points) or np.any(np.diff(cuts) < 1):
-            raise ValueError(f"cuts must be increasing point counts in [1, {len(points)}], got {cuts.tolist()}")
-        points = np.ascontiguousarray(points, np.float32)
-        levels: list[LevelResult] = []
-        key, start = b"", 0
-        for i, cut in enumerate(cuts.tolist()):
-            key = hashlib.sha256(key + cut.to_bytes(8, "little") + points[start:cut].tobytes()).digest()
-            start = cut
-            result = self._cache.get(key)
-            if result is None:
-                result = self.advance(levels[-1] if levels else None, points[:cut], min(i, N_LEVELS - 1))
-                self._cache[key] = result
-                if len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-            else:
-                self._cache.move_to_end(key)
-            levels.append(result)
-        return levels
-
-    @torch.inference_mode()
-    def advance(self, previous: LevelResult | None, partial: np.ndarray, level: int) -> LevelResult:
-        """The policy's G steps on one partial sketch (points (n, 3)) at `level`, from `previous`
-        (None: the episode's start). Observations are built as `EpisodeBatch.observation` builds them."""
-        image = torch.from_numpy(render_points(partial, self.config.image_size))
-        sketch = torch.from_numpy(render_points(partial, self.net.config.image_size))
-        embedding = self.net.embed_sketches(sketch[None, None]).clamp(-1.0, 1.0)  # (1, D), in the Box
-        integral = integral_image(image[None])
-        if previous is None:
-            state, location = initial_state(self.module, 1), torch.zeros(1, 2)
-        else:
-            state, location = previous.state, previous.location
-        seen = np.zeros((self.config.n_glimpses, 2), np.float32)
-        for g in range(self.config.n_glimpses):
-            seen[g] = location[0].numpy()
-            obs = {
-                "glimpse": self.sensor.from_integral(integral, location).clamp_(0.0, 1.0),
-                "location": location,
-                "level": torch.tensor([level]),
-                "glimpse_index": torch.tensor([g]),
-                "sketch_embedding": embedding,
-            }
-            # = forward_inference, without its switch to eval mode at every call (a tenth of a stroke)
-            out = self.module._forward_inference(
-                {Columns.OBS: {k: v.unsqueeze(1) for k, v in obs.items()}, Columns.STATE_IN: state}
-            )
-            state = out[Columns.STATE_OUT]
-            location = out[Columns.ACTIONS]["location"][:, 0].clamp(-1.0, 1.0)
-            query = out[Columns.ACTIONS]["query"][0, 0].clamp(-1.0, 1.0)
-        return LevelResult(state, location, query, seen)
-
-
-def read_darp_run(run_dir: str | Path) -> dict:
-    """run.json of a DARP run (`darp train`); DataError naming the directory for any other run."""
-    run = read_run(run_dir)
-    if run.get("kind") != "darp" or "embedding" not in run:
-        raise DataError(f"{run_dir}: not a DARP run (run.json kind {run.get('kind')!r}); serve a run of `darp train`")
-    return run
 
 
 def strokes_to_points(strokes, canvas, max_strokes: int, max_points: int) -> np.ndarray:
@@ -282,7 +110,8 @@ def strokes_to_points(strokes, canvas, max_strokes: int, max_points: int) -> np.
         if xy.ndim != 2 or xy.shape[1] != 2 or xy.dtype.kind not in "if":
             raise BadRequest(400, f"stroke {i} must be a list of [x, y] number pairs, e.g. [[10, 20], [12, 25]]")
         arrays.append(xy.astype(np.float64))
-    xy = np.concatenate(arrays)
+    points = join_strokes(arrays)
+    xy = points[:, :2]
     if not np.isfinite(xy).all():
         raise BadRequest(400, "stroke coordinates must be finite numbers")
     margin = OUTSIDE_MARGIN * np.array([w, h])
@@ -291,9 +120,7 @@ def strokes_to_points(strokes, canvas, max_strokes: int, max_points: int) -> np.
             400, f"points lie more than {OUTSIDE_MARGIN:.0%} beyond the {w:g}x{h:g} canvas "
             f"(x in [{xy[:, 0].min():g}, {xy[:, 0].max():g}], y in [{xy[:, 1].min():g}, {xy[:, 1].max():g}])"
         )
-    pen = np.zeros(len(xy))
-    pen[np.cumsum([len(a) for a in arrays]) - 1] = 1.0
-    return normalise_sketch(np.column_stack([xy, pen]), w, h)
+    return normalise_sketch(points, w, h)
 
 
 def _canvas(canvas) -> tuple[float, float]:
@@ -305,14 +132,62 @@ def _canvas(canvas) -> tuple[float, float]:
     return float(canvas[0]), float(canvas[1])
 
 
-def unit_to_canvas(xy: np.ndarray, w: float, h: float) -> np.ndarray:
-    """Points (..., 2) in [0, 1] -> canvas pixels of a w x h canvas (the inverse of `normalise_sketch`)."""
-    side = max(w, h)
-    return np.asarray(xy, np.float64) * side - np.array([(side - w) / 2, (side - h) / 2])
+class Batcher:
+    """Answers concurrent drawings through shared batches (Ray Serve's `@serve.batch`).
+
+    `query` runs in the replica's event loop: it finds the drawing's cached levels, then takes one
+    place per uncached stroke in a batched round (`LiveRetrieval.step`: one policy level for every
+    drawing in the round, then one ranking pass for those it finished). A round runs in the event
+    loop (Serve runs it apart from the replica's own loop, which keeps receiving requests); the
+    requests that arrive meanwhile make up the next round.
+    """
+
+    def __init__(self, retrieval: LiveRetrieval, max_batch: int = 64, batch_wait_ms: float = 2.0):
+        self.retrieval = retrieval
+        self._running: dict[bytes, asyncio.Future] = {}  # levels being computed, by cache key
+
+        async def step(drawings: list[Drawing]) -> list[dict | None]:
+            # in the replica's event loop, not a worker thread: a thread computing rounds holds the
+            # GIL so much that requests reach the batch queue one per round (measured: batches of 1)
+            return retrieval.step(drawings)
+
+        # batched here, not as a decorated method: serve.batch keeps one queue per decorated function
+        self._step = serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_ms / 1000)(step)
+
+    async def query(self, points: np.ndarray, target: str | None) -> dict:
+        """The answer for one drawing (see `LiveRetrieval.answer`).
+
+        A level that another request is computing right now (the page sends the next stroke before
+        the last answer is back) is waited for, not computed twice.
+        """
+        drawing = self.retrieval.start(points, target)
+        while True:
+            key = drawing.keys[len(drawing.levels)] if drawing.pending else None
+            if key in self._running:
+                level = await asyncio.shield(self._running[key])
+                if level is not None:  # None: that request failed; compute it here
+                    drawing.levels.append(level)
+                continue
+            if key is None:
+                return await self._step(drawing)
+            n = len(drawing.levels)
+            self._running[key] = computed = asyncio.get_running_loop().create_future()
+            try:
+                answer = await self._step(drawing)
+            finally:
+                del self._running[key]
+                computed.set_result(drawing.levels[n] if len(drawing.levels) > n else None)
+            if answer is not None:
+                return answer
 
 
-def build_app(retriever: LiveRetriever, split: Dataset, max_strokes: int = 200, max_points: int = 5000):
-    """The Starlette app of the page and the API, over `retriever` and the sketches/photos of `split`."""
+def build_app(retrieval: LiveRetrieval, split: Dataset, answer: Answer | None = None,
+              max_strokes: int = 200, max_points: int = 5000):
+    """The Starlette app of the page and the API over the sketches/photos of `split`.
+
+    answer: how a checked drawing is answered, (points (P, 3), target or None) -> `LiveRetrieval.answer`'s
+    dict; default `retrieval.query` in a worker thread (`Batcher.query` batches concurrent requests).
+    """
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
@@ -321,14 +196,16 @@ def build_app(retriever: LiveRetriever, split: Dataset, max_strokes: int = 200, 
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
+    if answer is None:
+        answer = functools.partial(run_in_threadpool, retrieval.query)
     photo_row = split.photos.index_of()
     sketch_row = {s: i for i, s in enumerate(split.sketches.sketch_id)}
     strokes = np.add.reduceat(split.sketches.points[:, 2], split.sketches.offsets[:-1]) if len(split.sketches) else []
     listing = {
-        "photo_ids": [str(p) for p in retriever.gallery.photo_ids],
+        "photo_ids": [str(p) for p in retrieval.gallery.photo_ids],
         "sketches": [{"sketch_id": str(s), "photo_id": str(p), "n_strokes": int(n)}
                      for s, p, n in zip(split.sketches.sketch_id, split.sketches.photo_id, strokes)],
-        "n_glimpses": retriever.config.n_glimpses,
+        "n_glimpses": retrieval.config.n_glimpses,
     }
 
     @functools.lru_cache(maxsize=THUMBNAIL_CACHE)
@@ -355,20 +232,19 @@ def build_app(retriever: LiveRetriever, split: Dataset, max_strokes: int = 200, 
         target = body.get("target")
         if target is not None and (not isinstance(target, str) or target not in photo_row):
             raise BadRequest(422, f"unknown target photo {target!r}: pick one of the {len(photo_row)} gallery photos")
-        result = await run_in_threadpool(retriever.query, points, target)
+        result = await answer(points, target)
         w, h = _canvas(body["canvas"])
-        side = max(w, h)
         return JSONResponse({
             "top10": [{"photo_id": str(p), "rank": r, "distance": d} for p, r, d in result["top"]],
             "glimpses": unit_to_canvas(result["glimpses"], w, h).round(2).tolist(),
-            "glimpse_sides": (np.asarray(result["glimpse_sides"]) * side).round(2).tolist(),
+            "glimpse_sides": (np.asarray(result["glimpse_sides"]) * max(w, h)).round(2).tolist(),
             "target": target,
             "target_rank": result["target_rank"],
             "target_ranks": result["target_ranks"],
             "level": result["level"],
             "n_strokes": result["n_strokes"],
             "n_points": len(points),
-            "gallery_size": len(retriever.gallery),
+            "gallery_size": len(retrieval.gallery),
             "latency_ms": round(1000 * (time.perf_counter() - started), 2),
         })
 
@@ -378,9 +254,7 @@ def build_app(retriever: LiveRetriever, split: Dataset, max_strokes: int = 200, 
         if not isinstance(sketch_id, str) or sketch_id not in sketch_row:
             raise BadRequest(404, f"no sketch {sketch_id!r} in this split ({len(sketch_row)} sketches; see /api/gallery)")
         i = sketch_row[sketch_id]
-        points = split.sketches.sketch(i)
-        ends = np.flatnonzero(points[:, 2] == 1) + 1
-        strokes = [s[:, :2].tolist() for s in np.split(points, ends[:-1])]
+        strokes = [s.tolist() for s in split_strokes(split.sketches.sketch(i))]
         return JSONResponse({"sketch_id": sketch_id, "photo_id": str(split.sketches.photo_id[i]), "strokes": strokes})
 
     async def refused(request: Request, exc: BadRequest):
@@ -416,6 +290,8 @@ async def _json_object(request) -> dict:
         payload = json.loads(bytes(body), parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(400, f"request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise BadRequest(400, "request body nests JSON arrays or objects too deeply") from None
     if not isinstance(payload, dict):
         raise BadRequest(400, f"request body must be a JSON object, got {type(payload).__name__}")
     return payload
@@ -425,61 +301,104 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def load_app(cfg: ServeConfig):
-    """Load the run and the data set of `cfg` and build the app (in each Serve replica)."""
-    torch.set_num_threads(cfg.num_threads)
-    split = select_split(load_dataset(cfg.data), cfg.split)
-    retriever = LiveRetriever.from_run(cfg.run, split, cfg.cache_size)
-    return build_app(retriever, split, cfg.max_strokes, cfg.max_points)
+@serve.deployment(name=APP_NAME)
+@serve.ingress()
+class LiveDeployment:
+    """One replica: the run, the data set, the batcher and the app, loaded once when the replica starts."""
+
+    def __init__(self, cfg: ServeConfig):
+        import torch
+
+        torch.set_num_threads(cfg.num_threads)
+        split = select_split(load_dataset(cfg.data), cfg.split)
+        retrieval = live_retrieval(cfg.run, split, cfg.cache_size)
+        batcher = Batcher(retrieval, cfg.max_batch, cfg.batch_wait_ms)
+        self._app = build_app(retrieval, split, batcher.query, cfg.max_strokes, cfg.max_points)
+
+    def __serve_build_asgi_app__(self):
+        return self._app
 
 
-def _deployment():
-    """The Ray Serve deployment class (imported here so that only `darp serve` needs ray[serve])."""
-    from ray import serve
+def check(cfg: ServeConfig) -> None:
+    """Load what a replica will load, in this process, so that a bad data set or run fails here with
+    a one-line error naming the file (before Ray starts) rather than inside a replica."""
+    from policies.embedding import load_embedding_net
 
-    @serve.deployment(name=APP_NAME)
-    @serve.ingress()
-    class LiveDeployment:
-        """One replica: the retriever and the app, built once when the replica starts."""
-
-        def __init__(self, cfg: ServeConfig):
-            self._app = load_app(cfg)
-
-        def __serve_build_asgi_app__(self):
-            return self._app
-
-    return LiveDeployment
-
-
-def start(cfg: ServeConfig) -> str:
-    """Deploy the app on Ray Serve (starting Ray if needed) and return its URL; does not block."""
-    import ray
-    from ray import serve
-
-    read_darp_run(cfg.run)  # fail here, with the file named, rather than inside a replica
     read_manifest(cfg.data)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    run = read_darp_run(cfg.run)
+    load_module(cfg.run)
+    try:
+        load_embedding_net(run["embedding"])
+    except FileNotFoundError as e:
+        raise DataError(str(e)) from None
+
+
+def deploy(cfg: ServeConfig) -> str:
+    """Deploy the app on the running Ray instance and return its URL; does not block."""
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    deployment = _deployment().options(num_replicas=cfg.num_replicas, ray_actor_options={"num_cpus": cfg.num_threads})
+    deployment = LiveDeployment.options(
+        num_replicas=cfg.num_replicas,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.num_threads},
+    )
     serve.run(deployment.bind(cfg), name=APP_NAME, route_prefix="/")
     return f"http://{cfg.host}:{cfg.port}/"
 
 
-def run(cfg: ServeConfig) -> int:
-    """Serve until Ctrl-C, then shut Serve and Ray down."""
-    import ray
-    from ray import serve
+def start(cfg: ServeConfig) -> str:
+    """Check the inputs, start Ray if it is not up and deploy: the app's URL (does not block)."""
+    check(cfg)
+    start_ray()
+    return deploy(cfg)
 
+
+def start_ray() -> bool:
+    """Start a local Ray instance for the server unless one is up (no dashboard); True if started here.
+
+    Ray runs its workers 15 nice levels below the driver by default, which on a busy machine makes
+    the replica the first process the kernel starves: the server's workers keep the driver's
+    priority instead. ray.init installs its own SIGTERM handler, which ends the process without
+    shutting Ray down (its agents outlive it); the handler that was there before comes back.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    handler = signal.getsignal(signal.SIGTERM)
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    signal.signal(signal.SIGTERM, handler)
+    return True
+
+
+def stop_ray() -> None:
+    """Shut Serve and the Ray instance down (every Ray process started with it ends with it)."""
+    import ray
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def run(cfg: ServeConfig) -> int:
+    """Serve until SIGINT (Ctrl-C) or SIGTERM, then shut Serve and Ray down."""
+    check(cfg)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    started = False
     try:
-        url = start(cfg)
+        started = start_ray()
+        url = deploy(cfg)
         print(f"darp serve: open {url} in a browser (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("darp serve: stopping")
+        print("darp serve: stopping", flush=True)
     finally:
-        if ray.is_initialized():
-            serve.shutdown()
-            ray.shutdown()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
+        if started:
+            stop_ray()
     return 0

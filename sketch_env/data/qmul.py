@@ -2,13 +2,12 @@
 
 The public on-the-fly code distributes sketches as a pickled dict {'/train/NAME_DRAWER': (N, 3) array
 of x, y on a 256x256 canvas and a pen-lift flag}. Loading a pickle can run arbitrary code, so the file is
-read through `_NumpyOnlyUnpickler`, which resolves only the globals that rebuild numpy arrays and plain
-containers and refuses any other by name before anything runs.
+read through `sketch_env.safe_pickle.load_numpy_pickle`, which resolves only the globals that rebuild
+numpy arrays and plain containers and refuses any other by name before anything runs.
 """
 
 from __future__ import annotations
 
-import pickle
 import re
 from functools import partial
 from pathlib import Path
@@ -17,70 +16,17 @@ import numpy as np
 
 from sketch_env.data.store import DataError
 from sketch_env.data.validate import FoundSketch, ImportSummary, OnError, import_sketches
+from sketch_env.safe_pickle import load_numpy_pickle
 
 CANVAS = 256.0
-
-# The functions numpy's own pickles name, taken from numpy itself so that both module spellings
-# (numpy.core before 2.0, numpy._core since) resolve without importing the deprecated alias.
-_RECONSTRUCT = np.zeros(1).__reduce__()[0]
-_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]  # protocol 5 rebuilds arrays from a buffer
-_SCALAR = np.float64(0).__reduce__()[0]
-
-
-def _latin1_encode(text: str, encoding: str) -> bytes:
-    """How pickle protocols 0-2 store bytes (`_codecs.encode(text, "latin1")`), with no other codec."""
-    if encoding != "latin1" or not isinstance(text, str):
-        raise pickle.UnpicklingError(f"_codecs.encode is only allowed with 'latin1', got {encoding!r}")
-    return text.encode("latin1")
-
-
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
-    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
-    ("numpy.core.multiarray", "scalar"): _SCALAR,
-    ("numpy._core.multiarray", "scalar"): _SCALAR,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): _latin1_encode,
-    # Containers, under their Python 3 and (in protocol 0-2 pickles) Python 2 module names.
-    **{(module, c.__name__): c for module in ("builtins", "__builtin__") for c in (dict, list, tuple, set, frozenset)},
-}
 
 # '/SPLIT/NAME_DRAWER': NAME is everything before the last underscore, DRAWER any non-empty rest.
 _KEY = re.compile(r"^/(train|test)/(.+)_([^_]+)$")
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """An unpickler that can only rebuild numpy arrays, numpy scalars and builtin containers."""
-
-    def __init__(self, file, path: Path):
-        super().__init__(file)
-        self._path = path
-
-    def find_class(self, module: str, name: str):
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise DataError(
-                f"{self._path}: refusing to load the pickle: it asks for the global {module}.{name}, "
-                "but a coordinate file may only hold numpy arrays and plain containers"
-            ) from None
-
-
 def read_coordinate_pickle(path: str | Path) -> dict[str, np.ndarray]:
     """Read a coordinate pickle safely: {key: (N, 3) array}. Values are returned as they are stored."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: coordinate file not found")
-    with open(path, "rb") as f:
-        try:
-            data = _NumpyOnlyUnpickler(f, path).load()
-        except DataError:
-            raise
-        except Exception as e:  # a corrupt pickle can fail with almost any exception type
-            raise DataError(f"{path}: not a readable coordinate pickle ({type(e).__name__}: {e})") from None
+    data = load_numpy_pickle(path, "coordinate pickle")
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a pickled dict of sketches, got {type(data).__name__}")
     bad = [k for k in data if not isinstance(k, str)]

@@ -136,11 +136,13 @@ async function sendQuery() {
   const number = ++live.sent;
   setPending(+1);
   try {
+    const sent = performance.now();
     const answer = await postJSON("/api/query", {
       strokes: live.strokes,
       canvas: [canvas.width, canvas.height],
       target: live.target,
     });
+    answer.end_to_end_ms = performance.now() - sent; // what the person waited: network, queueing and all
     if (number > live.shown) {
       live.shown = number;
       live.last = answer;
@@ -171,7 +173,8 @@ function showAnswer(answer) {
   $("level").textContent = answer.level + 1 + "/17";
   $("target-rank").textContent = answer.target_rank === null ? "\u2013" : String(answer.target_rank);
   $("gallery-size").textContent = "of " + answer.gallery_size;
-  $("latency").textContent = answer.latency_ms.toFixed(1) + " ms on the server";
+  $("latency").textContent =
+    Math.round(answer.end_to_end_ms) + " ms end to end (" + answer.latency_ms.toFixed(1) + " ms in the server)";
   const list = $("top10");
   list.replaceChildren();
   for (const entry of answer.top10) {
