@@ -37,8 +37,9 @@ from policies.embedding import (
     photo_inputs,
     save_embedding_net,
 )
+from policies.runs import write_run
 from policies.triplet import Mining, batch_triplet_loss, random_affine, sample_levels
-from sketch_env.atomic import atomic_write, atomic_write_json
+from sketch_env.atomic import atomic_write
 from sketch_env.data import DataError, Dataset, load_dataset, select_split
 from sketch_env.embeddings import EmbeddingExport, save_embedding_export
 from sketch_env.metrics import acc_at, retrieval_metrics
@@ -47,7 +48,6 @@ from tune_runs.cli import arg
 from tune_runs.evaluate import data_fingerprint, ranks_from_embeddings
 
 CHECKPOINT_FILE = "checkpoint.pt"
-RUN_FILE = "run.json"
 
 
 @dataclass
@@ -313,7 +313,7 @@ def run(cfg: PretrainConfig) -> dict:
     record = {"kind": "triplet", "config": config, "val_metrics": val_metrics,
               "train_seconds": round(state["train_seconds"], 2), "train_cpu_seconds": round(state["cpu_seconds"], 2),
               "epochs": state["epoch"], "history": state["history"]}
-    atomic_write_json(run_dir / RUN_FILE, record)
+    write_run(run_dir, record)
     print(f"validation ({val_metrics['n_sketches']} sketches, {val_metrics['n_photos']} photos): "
           f"acc@1 {val_metrics['acc@1']:.1f}  acc@5 {val_metrics['acc@5']:.1f}  acc@10 {val_metrics['acc@10']:.1f}  "
           f"AUIR {val_metrics['auir']:.2f}  m@A {val_metrics['m_at_a']:.2f}  "

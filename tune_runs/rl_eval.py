@@ -6,36 +6,21 @@ its RLlib checkpoint here and step the batched environment with `policies.rollou
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from sketch_env.data import DataError
+from policies.runs import best_module_dir, read_run
 
-MODULE_PATH = Path("learner_group") / "learner" / "rl_module" / "default_policy"
-
-
-def read_run(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "run.json"
-    if not path.is_file():
-        raise DataError(f"{run_dir}: not a run directory (no run.json); train one with `darp train` or `darp pretrain`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+__all__ = ["evaluate_policy_run", "load_module", "load_policy", "make_env", "read_run"]
 
 
 def load_module(run_dir: str | Path):
-    """The trained RLModule of an RL run, in eval mode: from run_dir/best_checkpoint (the best
-    validation AUIR, see `darp train --keep-best`) if there is one, else run_dir/checkpoint."""
+    """The trained RLModule of an RL run, in eval mode: the checkpoint with the best validation AUIR
+    (else the latest; policies.runs.best_module_dir)."""
     from ray.rllib.core.rl_module.rl_module import RLModule
 
-    best = Path(run_dir) / "best_checkpoint"
-    path = (best if best.is_dir() else Path(run_dir) / "checkpoint") / MODULE_PATH
-    if not path.is_dir():
-        raise DataError(f"{run_dir}: no RLModule checkpoint at {path}")
-    module = RLModule.from_checkpoint(str(path.resolve()))
+    module = RLModule.from_checkpoint(str(best_module_dir(run_dir).resolve()))
     module.eval()
     return module
 
