@@ -146,7 +146,8 @@ def _tuner(cfg: TrainConfig, run_dir: Path, record: dict) -> tune.Tuner:
     """Tuner.restore of the unfinished run in run_dir, or a new Tuner (the old experiment cleared)."""
     experiment = runs.experiment_dir(run_dir)
     if cfg.resume and experiment.is_dir():
-        for path in _damaged_states(experiment):  # Tune then reads the state before it
+        damaged = _damaged_states(experiment)
+        for path in damaged:  # Tune then reads the state before it, if there is one
             path.rename(path.with_name(path.name + ".damaged"))
         if tune.Tuner.can_restore(str(experiment)):
             previous = runs.read_run(run_dir).get("config", {}) if (run_dir / runs.RUN_FILE).is_file() else {}
@@ -155,6 +156,12 @@ def _tuner(cfg: TrainConfig, run_dir: Path, record: dict) -> tune.Tuner:
                 raise SystemExit(f"darp train: {run_dir} was started with other options ({'; '.join(changed)}); "
                                  "rerun with the same options to resume it, or --no-resume to start over")
             return tune.Tuner.restore(str(experiment), TrainTrial, resume_unfinished=True, resume_errored=True)
+        if damaged or runs.checkpoints(run_dir):
+            raise SystemExit(f"darp train: cannot resume {run_dir}: Tune's experiment state "
+                             f"({damaged[0].name if damaged else 'missing'}) was cut short by a kill; "
+                             "--no-resume starts the run over")
+        if _printing["on"]:
+            print(f"nothing to resume in {run_dir} (stopped before its first checkpoint): starting over", flush=True)
     shutil.rmtree(experiment, ignore_errors=True)
     runs.write_run(run_dir, record)
     return tune.Tuner(

@@ -226,9 +226,10 @@ def run_trials(cfg: ReportConfig, jobs: list[dict]) -> list[str]:
     report = dataclasses.asdict(cfg)
     report["train"] |= {"run_dir": str(run_dir), "data": str(Path(cfg.train.data).resolve()),
                         "embedding": str(Path(cfg.train.embedding).resolve())}
-    # A trial only waits for its training run, a Tune trial of its own that takes the CPU it needs.
+    # A trial mostly waits for its training run, a Tune trial of its own that takes the CPU it needs;
+    # Tune wants some resource per trial: a byte of memory holds no CPU back from the runs.
     tuner = tune.Tuner(
-        tune.with_resources(run_trial, {"cpu": 0}),
+        tune.with_resources(run_trial, {"memory": 1}),
         param_space={"report": report, "job": tune.grid_search(jobs)},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent),
         run_config=tune.RunConfig(
