@@ -186,6 +186,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     """
     cfg = with_algo_defaults(cfg)
     run_dir = Path(cfg.run_dir).resolve()
+    if runs.legacy_checkpoint(run_dir) is not None and not runs.experiment_dir(run_dir).is_dir():
+        raise SystemExit(f"darp train: {run_dir} holds a run trained before darp train ran on Tune (its checkpoint/ "
+                         "cannot be resumed); evaluate it as it is, or train into a new --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"kind": cfg.algo, "status": "running", "config": dataclasses.asdict(cfg),
               "data": str(Path(cfg.data).resolve()), "embedding": str(Path(cfg.embedding).resolve())}

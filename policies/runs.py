@@ -15,7 +15,8 @@ model's name). An RL run is one Ray Tune trial:
 Tune's CheckpointConfig keeps the checkpoint with the best validation AUIR and the latest one.
 `best_checkpoint` picks among the complete ones (all files of checkpoint.json present with their
 sizes: a kill while Tune copies a checkpoint leaves an incomplete one, never chosen): the best
-validation AUIR, else the latest. Reading a run directory unpickles nothing.
+validation AUIR, else the latest. Reading a run directory unpickles nothing. Runs trained before
+`darp train` ran on Tune (RUN/best_checkpoint, RUN/checkpoint) are still read (LEGACY_CHECKPOINTS).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ CHECKPOINT_INFO = "checkpoint.json"
 RESULTS = "result.json"
 PROGRESS = "progress.csv"
 MODULE_PATH = Path("learner_group") / "learner" / "rl_module" / "default_policy"
+LEGACY_CHECKPOINTS = ("best_checkpoint", "checkpoint")  # the earlier layout, best first
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -127,13 +129,24 @@ def best_checkpoint(run_dir: str | Path, keep_best: bool = True) -> Checkpoint:
     return found[-1]
 
 
+def legacy_checkpoint(run_dir: str | Path) -> Path | None:
+    """RUN/best_checkpoint or RUN/checkpoint of a run trained before the Tune layout, if there is one."""
+    for name in LEGACY_CHECKPOINTS:
+        if (Path(run_dir) / name / MODULE_PATH / "module_state.pkl").is_file():
+            return Path(run_dir) / name
+    return None
+
+
 def best_module_dir(run_dir: str | Path) -> Path:
     """The RLModule directory (holding module_state.pkl) of the best, else the latest, checkpoint,
-    as run.json's `keep_best` says."""
+    as run.json's `keep_best` says (an earlier-layout run: its best_checkpoint, else checkpoint)."""
     try:
         keep_best = bool(read_run(run_dir).get("config", {}).get("keep_best", True))
     except DataError:
         keep_best = True
+    legacy = legacy_checkpoint(run_dir)
+    if legacy is not None and not checkpoints(run_dir):
+        return legacy / MODULE_PATH
     return best_checkpoint(run_dir, keep_best).module_dir
 
 
@@ -197,5 +210,5 @@ def _truncate_after(path: Path, keep) -> None:
 
 
 __all__ = ["CHECKPOINT_INFO", "Checkpoint", "MODULE_PATH", "RUN_FILE", "best_checkpoint", "best_module_dir",
-           "checkpoints", "experiment_dir", "read_run", "results", "trial_dir", "trim_results",
+           "checkpoints", "experiment_dir", "legacy_checkpoint", "read_run", "results", "trial_dir", "trim_results",
            "write_checkpoint_info", "write_run"]
