@@ -77,7 +77,17 @@ class TrainTrial(tune.Trainable):
 
     @classmethod
     def default_resource_request(cls, config: dict):
-        algo_config = build_algo_config(TrainConfig(**config["train"]))
+        """The Algorithm's own request, except that the trial's process (and its local learner, if any)
+        reserves no CPU when remote EnvRunners or learners are asked for: as when `darp train` ran the
+        Algorithm in its driver, --num-env-runners 2 or --num-learners 2 fits a 2-core machine."""
+        cfg = TrainConfig(**config["train"])
+        algo_config = build_algo_config(cfg)
+        if cfg.num_env_runners or cfg.num_learners:
+            # RLlib places EnvRunners by bundle index after the head bundle, which must stay: a byte of
+            # memory keeps it without holding a CPU.
+            algo_config.resources(num_cpus_for_main_process=0, custom_resources_for_main_process={"memory": 1})
+            if not cfg.num_learners and not cfg.num_gpus_per_learner:
+                algo_config.learners(num_cpus_per_learner=0)
         return algo_config.algo_class.default_resource_request(algo_config)
 
 
