@@ -129,4 +129,7 @@ def test_report_help_renders(capsys):
 
     with pytest.raises(SystemExit) as exit_:
         main(["report", "--help"])
-    assert exit_.value.code == 0 and "--time-budget-s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "--time-budget-s" in out
+    assert "--lr" in out and "--sup-loss" in out, "every darp train option applies to the report's runs"
+    assert "--algo {" not in out and "--seed SEED" not in out, "the report sets the model and seed of each run"
