@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from policies.schedules import DEFAULT_STD_SCHEDULE, StdShape
-from policies.validation import DEFAULT_VAL_INTERVAL
 from sketch_env.render import N_LEVELS
 
 
@@ -44,11 +43,13 @@ MODELS = (
     Model("darp-no-exploration", "DARP without exploration", True, "one head, fixed std 0.05"),
     Model("darp", "DARP-SBIR", True, "the full model"),
 )
+# This module imports no Ray: `darp train --help` reads TrainConfig from it.
 ALGOS = tuple(m.name for m in MODELS)
 Algo = Literal[ALGOS]
 GLIMPSING = tuple(m.name for m in MODELS if m.looks)  # the models that choose where to look
 DISPLAY = {m.name: m.display for m in MODELS}
 NO_EXPLORATION_STD = 0.05
+DEFAULT_VAL_INTERVAL = 5  # validate every 5 iterations (DARPConfig's and SketchPPOConfig's evaluation_interval too)
 
 
 def _arg(default: Any = dataclasses.MISSING, help: str = "") -> Any:

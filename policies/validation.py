@@ -25,6 +25,7 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, EVALUATION_RESULTS, NUM_ENV_STEPS_SAMPLED
 
+from policies.registry import DEFAULT_VAL_INTERVAL
 from sketch_env.render import N_LEVELS
 
 VALIDATION_METRICS = ("auir", "m_at_a", "acc@1", "acc@5", "acc@10", "n_sketches", "n_photos") + tuple(
@@ -32,7 +33,6 @@ VALIDATION_METRICS = ("auir", "m_at_a", "acc@1", "acc@5", "acc@10", "n_sketches"
 )
 VALIDATION_AUIR = "validation_auir"
 ENV_STEPS_PER_S = "env_steps_per_s"
-DEFAULT_VAL_INTERVAL = 5
 
 
 class ValidationConfig:

@@ -9,12 +9,13 @@ continues a killed run.
 
 from __future__ import annotations
 
-from policies.fit import train
 from policies.registry import TrainConfig
 
 __all__ = ["TrainConfig", "run"]
 
 
 def run(cfg: TrainConfig) -> int:
+    from policies.fit import train  # Ray is imported when training, not for `darp train --help`
+
     train(cfg)
     return 0
