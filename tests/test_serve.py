@@ -27,7 +27,8 @@ def make_serve_runs(root: Path, data: Path) -> Path:
     """Train a tiny phase-1 network and a tiny DARP run on `data` (Ray must be up); returns the DARP run."""
     from tune_runs.pretrain import PretrainConfig
     from tune_runs.pretrain import run as pretrain
-    from tune_runs.train import TrainConfig, train
+    from policies.fit import train
+    from policies.registry import TrainConfig
 
     phase1 = root / "phase1"
     pretrain(PretrainConfig(data=data, run_dir=phase1, epochs=1, batch_size=16, image_size=32, embedding_dim=16,
