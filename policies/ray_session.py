@@ -71,7 +71,9 @@ def ray_session(*, dashboard: bool = False, **kwargs):
 
 def _sigterm_as_sigint():
     """Route SIGTERM to whatever handles SIGINT now (Tune's graceful stop, or KeyboardInterrupt);
-    returns a function that puts the previous handler back. A no-op outside the main thread."""
+    returns a function that puts the previous SIGTERM and SIGINT handlers back (Tune leaves its own
+    SIGINT handler installed after a run it was not interrupted in, which would swallow a later Ctrl-C).
+    A no-op outside the main thread."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
@@ -82,8 +84,14 @@ def _sigterm_as_sigint():
         else:
             raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    previous_int = signal.getsignal(signal.SIGINT)
+    previous_term = signal.signal(signal.SIGTERM, on_sigterm)
+
+    def restore():
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
+
+    return restore
 
 
 class _Process:

@@ -94,16 +94,21 @@ def test_trim_results_cuts_after_the_restored_iteration_in_place(tmp_path):
     assert (tmp_path / "result.json").read_text() == ""
 
 
-def test_sigterm_reaches_the_sigint_path():
-    before = signal.getsignal(signal.SIGTERM)
-    restore = _sigterm_as_sigint()
+def test_sigterm_reaches_the_sigint_path_and_both_handlers_come_back():
+    before = signal.signal(signal.SIGINT, signal.default_int_handler), signal.getsignal(signal.SIGTERM)
     try:
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
+        restore = _sigterm_as_sigint()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            signal.signal(signal.SIGINT, lambda *a: None)  # as Tune leaves its handler behind
+        finally:
+            restore()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) == before[1]
     finally:
-        restore()
-    assert signal.getsignal(signal.SIGTERM) == before
+        signal.signal(signal.SIGINT, before[0])
 
 
 def test_shutdown_kills_ray_processes_that_ignore_sigterm():
