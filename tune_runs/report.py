@@ -341,7 +341,7 @@ def plot_report_glimpses(cfg: ReportConfig, out: Path) -> Path | None:
     """glimpses.png from the first seed of the first model that looks (darp first); None if none did."""
     from tune_runs.plots import plot_glimpses
 
-    for model in ("darp", "darp-no-exploration", "bdqn"):
+    for model in sorted(GLIMPSING, key=lambda m: m != "darp"):
         if model not in cfg.models:
             continue
         for seed in range(cfg.seeds):
