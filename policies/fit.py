@@ -155,7 +155,7 @@ def _damaged_states(experiment: Path) -> list[Path]:
 def _tuner(cfg: TrainConfig, run_dir: Path, record: dict) -> tune.Tuner:
     """Tuner.restore of the unfinished run in run_dir, or a new Tuner (the old experiment cleared)."""
     experiment = runs.experiment_dir(run_dir)
-    if cfg.resume and experiment.is_dir():
+    if cfg.resume and experiment is not None:
         damaged = _damaged_states(experiment)
         for path in damaged:  # Tune then reads the state before it, if there is one
             path.rename(path.with_name(path.name + ".damaged"))
@@ -172,14 +172,15 @@ def _tuner(cfg: TrainConfig, run_dir: Path, record: dict) -> tune.Tuner:
                              "--no-resume starts the run over")
         if _printing["on"]:
             print(f"nothing to resume in {run_dir} (stopped before its first checkpoint): starting over", flush=True)
-    shutil.rmtree(experiment, ignore_errors=True)
+    for old in runs.experiment_dirs(run_dir):
+        shutil.rmtree(old, ignore_errors=True)
     runs.write_run(run_dir, record)
     return tune.Tuner(
         TrainTrial,
         param_space={"train": record["config"]},
         tune_config=tune.TuneConfig(trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
-            name=runs.EXPERIMENT,
+            name=runs.new_experiment_name(),
             storage_path=str(run_dir),
             checkpoint_config=checkpoint_config(cfg),
             callbacks=[_Progress()],
@@ -196,7 +197,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     """
     cfg = with_algo_defaults(cfg)
     run_dir = Path(cfg.run_dir).resolve()
-    if runs.legacy_checkpoint(run_dir) is not None and not runs.experiment_dir(run_dir).is_dir():
+    if runs.legacy_checkpoint(run_dir) is not None and runs.experiment_dir(run_dir) is None:
         raise SystemExit(f"darp train: {run_dir} holds a run trained before darp train ran on Tune (its checkpoint/ "
                          "cannot be resumed); evaluate it as it is, or train into a new --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -217,8 +218,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     if grid.errors:
         raise SystemExit(f"darp train: the run failed: {grid.errors[0]}".splitlines()[0]
                          + f" (details under {runs.trial_dir(run_dir)})")
-    done = runs.results(run_dir)
-    last = done[-1] if done else {}
+    last = grid[0].metrics or {}  # Tune's record of the last result (its result.json copy may lag)
     if not last.get("done"):
         raise SystemExit(f"darp train: interrupted after iteration {last.get('training_iteration', 0)}; "
                          f"run the same command to resume {run_dir}")

@@ -5,12 +5,16 @@ Every run directory holds `run.json` (what was trained, from what, and its valid
 model's name). An RL run is one Ray Tune trial:
 
     RUN/run.json                         status "running" while it trains, "finished" after
-    RUN/tune/                            Tune's experiment (what --resume restores)
-    RUN/tune/train/                      the trial: result.json (one line per iteration), progress.csv,
+    RUN/tune-XXXXXXXX/                   Tune's experiment (what --resume restores)
+    RUN/tune-XXXXXXXX/train/             the trial: result.json (one line per iteration), progress.csv,
                                          events.out.tfevents.* (tensorboard --logdir RUN), params.json
-    RUN/tune/train/checkpoint_NNNNNN/    an RLlib Algorithm checkpoint (Tune numbers them in order) with
-                                         checkpoint.json: its iteration, validation figures, file sizes
+    RUN/tune-XXXXXXXX/train/checkpoint_NNNNNN/   an RLlib Algorithm checkpoint (Tune numbers them in order)
+                                         with checkpoint.json: its iteration, validation figures, file sizes
     .../checkpoint_NNNNNN/learner_group/learner/rl_module/default_policy/   the RLModule (module_state.pkl)
+
+The experiment's name is drawn once per run (new_experiment_name): Tune stages an experiment's files
+under the Ray session by name and start second, so a fixed name made two runs started in the same
+second (darp report's concurrent trials) share one staging directory and mix up their trials.
 
 Tune's CheckpointConfig keeps the checkpoint with the best validation AUIR and the latest one.
 `best_checkpoint` picks among the complete ones (all files of checkpoint.json present with their
@@ -25,6 +29,7 @@ import csv
 import json
 import math
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +37,7 @@ from sketch_env.atomic import atomic_write_json
 from sketch_env.data import DataError
 
 RUN_FILE = "run.json"
-EXPERIMENT = "tune"
+EXPERIMENT_PREFIX = "tune-"
 TRIAL = "train"
 CHECKPOINT_INFO = "checkpoint.json"
 RESULTS = "result.json"
@@ -60,12 +65,24 @@ def write_run(run_dir: str | Path, record: dict) -> Path:
     return atomic_write_json(Path(run_dir) / RUN_FILE, record)
 
 
-def experiment_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / EXPERIMENT
+def new_experiment_name() -> str:
+    return f"{EXPERIMENT_PREFIX}{uuid.uuid4().hex[:8]}"
+
+
+def experiment_dirs(run_dir: str | Path) -> list[Path]:
+    """Every Tune experiment directory in a run directory (one, unless a kill interrupted a start-over)."""
+    return sorted(p for p in Path(run_dir).glob(f"{EXPERIMENT_PREFIX}*") if p.is_dir())
+
+
+def experiment_dir(run_dir: str | Path) -> Path | None:
+    """The run's Tune experiment directory (the newest if there are several), or None."""
+    found = experiment_dirs(run_dir)
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def trial_dir(run_dir: str | Path) -> Path:
-    return experiment_dir(run_dir) / TRIAL
+    """The run's trial directory (inside a not yet existing experiment when there is none)."""
+    return (experiment_dir(run_dir) or Path(run_dir) / f"{EXPERIMENT_PREFIX}none") / TRIAL
 
 
 @dataclass
@@ -210,5 +227,5 @@ def _truncate_after(path: Path, keep) -> None:
 
 
 __all__ = ["CHECKPOINT_INFO", "Checkpoint", "MODULE_PATH", "RUN_FILE", "best_checkpoint", "best_module_dir",
-           "checkpoints", "experiment_dir", "legacy_checkpoint", "read_run", "results", "trial_dir", "trim_results",
+           "checkpoints", "experiment_dir", "experiment_dirs", "legacy_checkpoint", "new_experiment_name", "read_run", "results", "trial_dir", "trim_results",
            "write_checkpoint_info", "write_run"]

@@ -235,7 +235,7 @@ def test_a_cut_short_experiment_state_is_refused_not_restarted(tiny, tmp_path):
     must not quietly start over from iteration 1."""
     data, phase1 = tiny
     run_dir = tmp_path / "state"
-    runs.experiment_dir(run_dir).mkdir(parents=True)
+    (run_dir / "tune-0000abcd").mkdir(parents=True)
     (runs.experiment_dir(run_dir) / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": [')
     runs.write_run(run_dir, {"kind": "darp", "status": "running", "config": {}})
     with pytest.raises(SystemExit, match="cut short"):
