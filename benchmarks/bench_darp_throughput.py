@@ -92,7 +92,7 @@ def rllib_loop(data: str, embedding: str, num_envs: int, runners: int, n_glimpse
     default_pipeline: RLlib's SingleAgentEnvRunner with its default connector pipelines instead of
     DARPConfig's batched EnvRunner and connectors (the figure before issue 6).
     """
-    from tune_runs.train import TrainConfig, build_algo_config
+    from policies.registry import TrainConfig, build_algo_config
 
     cfg = TrainConfig(data=data, embedding=embedding, run_dir="unused", num_env_runners=runners,
                       num_envs_per_env_runner=num_envs, episodes_per_batch=num_envs * max(1, runners),
@@ -148,7 +148,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads in this process (1: per-step batches)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    import ray
+    from policies.ray_session import ray_session
 
     data, embedding = args.data, args.embedding
     if not data:
@@ -156,7 +156,11 @@ def main() -> None:
 
         tmp = Path(tempfile.mkdtemp(prefix="bench_darp_"))
         data, embedding = (str(p) for p in make_tiny_setup(tmp, n_photos=40, sketches_per_photo=3, dim=64))
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    with ray_session():
+        compare(args, data, embedding)
+
+
+def compare(args, data: str, embedding: str) -> None:
     print(f"start: {_load()}")
     print(f"{'what':<34}{'envs':>6}{'env steps/s':>14}{'updates/s':>11}{'plain/RLlib':>13}")
     for B in args.envs:
@@ -169,6 +173,7 @@ def main() -> None:
                 print(f"{f'{name}, {r} EnvRunner(s)':<34}{B:>6}{sps_r:>14,.0f}{ups_r:>11.2f}{sps / sps_r:>12.2f}x",
                       flush=True)
     print(f"end: {_load()}")
+
 
 if __name__ == "__main__":
     main()

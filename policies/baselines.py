@@ -10,7 +10,7 @@
   learned baseline (`ReinforceLearner`), no supervised loss.
 
 Both reuse DARP's networks (policies.darp_networks) and the environment; `darp train --algo NAME`
-picks them (tune_runs.train.build_algo_config).
+picks them (policies.registry.build_algo_config).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ray.rllib.utils.annotations import override
 
 from policies.darp_learner import DARPLearner
 from policies.darp_module import DARPModule
-from policies.darp_networks import ActionNetwork, Baseline, GlimpseNetwork
+from policies.darp_networks import ActionNetwork, GlimpseNetwork, ValueHead
 from policies.supervised import build_supervised_term
 
 QUERY_SAMPLE = "query_sample"
@@ -127,7 +127,7 @@ class SketchPolicyModule(TorchRLModule):
         self.dim = self.observation_space["sketch_embedding"].shape[0]
         self.features = feature_network(self, hidden)
         self.policy = ActionNetwork(hidden, self.dim, zero_init=True)
-        self.baseline = Baseline(hidden)
+        self.baseline = ValueHead(hidden)
         self.register_buffer("std", torch.tensor(float(cfg.get("std", 0.3))))
 
     def _mean(self, batch) -> tuple[torch.Tensor, torch.Tensor]:

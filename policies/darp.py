@@ -11,13 +11,15 @@ Run it (see also `darp train`)::
         .training(num_episodes_per_train_batch=32, std_start=0.3, std_end=0.05)
     )
     algo = config.build_algo()
-    print(algo.train()["validation"]["auir"])
+    result = algo.train()                               # result["evaluation"]: NaN until an iteration validates
+    print(algo.evaluate()["auir"])                      # validate now
 
 One training step: sample complete episodes from the EnvRunners (whole drawing episodes, 17 levels x
 G glimpses each), update the learners (DARPLearner: bootstrapped REINFORCE + supervised loss), sync
-weights (the scheduled std travels with them as a module buffer), tell the envs the training step
-(for the `threshold` reward), and every `val_interval` iterations evaluate the deterministic policy
-on the validation split (AUIR, acc@5, percentile curve under result["validation"]).
+weights (the scheduled std travels with them as a module buffer) and tell the envs the training step
+(for the `threshold` reward). Every `evaluation_interval` iterations (RLlib's evaluation hook, default
+5) `evaluate()` validates the deterministic policy on the validation split (policies.validation:
+AUIR, acc@k, percentile curve under result["evaluation"]).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from ray.rllib.utils.metrics import (
 )
 from ray.tune.registry import register_env
 
+from policies.schedules import DEFAULT_STD_SCHEDULE
+from policies.validation import Validated, ValidationConfig
+
 ENV_NAME = "darp-sketch-retrieval"
 
 
@@ -56,11 +61,12 @@ def register_darp_env() -> None:
     register_env(ENV_NAME, _make_env)
 
 
-class DARPConfig(AlgorithmConfig):
-    """AlgorithmConfig for DARP: RLlib's fields plus the hybrid-loss and schedule settings."""
+class DARPConfig(ValidationConfig, AlgorithmConfig):
+    """AlgorithmConfig for DARP: RLlib's fields plus the hybrid-loss, schedule and validation settings."""
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or DARP)
+        self._init_validation()
         self.env = ENV_NAME
         self.batch_mode = "complete_episodes"
         self.num_episodes_per_train_batch = 32
@@ -71,13 +77,10 @@ class DARPConfig(AlgorithmConfig):
         self.sup_temperature = 0.2
         self.gamma = 0.99
         self.lr = 3e-4
-        self.std_start = 0.3
-        self.std_end = 0.05
-        self.std_shape = "exponential"
-        self.std_horizon = 200_000
-        self.val_interval = 5
-        self.val_split = "val"
-        self.val_max_sketches = 0
+        self.std_start = DEFAULT_STD_SCHEDULE.start
+        self.std_end = DEFAULT_STD_SCHEDULE.end
+        self.std_shape = DEFAULT_STD_SCHEDULE.shape
+        self.std_horizon = DEFAULT_STD_SCHEDULE.horizon
         self.num_env_runners = 0
         self.num_envs_per_env_runner = 16
         self.gym_env_vectorize_mode = "vector_entry_point"
@@ -105,9 +108,6 @@ class DARPConfig(AlgorithmConfig):
         std_end=NotProvided,
         std_shape=NotProvided,
         std_horizon=NotProvided,
-        val_interval=NotProvided,
-        val_split=NotProvided,
-        val_max_sketches=NotProvided,
         **kwargs,
     ):
         """DARP settings.
@@ -124,9 +124,8 @@ class DARPConfig(AlgorithmConfig):
             sup_temperature: infonce temperature, relative to the gallery's mean squared pairwise distance.
             std_start, std_end, std_shape, std_horizon: the locator's std schedule
                 (policies.schedules.StdSchedule; horizon in env steps).
-            val_interval: evaluate on the validation split every this many iterations (0: never).
-            val_split: the split evaluated (sketch_env.data.select_split names).
-            val_max_sketches: evaluate at most this many sketches (0: all of the split).
+
+        Validation settings are in `evaluation()` (policies.validation.ValidationConfig).
         """
         super().training(**kwargs)
         for name, value in dict(
@@ -140,9 +139,6 @@ class DARPConfig(AlgorithmConfig):
             std_end=std_end,
             std_shape=std_shape,
             std_horizon=std_horizon,
-            val_interval=val_interval,
-            val_split=val_split,
-            val_max_sketches=val_max_sketches,
         ).items():
             if value is not NotProvided:
                 setattr(self, name, value)
@@ -194,7 +190,7 @@ class DARPConfig(AlgorithmConfig):
         return N_LEVELS * int(self.env_config.get("n_glimpses", 12))
 
 
-class DARP(Algorithm):
+class DARP(Validated, Algorithm):
     """Deep reinforced attention regression (see the module docstring)."""
 
     @classmethod
@@ -206,7 +202,6 @@ class DARP(Algorithm):
     def setup(self, config):
         register_darp_env()
         super().setup(config)
-        self._validator = None
 
     @override(Algorithm)
     def training_step(self) -> None:
@@ -235,9 +230,6 @@ class DARP(Algorithm):
             lambda runner: _set_training_step(runner, step),
             local_env_runner=True,
         )
-        if self.config.val_interval and step % self.config.val_interval == 0:
-            for key, value in self.validate_policy().items():
-                self.metrics.log_value(("validation", key), value, window=1)
 
     def _sample_episodes(self):
         per_runner = self.config.num_episodes_per_train_batch // max(1, self.config.num_env_runners)
@@ -247,16 +239,6 @@ class DARP(Algorithm):
         )
         episodes = tree.flatten([s[0] for s in sampled])
         return episodes, [s[1] for s in sampled]
-
-    def validate_policy(self) -> dict:
-        """Deterministic policy on the validation split: AUIR, acc@k, m@A, percentile curve."""
-        from policies.rollout import PolicyValidator
-
-        if self._validator is None:
-            self._validator = PolicyValidator.from_config(self.config)
-        state = self.learner_group.get_state(components="learner/rl_module/default_policy")
-        module_state = state["learner"]["rl_module"]["default_policy"]
-        return self._validator.evaluate(module_state)
 
 
 def _set_training_step(runner, step: int) -> None:

@@ -28,7 +28,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.utils.annotations import override
 
-from policies.darp_networks import ActionNetwork, Baseline, CoreNetwork, GlimpseNetwork, LocatorHeads
+from policies.darp_networks import ActionNetwork, CoreNetwork, GlimpseNetwork, LocatorHeads, ValueHead
 
 HEAD = "head"
 BOOTSTRAP_MASK = "bootstrap_mask"
@@ -74,7 +74,7 @@ class DARPModule(TorchRLModule):
     def setup_locator(self, cfg: dict, hidden: int) -> None:
         """The networks that choose the next location from h (H = `hidden`): K Gaussian heads + baseline."""
         self.locator = LocatorHeads(hidden, self.n_heads)
-        self.baseline = Baseline(hidden)
+        self.baseline = ValueHead(hidden)
         # Not learned: set from the std schedule by the learner; a buffer so it syncs with the weights.
         self.register_buffer("std", torch.tensor(float(cfg.get("std", 0.3))))
 

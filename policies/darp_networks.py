@@ -170,8 +170,9 @@ class LocatorHeads(nn.Module):
         return torch.tanh(self.fc(h)).unflatten(-1, (self.n_heads, 2))
 
 
-class Baseline(nn.Module):
-    """b_t: expected return from h_t (detached), to cut the variance of REINFORCE. (N, H) -> (N,)."""
+class ValueHead(nn.Module):
+    """b_t, the value baseline of REINFORCE: expected return from h_t (detached), to cut the variance
+    of the policy gradient. (N, H) -> (N,). (Not to be confused with policies.baselines, the comparison models.)"""
 
     def __init__(self, hidden: int):
         super().__init__()

@@ -14,8 +14,8 @@ How it plugs into RLlib's PPO (new API stack):
 - The episode stores the raw Gaussian sample (PPO's ratio needs its log-prob); `UnitQueryForEnv`, a
   module-to-env connector piece, sends the env the L2-normalised sample (inside the [-1, 1] box; the
   gallery ranks by direction anyway).
-- `SketchPPO` adds DARP's validation (the deterministic policy on the validation split every
-  `val_interval` iterations, and `validate_policy()` for `darp train`).
+- `SketchPPO` validates as DARP does (policies.validation: the deterministic policy on the
+  validation split every `evaluation_interval` iterations, under result["evaluation"]).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import math
 import gymnasium as gym
 import numpy as np
 import torch
-from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.algorithms.ppo import PPO, PPOConfig
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core.columns import Columns
@@ -38,8 +38,9 @@ from ray.rllib.utils.annotations import override
 from torch import nn
 
 from policies.baselines import feature_network, features_of, fixed_location, query_sigma, with_state
-from policies.darp import DARP, ENV_NAME
-from policies.darp_networks import ActionNetwork, Baseline
+from policies.darp import ENV_NAME
+from policies.darp_networks import ActionNetwork, ValueHead
+from policies.validation import Validated, ValidationConfig
 
 
 class QueryGaussian(TorchDiagGaussian):
@@ -126,7 +127,7 @@ class PPOSketchModule(TorchRLModule, ValueFunctionAPI):
         self.features = feature_network(self, hidden)
         self.policy = ActionNetwork(hidden, dim, zero_init=True)
         self.value_features = feature_network(self, hidden)
-        self.value = Baseline(hidden)
+        self.value = ValueHead(hidden)
         self.log_std = nn.Parameter(torch.full((dim,), math.log(query_sigma(float(cfg.get("std", 0.3)), dim))))
 
     def _mean(self, batch) -> torch.Tensor:
@@ -160,11 +161,12 @@ class PPOSketchModule(TorchRLModule, ValueFunctionAPI):
         return QueryGaussian
 
 
-class SketchPPOConfig(PPOConfig):
-    """PPOConfig on the sketch-retrieval env with PPOSketchModule and DARP's validation settings."""
+class SketchPPOConfig(ValidationConfig, PPOConfig):
+    """PPOConfig on the sketch-retrieval env with PPOSketchModule, validated as DARP is."""
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or SketchPPO)
+        self._init_validation()
         self.env = ENV_NAME
         self.num_env_runners = 0
         self.num_envs_per_env_runner = 16
@@ -174,18 +176,6 @@ class SketchPPOConfig(PPOConfig):
         self._module_to_env_connector = unit_query_connector
         self.num_epochs = 10
         self.minibatch_size = 128
-        self.val_interval = 5
-        self.val_split = "val"
-        self.val_max_sketches = 0
-
-    @override(PPOConfig)
-    def training(self, *, val_interval=NotProvided, val_split=NotProvided, val_max_sketches=NotProvided, **kwargs):
-        """PPO's settings, plus DARP's validation ones (see DARPConfig.training)."""
-        super().training(**kwargs)
-        for name, value in dict(val_interval=val_interval, val_split=val_split, val_max_sketches=val_max_sketches).items():
-            if value is not NotProvided:
-                setattr(self, name, value)
-        return self
 
     @override(PPOConfig)
     def get_default_rl_module_spec(self) -> RLModuleSpec:
@@ -197,28 +187,13 @@ class SketchPPOConfig(PPOConfig):
         return N_LEVELS * int(self.env_config.get("n_glimpses", 1))
 
 
-class SketchPPO(PPO):
-    """RLlib's PPO plus the deterministic-policy validation of DARP."""
+class SketchPPO(Validated, PPO):
+    """RLlib's PPO, validated as DARP is (policies.validation)."""
 
     @classmethod
     @override(PPO)
     def get_default_config(cls) -> AlgorithmConfig:
         return SketchPPOConfig()
-
-    @override(PPO)
-    def setup(self, config):
-        super().setup(config)
-        self._validator = None
-
-    @override(PPO)
-    def training_step(self) -> None:
-        super().training_step()
-        step = int(self.training_iteration) + 1
-        if self.config.val_interval and step % self.config.val_interval == 0:
-            for key, value in self.validate_policy().items():
-                self.metrics.log_value(("validation", key), value, window=1)
-
-    validate_policy = DARP.validate_policy
 
 
 __all__ = ["PPOSketchModule", "QueryGaussian", "QueryMean", "SketchPPO", "SketchPPOConfig", "UnitQueryForEnv"]

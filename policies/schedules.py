@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
+
+StdShape = Literal["linear", "exponential", "cosine"]
+STD_SHAPES: tuple[str, ...] = get_args(StdShape)
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,7 @@ class StdSchedule:
 
     start: float = 0.3
     end: float = 0.05
-    shape: Literal["linear", "exponential", "cosine"] = "exponential"
+    shape: StdShape = "exponential"
     horizon: int = 200_000
 
     def __post_init__(self):
@@ -30,7 +33,7 @@ class StdSchedule:
             raise ValueError(f"std schedule: start and end must be > 0, got {self.start}, {self.end}")
         if self.horizon <= 0:
             raise ValueError(f"std schedule: horizon must be > 0 env steps, got {self.horizon}")
-        if self.shape not in ("linear", "exponential", "cosine"):
+        if self.shape not in STD_SHAPES:
             raise ValueError(f"std schedule: unknown shape {self.shape!r}")
 
     def __call__(self, env_steps: int | float) -> float:
@@ -40,3 +43,6 @@ class StdSchedule:
         if self.shape == "exponential":
             return self.start * (self.end / self.start) ** f
         return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * f))
+
+
+DEFAULT_STD_SCHEDULE = StdSchedule()  # the defaults of DARPConfig, `darp train` and the sweep's default trial

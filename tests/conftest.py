@@ -6,11 +6,10 @@ import pytest
 @pytest.fixture(scope="module")
 def ray_local():
     """A 2-CPU local Ray instance for one test module (each module starts its own, then shuts it down)."""
-    import ray
+    from policies.ray_session import ray_session
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+    with ray_session(num_cpus=2):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -50,8 +50,8 @@ def save_untrained_run(run_dir: Path, data: Path, embedding: Path, **train_optio
 
     from sketch_env.embeddings import load_embedding_export
     from sketch_env.env import EnvConfig, action_space, observation_space
-    from tune_runs.rl_eval import MODULE_PATH
-    from tune_runs.train import TrainConfig, build_algo_config, with_algo_defaults
+    from policies.registry import TrainConfig, build_algo_config, with_algo_defaults
+    from policies.runs import MODULE_PATH
 
     run_dir = Path(run_dir)
     cfg = with_algo_defaults(TrainConfig(data=str(data), embedding=str(embedding), run_dir=str(run_dir), **train_options))
@@ -76,8 +76,9 @@ def make_phase1_run(root: Path, data: Path) -> Path:
 
 
 def make_serve_runs(root: Path, data: Path) -> Path:
-    """Train a tiny phase-1 network and a tiny DARP run on `data` (Ray must be up); returns the DARP run."""
-    from tune_runs.train import TrainConfig, train
+    """Train a tiny phase-1 network and a tiny DARP run on `data`; returns the DARP run."""
+    from policies.fit import train
+    from policies.registry import TrainConfig
 
     phase1 = make_phase1_run(root, data)
     darp = root / "darp"

@@ -13,7 +13,7 @@ from policies.darp_module import BOOTSTRAP_MASK
 from policies.darp_networks import GlimpseNetwork
 from policies.ppo_baseline import PPOSketchModule, QueryGaussian, QueryMean, UnitQueryForEnv, unit_query
 from tests.test_darp_module import D, batch, spaces, state
-from tune_runs.train import ALGOS, TrainConfig, with_algo_defaults
+from policies.registry import ALGOS, TrainConfig, with_algo_defaults
 
 K = 4
 
@@ -179,7 +179,7 @@ def test_algo_defaults():
 @pytest.mark.parametrize("algo", [a for a in ALGOS if a != "darp"])
 def test_each_model_trains_and_evaluates(ray_local, tiny, tmp_path, algo):
     from tune_runs import evaluate
-    from tune_runs.train import train
+    from policies.fit import train
 
     data, phase1 = tiny
     run_dir = tmp_path / algo

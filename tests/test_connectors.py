@@ -17,7 +17,7 @@ ALGOS = ["darp", "bdqn", "darp-no-attention", "vanilla-pg"]
 
 
 def _config(data, phase1, algo="darp", **kw):
-    from tune_runs.train import TrainConfig, build_algo_config
+    from policies.registry import TrainConfig, build_algo_config
 
     base = dict(data=str(data), embedding=str(phase1), run_dir="unused", algo=algo, num_envs_per_env_runner=4,
                 episodes_per_batch=4, n_glimpses=2, val_interval=0, seed=3)
@@ -113,7 +113,8 @@ def test_each_sample_call_draws_new_sketches(ray_local, tiny):
 
 
 def test_train_with_two_remote_env_runners(ray_local, tiny, tmp_path):
-    from tune_runs.train import TrainConfig, train
+    from policies.fit import train
+    from policies.registry import TrainConfig
 
     data, phase1 = tiny
     cfg = TrainConfig(data=str(data), embedding=str(phase1), run_dir=str(tmp_path / "r2"), iterations=1,

@@ -120,7 +120,9 @@ def test_darp_train_job_with_two_learners(ray_cluster, tmp_path):
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     print(f"cluster start + job: {time.time() - start:.0f} s")
 
-    assert (run_dir / "checkpoint").is_dir()
+    from policies.runs import best_checkpoint
+
+    assert (best_checkpoint(run_dir).module_dir / "module_state.pkl").is_file()
     run = json.loads((run_dir / "run.json").read_text())
     assert run["config"]["num_learners"] == 2
     assert run["val_metrics"]["n_sketches"] > 0 and 0 < run["val_metrics"]["auir"] <= 100

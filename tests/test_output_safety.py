@@ -203,8 +203,9 @@ def test_a_command_never_writes_into_its_input(tmp_path, capsys, command):
     [
         ("tune_runs.pretrain:RUN_KIND", ["checkpoint.pt"]),  # killed before its first run.json
         ("tune_runs.pretrain:RUN_KIND", ["run.json", "embedding_net.pt", "notes.txt"]),
-        ("tune_runs.train:RUN_KIND", ["checkpoint/module_state.pkl"]),
-        ("tune_runs.train:RUN_KIND", ["run.json", "results.jsonl"]),
+        ("policies.runs:RL_RUN_KIND", ["checkpoint/module_state.pkl"]),
+        ("policies.runs:RL_RUN_KIND", ["tune-1a2b3c4d/train/progress.csv"]),
+        ("policies.runs:RL_RUN_KIND", ["run.json", "results.jsonl"]),
         ("tune_runs.evaluate:EVAL_KIND", ["metrics.json"]),
         ("tune_runs.report:REPORT_KIND", ["trials/darp_seed0/done.json"]),
         ("tune_runs.sweep:SWEEP_KIND", ["tune/experiment_state.json"]),

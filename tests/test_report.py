@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from policies.registry import TrainConfig
 from tune_runs.report import (
     ReportConfig,
     is_chair_v2,
@@ -39,14 +40,15 @@ def test_chair_v2_is_recognised_from_the_manifest():
 def test_auto_split_is_test_when_the_data_set_has_one():
     from tune_runs.report import with_split
 
-    cfg = ReportConfig(data="d", embedding="e", run_dir="r")
+    cfg = ReportConfig(train=TrainConfig(data="d", embedding="e", run_dir="r"))
     assert with_split(cfg, {"splits": {"train": 270, "test": 90}}).split == "test"
     assert with_split(cfg, {"splits": {"train": 952}}).split == "val"
     assert with_split(dataclasses.replace(cfg, split="val"), {"splits": {"test": 9}}).split == "val"
 
 
 def test_results_markdown_has_table_iii_paper_figures_and_ordering(tmp_path):
-    cfg = ReportConfig(data="d", embedding="e", run_dir=str(tmp_path), seeds=2, models=("triplet", "ppo", "darp"))
+    cfg = ReportConfig(train=TrainConfig(data="d", embedding="e", run_dir=str(tmp_path)), seeds=2,
+                       models=("triplet", "ppo", "darp"))
     trials = {"triplet": [fake_trial("triplet", -1, 20.0)],
               "ppo": [fake_trial("ppo", 0, 25.0), fake_trial("ppo", 1, 27.0)],
               "darp": [fake_trial("darp", 0, 30.0), fake_trial("darp", 1, 34.0)]}
@@ -84,9 +86,10 @@ def test_report_writes_everything_and_a_rerun_skips_finished_trials(ray_local, t
     from tune_runs.report import run
 
     data, phase1 = tiny_with_triplet
-    cfg = ReportConfig(data=str(data), embedding=str(phase1), run_dir=str(tmp_path / "report"), seeds=1,
-                       models=("triplet", "vanilla-pg", "darp"), split="test", iterations=1, episodes_per_batch=8,
-                       num_envs_per_env_runner=4, n_glimpses=2, n_traces=2, progress_interval_s=0.0)
+    train = TrainConfig(data=str(data), embedding=str(phase1), run_dir=str(tmp_path / "report"), iterations=1,
+                        episodes_per_batch=8, num_envs_per_env_runner=4, n_glimpses=2)
+    cfg = ReportConfig(train=train, seeds=1, models=("triplet", "vanilla-pg", "darp"), split="test", n_traces=2,
+                       progress_interval_s=0.0)
     assert run(cfg) == 0
     out = tmp_path / "report"
     text = (out / "results.md").read_text()
@@ -115,8 +118,9 @@ def test_report_writes_everything_and_a_rerun_skips_finished_trials(ray_local, t
     assert run(cfg) == 0
     printed = capsys.readouterr().out
     assert "running 1 trial(s)" in printed and "vanilla-pg_seed0" in printed
-    log = trial_dir(out, "vanilla-pg", 0) / "run" / "results.jsonl"
-    assert len(log.read_text().splitlines()) == 1, "the finished iteration must not be trained again"
+    from policies.runs import results
+
+    assert len(results(trial_dir(out, "vanilla-pg", 0) / "run")) == 1, "the finished iteration must not be trained again"
     assert (trial_dir(out, "vanilla-pg", 0) / "done.json").is_file()
 
 
@@ -125,4 +129,7 @@ def test_report_help_renders(capsys):
 
     with pytest.raises(SystemExit) as exit_:
         main(["report", "--help"])
-    assert exit_.value.code == 0 and "--time-budget-s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "--time-budget-s" in out
+    assert "--lr" in out and "--sup-loss" in out, "every darp train option applies to the report's runs"
+    assert "--algo {" not in out and "--seed SEED" not in out, "the report sets the model and seed of each run"

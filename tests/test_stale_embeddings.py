@@ -183,7 +183,8 @@ def test_evaluating_an_rl_run_follows_the_strokes_evaluated(ray_local, setup, tm
     """Every sketch given another sketch's strokes: an RL run's evaluation must rank the new strokes'
     embeddings (as with an export made from the changed data), not the old ones."""
     from tune_runs.rl_eval import evaluate_policy_run
-    from tune_runs.train import TrainConfig, train
+    from policies.fit import train
+    from policies.registry import TrainConfig
 
     data, phase1, _, net, _ = setup
     run = tmp_path / "darp"

@@ -16,34 +16,55 @@ from ray.tune.search.sample import Categorical, Float, Integer
 from tests.rl_fixtures import make_tiny_setup
 from tune_runs.cli import build_config
 from tune_runs.sweep import SweepConfig, check_config, default_point, experiment_location, param_space
-from tune_runs.train import TrainConfig
+from policies.registry import TrainConfig
 
 DARP_CLI = Path(sys.executable).parent / "darp"
+
+
+TRAIN_FIELDS = set(TrainConfig.__dataclass_fields__)
 
 
 def sweep_config(tmp_path, **kw):
     (tmp_path / "data").mkdir(exist_ok=True)
     (tmp_path / "phase1").mkdir(exist_ok=True)
-    return SweepConfig(**(dict(data=str(tmp_path / "data"), embedding=str(tmp_path / "phase1"),
-                               run_dir=str(tmp_path / "sweep")) | kw))
+    train = dict(data=str(tmp_path / "data"), embedding=str(tmp_path / "phase1"), run_dir=str(tmp_path / "sweep"))
+    train |= {k: v for k, v in kw.items() if k in TRAIN_FIELDS}
+    return SweepConfig(train=TrainConfig(**train), **{k: v for k, v in kw.items() if k not in TRAIN_FIELDS})
 
 
 def test_param_space_searches_the_std_schedule(tmp_path):
-    cfg = sweep_config(tmp_path, std_start_range=(0.2, 0.4), std_shapes=("linear", "cosine"), max_iters=7)
-    space = param_space(cfg).to_dict()
+    cfg = sweep_config(tmp_path, std_start_range=(0.2, 0.4), std_shapes=("linear", "cosine"), iterations=7)
+    space = param_space(cfg)["train"]
     assert isinstance(space["std_start"], Float) and (space["std_start"].lower, space["std_start"].upper) == (0.2, 0.4)
     assert isinstance(space["std_end"], Float)
     assert isinstance(space["std_shape"], Categorical) and space["std_shape"].categories == ["linear", "cosine"]
     assert isinstance(space["std_horizon"], Integer)
     assert space["val_interval"] == 1, "ASHA needs validation AUIR in every result"
-    assert not isinstance(space["_model_config"]["n_heads"], Categorical)
-    assert default_point(cfg) == {"std_start": 0.3, "std_end": 0.05, "std_shape": "exponential", "std_horizon": 200_000}
+    assert space["iterations"] == 7 and space["algo"] == "darp"
+    assert not isinstance(space["n_heads"], Categorical)
+    assert default_point(cfg) == {"train": {"std_start": 0.3, "std_end": 0.05, "std_shape": "exponential",
+                                            "std_horizon": 200_000}}
 
-    cfg = sweep_config(tmp_path, search_exploration=True, n_heads_choices=(2, 4))
-    space = param_space(cfg).to_dict()
-    assert space["_model_config"]["n_heads"].categories == [2, 4]
-    assert isinstance(space["_model_config"]["bootstrap_p"], Float)
-    assert default_point(cfg)["_model_config"] == {"bootstrap_p": 0.5, "n_heads": 6}
+    cfg = sweep_config(tmp_path, search_exploration=True, n_heads_choices=(2, 4), std_start=0.4)
+    space = param_space(cfg)["train"]
+    assert space["n_heads"].categories == [2, 4]
+    assert isinstance(space["bootstrap_p"], Float)
+    assert default_point(cfg)["train"] == {"std_start": 0.4, "std_end": 0.05, "std_shape": "exponential",
+                                                "std_horizon": 200_000, "bootstrap_p": 0.5, "n_heads": 6}
+
+
+def test_sweep_takes_every_darp_train_option(capsys):
+    """SweepConfig composes TrainConfig: darp train's options are sweep flags, and reach every trial."""
+    from tune_runs.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--lr", "--sup-loss", "--num-learners", "--episodes-per-batch", "--iterations", "--samples"):
+        assert flag in out
+    assert "--algo" not in out and "--val-interval" not in out, "the sweep sets these itself"
+    cfg = build_config(SweepConfig, {"data": "d", "embedding": "e", "run_dir": "r", "lr": 1e-3, "samples": 2})
+    assert cfg.train.lr == 1e-3 and cfg.samples == 2
 
 
 def test_experiment_location_local_or_shared_storage(tmp_path):
@@ -56,7 +77,7 @@ def test_experiment_location_local_or_shared_storage(tmp_path):
     (dict(std_end_range=(0.1, 0.01)), "std-end-range"),
     (dict(std_start_range=(0.1, 0.2, 0.3)), "std-start-range"),
     (dict(std_shapes=("linear", "square")), "std-shapes"),
-    (dict(grace_period=5, max_iters=3), "grace-period"),
+    (dict(grace_period=5, iterations=3), "grace-period"),
     (dict(data="/nonexistent/data"), "--data"),
     (dict(num_envs_per_env_runner=4, episodes_per_batch=10), "multiple of"),
 ])
@@ -104,7 +125,7 @@ def test_sweep_killed_then_resumed_keeps_finished_trials(tmp_path):
     run_dir = tmp_path / "sweep"
     experiment = run_dir / "tune"
     cmd = [str(DARP_CLI), "sweep", "--data", str(data), "--embedding", str(phase1), "--run-dir", str(run_dir),
-           "--samples", "2", "--max-iters", "2", "--grace-period", "1",
+           "--samples", "2", "--iterations", "2", "--grace-period", "1",
            "--num-envs-per-env-runner", "4", "--episodes-per-batch", "8", "--n-glimpses", "2"]
     first = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -15,7 +15,8 @@ import torch
 
 from sketch_env.data import DataError
 from tests.rl_fixtures import save_untrained_run
-from tune_runs.rl_eval import MODULE_PATH, checkpoint_dir, load_module, module_weights_path
+from policies.runs import MODULE_PATH, best_module_dir
+from tune_runs.rl_eval import load_module, module_weights_path
 
 
 class Trap:
@@ -60,7 +61,7 @@ def test_a_booby_trapped_constructor_pickle_is_never_opened(saved, tmp_path):
     import shutil
 
     shutil.copytree(run, trapped)
-    plant(checkpoint_dir(trapped) / MODULE_PATH / "class_and_ctor_args.pkl", marker)
+    plant(best_module_dir(trapped) / "class_and_ctor_args.pkl", marker)
     module = load_module(trapped)
     assert not marker.exists(), "loading the run ran code from class_and_ctor_args.pkl"
     assert float(module.std) == pytest.approx(0.3)
@@ -112,12 +113,14 @@ def test_evaluate_play_serve_and_report_run_no_code_from_a_booby_trapped_run(ray
 
     data = generate_dataset(tmp_path / "data", n_photos=12, sketches_per_photo=2, seed=0)
     phase1 = make_phase1_run(tmp_path, data)  # serve embeds partial sketches with its network
-    cfg = ReportConfig(data=str(data), embedding=str(phase1), run_dir=str(tmp_path / "report"), seeds=1, models=("darp",),
-                       split="val", iterations=1, episodes_per_batch=8, num_envs_per_env_runner=4, n_glimpses=2,
-                       val_interval=1, n_traces=1)
+    from policies.registry import TrainConfig
+
+    train = TrainConfig(data=str(data), embedding=str(phase1), run_dir=str(tmp_path / "report"), iterations=1,
+                        episodes_per_batch=8, num_envs_per_env_runner=4, n_glimpses=2, val_interval=1)
+    cfg = ReportConfig(train=train, seeds=1, models=("darp",), split="val", n_traces=1)
     train_and_evaluate(cfg, "darp", 0)  # one report trial: trains, then evaluates the kept policy
     run = Path(trial_train_config(cfg, "darp", 0).run_dir)
-    module_dir = checkpoint_dir(run) / MODULE_PATH
+    module_dir = best_module_dir(run)
     weights = module_dir / "module_state.pkl"
     marker = tmp_path / "ran"
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))

@@ -6,6 +6,10 @@ names; modules are imported when their command is chosen, so `darp --help` stays
 
 Any subcommand also takes `--config FILE.json`: the file's keys set the dataclass fields, and flags
 given on the command line override them (how `darp sweep`'s best config is re-used by `darp train`).
+
+A field whose type is itself a config dataclass composes it: its fields become flags of the command
+(`darp sweep` takes every `darp train` option), except the ones its `hide` names (the command sets
+those itself); a config file gives them flat or under the field's name.
 """
 
 from __future__ import annotations
@@ -46,12 +50,31 @@ COMMANDS: dict[str, Any] = {
 }
 
 
-def arg(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> Any:
-    """A dataclass field with a help text for the generated CLI."""
+def arg(default: Any = dataclasses.MISSING, help: str = "", hide: tuple[str, ...] = (), **kwargs) -> Any:
+    """A dataclass field with a help text for the generated CLI; `hide`: for a composed config, its
+    fields that are not flags of this command."""
+    metadata = {"help": help, "hide": tuple(hide)}
     if isinstance(default, (list, dict, set)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def _options(cls) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, type) of every flag of config `cls`: its own fields, composed configs' fields in place."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            hidden = set(f.metadata.get("hide", ()))
+            out += [(sub, tp) for sub, tp in _options(hints[f.name]) if sub.name not in hidden]
+        else:
+            out.append((f, hints[f.name]))
+    return out
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def _load(target: str):
@@ -76,7 +99,7 @@ def _unwrap_optional(tp):
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp) -> None:
     tp, optional = _unwrap_optional(tp)
     help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
-    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    required = _required(f)
     default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
     shown = str(default).replace("%", "%%")
     kw: dict[str, Any] = {"dest": f.name, "help": f"{help_text} (default: {shown})" if not required else help_text}
@@ -111,32 +134,50 @@ def build_config(cls, values: dict[str, Any], config_file: str | None = None):
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise SystemExit(f"darp: cannot read config file {path}: {e}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        if not isinstance(data, dict):
+            raise SystemExit(f"darp: {path}: expected a JSON object of option values")
+        unknown = sorted(set(data) - _known_keys(cls))
         if unknown:
             raise SystemExit(f"darp: {path}: unknown keys {unknown} for {cls.__name__}")
         merged.update(data)
     merged.update(values)
-    hints = typing.get_type_hints(cls)
-    missing = [
-        _flag(f.name)
-        for f in dataclasses.fields(cls)
-        if f.name not in merged and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
+    missing = [_flag(f.name) for f, _ in _options(cls) if f.name not in merged and _required(f)]
     if missing:
         raise SystemExit(f"darp: missing required option(s): {' '.join(missing)}")
-    for name, value in list(merged.items()):
-        tp, _ = _unwrap_optional(hints[name])
-        if typing.get_origin(tp) is tuple and isinstance(value, list):
-            merged[name] = tuple(value)
-    return cls(**merged)
+    return _instantiate(cls, merged)
+
+
+def _known_keys(cls) -> set[str]:
+    hints = typing.get_type_hints(cls)
+    keys = set()
+    for f in dataclasses.fields(cls):
+        keys.add(f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys |= _known_keys(hints[f.name])
+    return keys
+
+
+def _instantiate(cls, values: dict[str, Any]):
+    """cls from flat option values (a composed config's given flat or as a dict under its name)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            nested = values.get(f.name) if isinstance(values.get(f.name), dict) else {}
+            own = {sub.name for sub in dataclasses.fields(tp)}
+            kwargs[f.name] = _instantiate(tp, {k: v for k, v in values.items() if k in own} | nested)
+        elif f.name in values:
+            value = values[f.name]
+            inner, _ = _unwrap_optional(tp)
+            kwargs[f.name] = tuple(value) if typing.get_origin(inner) is tuple and isinstance(value, list) else value
+    return cls(**kwargs)
 
 
 def _parser_for(cls, prog: str, help_line: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or help_line).strip())
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        _add_field(parser, f, hints[f.name])
+    for f, tp in _options(cls):
+        _add_field(parser, f, tp)
     parser.add_argument("--config", dest="__config", metavar="FILE.json", default=None,
                         help="JSON file with option values; flags given here override it")
     return parser

@@ -3,13 +3,13 @@
     darp report --data runs/demo/data --embedding runs/demo/phase1 --run-dir runs/report --seeds 3
 
 Ray Tune runs one trial per (model, seed), `max_concurrent` at a time, each a function trainable
-that trains with `darp train` (tune_runs.train.train, quiet; it keeps the checkpoint with the best
-AUIR on the val split) and evaluates that policy on --split (tune_runs.rl_eval.evaluate_policy_run):
-the test split where the data set has one, so the figures are not the ones the selection saw.
-A trial keeps everything in
-run_dir/trials/MODEL_seedS/: run/ (the training run: checkpoint, results.jsonl, run.json),
-metrics.json, ranks.parquet, glimpses.npz (models that choose where to look) and done.json, written
-last. The triplet row is the embedding run itself, evaluated once (trials/triplet/).
+that trains with `darp train` (policies.fit.train, quiet: the run is itself a Tune trial, started from
+inside this one; it keeps the checkpoint with the best AUIR on the val split) and evaluates that
+policy on --split (tune_runs.rl_eval.evaluate_policy_run): the test split where the data set has one,
+so the figures are not the ones the selection saw. Every `darp train` option sets what all trials
+train with. A trial keeps everything in run_dir/trials/MODEL_seedS/: run/ (the training run,
+policies.runs' layout), metrics.json, ranks.parquet, glimpses.npz (models that choose where to look)
+and done.json, written last. The triplet row is the embedding run itself, evaluated once (trials/triplet/).
 
 Rerunning the same command resumes: trials with done.json are skipped, an unfinished one continues
 from its last checkpoint. Then it writes under --run-dir:
@@ -36,21 +36,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray import tune
 
+from policies import runs
+from policies.ray_session import ray_session
+from policies.registry import ALGOS, GLIMPSING, TrainConfig
+from policies.registry import DISPLAY as RL_DISPLAY
 from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, atomic_write_text, prepare_output_dir
 from sketch_env.data import DataError
 from tune_runs.cli import arg
-from tune_runs.train import ALGOS, GLIMPSING
 
-MODELS = ("triplet", "vanilla-pg", "ppo", "bdqn", "darp-no-attention", "darp-no-exploration", "darp")
-DISPLAY = {
-    "triplet": "Triplet network",
-    "vanilla-pg": "Triplet + vanilla RL",
-    "ppo": "Triplet + PPO",
-    "bdqn": "Bootstrapped DQN",
-    "darp-no-attention": "DARP without attention",
-    "darp-no-exploration": "DARP without exploration",
-    "darp": "DARP-SBIR",
-}
+MODELS = ("triplet",) + ALGOS  # the triplet network (phase 1), then the RL models in Table III's order
+DISPLAY = {"triplet": "Triplet network"} | RL_DISPLAY
 # Table III of the DARP-SBIR paper, Chair-V2 column: (AUIR, acc@5); the ablations are not in it.
 PAPER_CHAIR_V2 = {
     "triplet": (21.05, 64.47),
@@ -68,25 +63,19 @@ DONE = "done.json"
 class ReportConfig:
     """Train and evaluate the chosen models over seeds with Ray Tune: results.md, curves.png, glimpses.png."""
 
-    data: str = arg(help="data set directory (darp data generate / import-qmul)")
-    embedding: str = arg(help="phase-1 run directory (darp pretrain): the triplet row and every model's features")
-    run_dir: str = arg(help="output directory; rerun with the same one to resume")
+    train: TrainConfig = arg(
+        help="what every trial trains with: darp train's options (--run-dir: the report's directory, rerun with the "
+             "same one to resume; --embedding: also the triplet row; --val-interval: how often a run validates on val "
+             "to keep its best checkpoint)",
+        hide=("algo", "seed", "resume", "keep_best", "val_split"))
     seeds: int = arg(3, "seeds per model (0 .. seeds - 1)")
     models: tuple[str, ...] = arg(MODELS, "models to report (triplet and darp train's --algo names)")
     split: Literal["auto", "val", "test"] = arg(
         "auto", "split evaluated: test (the data set's test split), val (a fifth of the train photos, held out by "
         "photo; also where each run picks its best checkpoint) or auto (test when the data set has one, else val)")
-    iterations: int = arg(40, "training iterations per trial")
-    time_budget_s: float = arg(0.0, "stop each trial's training after this many seconds (0: no limit)")
-    episodes_per_batch: int = arg(64, "complete episodes per update")
-    num_envs_per_env_runner: int = arg(32, "vectorised envs per trial")
-    n_glimpses: int | None = arg(None, "glimpses per level (default: each model's, see darp train --help)")
-    val_interval: int = arg(5, "validate on the val split every this many iterations; darp train keeps the best checkpoint")
     max_concurrent: int = arg(2, "trials running at once (2 cores: 1 or 2)")
-    threads_per_trial: int = arg(1, "torch CPU threads per trial")
     n_traces: int = arg(4, "sketches shown in glimpses.png")
     progress_interval_s: float = arg(30.0, "print the running trials' iterations this often")
-    force: bool = arg(False, "write into --run-dir even if it holds something other than a report")
 
 
 def trial_dir(run_dir: str | Path, model: str, seed: int) -> Path:
@@ -94,22 +83,17 @@ def trial_dir(run_dir: str | Path, model: str, seed: int) -> Path:
     return root / "triplet" if model == "triplet" else root / f"{model}_seed{seed}"
 
 
-def trial_train_config(cfg: ReportConfig, model: str, seed: int):
+def trial_train_config(cfg: ReportConfig, model: str, seed: int) -> TrainConfig:
     """The `darp train` configuration of one trial."""
-    from tune_runs.train import TrainConfig
-
-    return TrainConfig(
-        data=str(Path(cfg.data).resolve()),
-        embedding=str(Path(cfg.embedding).resolve()),
-        run_dir=str((trial_dir(cfg.run_dir, model, seed) / "run").resolve()),
+    return dataclasses.replace(
+        cfg.train,
+        data=str(Path(cfg.train.data).resolve()),
+        embedding=str(Path(cfg.train.embedding).resolve()),
+        run_dir=str((trial_dir(cfg.train.run_dir, model, seed) / "run").resolve()),
         algo=model,
-        iterations=cfg.iterations,
-        time_budget_s=cfg.time_budget_s,
         seed=seed,
-        num_envs_per_env_runner=cfg.num_envs_per_env_runner,
-        episodes_per_batch=cfg.episodes_per_batch,
-        n_glimpses=cfg.n_glimpses,
-        val_interval=cfg.val_interval,
+        resume=True,
+        keep_best=True,
         val_split="val",
     )
 
@@ -140,15 +124,15 @@ def train_and_evaluate(cfg: ReportConfig, model: str, seed: int) -> dict:
     """Train one model with one seed, evaluate it on cfg.split; writes the trial's files, done.json last."""
     from sketch_env.metrics import retrieval_metrics
     from tune_runs.evaluate import write_ranks
+    from policies.fit import train
     from tune_runs.rl_eval import evaluate_policy_run
-    from tune_runs.train import train
 
-    out = trial_dir(cfg.run_dir, model, seed)
+    out = trial_dir(cfg.train.run_dir, model, seed)
     train_cfg = trial_train_config(cfg, model, seed)
     start = time.time()
     train(train_cfg, quiet=True)
     trained = time.time()
-    result = evaluate_policy_run(Path(train_cfg.run_dir), Path(cfg.data), cfg.split, n_traces=cfg.n_traces)
+    result = evaluate_policy_run(Path(train_cfg.run_dir), Path(cfg.train.data), cfg.split, n_traces=cfg.n_traces)
     metrics = retrieval_metrics(result["ranks"], result["n_photos"])
     _write_metrics(out, metrics)
     write_ranks(out / "ranks.parquet", result["sketch_id"], np.asarray(result["ranks"]))
@@ -163,15 +147,15 @@ def train_and_evaluate(cfg: ReportConfig, model: str, seed: int) -> dict:
 def evaluate_triplet(cfg: ReportConfig) -> dict:
     """The triplet row: the embedding run evaluated once on cfg.split (darp evaluate)."""
     from tune_runs import evaluate
-    from tune_runs.rl_eval import read_run
 
-    kind = read_run(cfg.embedding).get("kind")
+    kind = runs.read_run(cfg.train.embedding).get("kind")
     if kind != "triplet":
-        raise DataError(f"{cfg.embedding}: run.json says kind {kind!r}, not a triplet run (darp pretrain); "
+        raise DataError(f"{cfg.train.embedding}: run.json says kind {kind!r}, not a triplet run (darp pretrain); "
                         "leave 'triplet' out of --models or point --embedding at a darp pretrain run")
-    out = trial_dir(cfg.run_dir, "triplet", TRIPLET_SEED)
+    out = trial_dir(cfg.train.run_dir, "triplet", TRIPLET_SEED)
     start = time.time()
-    metrics = evaluate.run(evaluate.EvaluateConfig(data=Path(cfg.data), run=Path(cfg.embedding), split=cfg.split, out=out))
+    metrics = evaluate.run(evaluate.EvaluateConfig(data=Path(cfg.train.data), run=Path(cfg.train.embedding),
+                                                   split=cfg.split, out=out))
     done = {"model": "triplet", "seed": TRIPLET_SEED, "train_s": 0.0, "eval_s": time.time() - start,
             "metrics": {k: metrics[k] for k in METRICS}}
     atomic_write_json(out / DONE, done)
@@ -182,8 +166,9 @@ def run_trial(config: dict) -> None:
     """Tune function trainable: config = {"report": ReportConfig fields, "job": {"model", "seed"}}."""
     import torch
 
-    cfg = ReportConfig(**config["report"])
-    torch.set_num_threads(cfg.threads_per_trial)
+    report = dict(config["report"])
+    cfg = ReportConfig(**(report | {"train": TrainConfig(**report["train"])}))
+    torch.set_num_threads(cfg.train.num_threads)
     done = train_and_evaluate(cfg, config["job"]["model"], config["job"]["seed"])
     tune.report({**done["metrics"], "train_s": done["train_s"], "eval_s": done["eval_s"]})
 
@@ -198,7 +183,7 @@ def _job_name(job: dict) -> str:
 
 class Progress(tune.Callback):
     """Prints trial starts and ends, and every progress_interval_s the iterations of the running trials
-    (read from their results.jsonl, which darp train appends to after every iteration)."""
+    (read from their training runs' results, policies.runs.results)."""
 
     def __init__(self, cfg: ReportConfig, total: int):
         self.cfg, self.total = cfg, total
@@ -229,20 +214,22 @@ class Progress(tune.Callback):
         for t in trials:
             if t.status == "RUNNING":
                 job = t.config["job"]
-                log = trial_dir(self.cfg.run_dir, job["model"], job["seed"]) / "run" / "results.jsonl"
-                n = len(log.read_text().splitlines()) if log.is_file() else 0
-                parts.append(f"{_job_name(job)} iteration {n}/{self.cfg.iterations}")
+                n = len(runs.results(trial_dir(self.cfg.train.run_dir, job["model"], job["seed"]) / "run"))
+                parts.append(f"{_job_name(job)} iteration {n}/{self.cfg.train.iterations}")
         if parts:
             self._say("running: " + ", ".join(parts))
 
 
 def run_trials(cfg: ReportConfig, jobs: list[dict]) -> list[str]:
     """Run `jobs` ({"model", "seed"}) as Tune trials; returns the names of the ones that failed."""
-    run_dir = Path(cfg.run_dir).resolve()
-    report = dataclasses.asdict(cfg) | {"run_dir": str(run_dir), "data": str(Path(cfg.data).resolve()),
-                                         "embedding": str(Path(cfg.embedding).resolve())}
+    run_dir = Path(cfg.train.run_dir).resolve()
+    report = dataclasses.asdict(cfg)
+    report["train"] |= {"run_dir": str(run_dir), "data": str(Path(cfg.train.data).resolve()),
+                        "embedding": str(Path(cfg.train.embedding).resolve())}
+    # A trial mostly waits for its training run, a Tune trial of its own that takes the CPU it needs;
+    # Tune wants some resource per trial: a byte of memory holds no CPU back from the runs.
     tuner = tune.Tuner(
-        tune.with_resources(run_trial, {"cpu": 1}),
+        tune.with_resources(run_trial, {"memory": 1}),
         param_space={"report": report, "job": tune.grid_search(jobs)},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent),
         run_config=tune.RunConfig(
@@ -263,7 +250,7 @@ def collect(cfg: ReportConfig) -> dict[str, list[dict]]:
     for model in (m for m in MODELS if m in cfg.models):
         trials = []
         for seed in [TRIPLET_SEED] if model == "triplet" else range(cfg.seeds):
-            folder = trial_dir(cfg.run_dir, model, seed)
+            folder = trial_dir(cfg.train.run_dir, model, seed)
             if not (folder / DONE).is_file():
                 continue
             metrics = json.loads((folder / "metrics.json").read_text())
@@ -302,8 +289,8 @@ def results_markdown(cfg: ReportConfig, trials: dict[str, list[dict]], manifest:
         f"# Results: {manifest.get('name', '?')} ({manifest.get('source', '?')}), {cfg.split} split",
         "",
         f"{any_trial['n_sketches']} sketches, gallery of {any_trial['n_photos']} photos; seeds 0..{cfg.seeds - 1} per model "
-        f"({cfg.iterations} iterations{f', at most {cfg.time_budget_s:.0f} s' if cfg.time_budget_s else ''} of "
-        f"{cfg.episodes_per_batch} episodes each). Mean ± standard deviation over seeds; the triplet row is one "
+        f"({cfg.train.iterations} iterations{f', at most {cfg.train.time_budget_s:.0f} s' if cfg.train.time_budget_s else ''} of "
+        f"{cfg.train.episodes_per_batch} episodes each). Mean ± standard deviation over seeds; the triplet row is one "
         "evaluation of the embedding run. AUIR and m@A over the 17 completion levels, acc@q on complete sketches.",
         "",
         format_table(rows, spreads),
@@ -326,7 +313,7 @@ def results_markdown(cfg: ReportConfig, trials: dict[str, list[dict]], manifest:
     if cfg.split == "val":
         lines += ["", "Caution: each RL run kept its best checkpoint by AUIR on this same val split, so its figures "
                   "are optimistic; report a test split where the data set has one."]
-    missing = [f"{m}_seed{s}" for m in cfg.models if m != "triplet" for s in range(cfg.seeds) if not is_done(cfg.run_dir, m, s)]
+    missing = [f"{m}_seed{s}" for m in cfg.models if m != "triplet" for s in range(cfg.seeds) if not is_done(cfg.train.run_dir, m, s)]
     if failed or missing:
         lines += ["", f"Not in the table (failed or unfinished): {', '.join(sorted(set(failed) | set(missing)))}."]
     return "\n".join(lines) + "\n"
@@ -337,7 +324,7 @@ def write_ranks_table(cfg: ReportConfig, trials: dict[str, list[dict]], out: Pat
     tables = []
     for model, ts in trials.items():
         for t in ts:
-            table = pq.read_table(trial_dir(cfg.run_dir, model, t["seed"]) / "ranks.parquet")
+            table = pq.read_table(trial_dir(cfg.train.run_dir, model, t["seed"]) / "ranks.parquet")
             n = table.num_rows
             tables.append(pa.table({
                 "model": pa.array([model] * n, pa.string()),
@@ -354,12 +341,12 @@ def plot_report_glimpses(cfg: ReportConfig, out: Path) -> Path | None:
     """glimpses.png from the first seed of the first model that looks (darp first); None if none did."""
     from tune_runs.plots import plot_glimpses
 
-    for model in ("darp", "darp-no-exploration", "bdqn"):
+    for model in sorted(GLIMPSING, key=lambda m: m != "darp"):
         if model not in cfg.models:
             continue
         for seed in range(cfg.seeds):
-            path = trial_dir(cfg.run_dir, model, seed) / "glimpses.npz"
-            if is_done(cfg.run_dir, model, seed) and path.is_file():
+            path = trial_dir(cfg.train.run_dir, model, seed) / "glimpses.npz"
+            if is_done(cfg.train.run_dir, model, seed) and path.is_file():
                 with np.load(path, allow_pickle=False) as g:
                     return plot_glimpses(g["images"], g["locations"], g["ranks"], out, float(g["patch_pixels"]),
                                          names=[f"{model} seed {seed}: {s}" for s in g["sketch_id"]])
@@ -377,27 +364,26 @@ def check_config(cfg: ReportConfig) -> None:
     unknown = [m for m in cfg.models if m not in MODELS]
     if unknown or not cfg.models:
         raise SystemExit(f"darp report: unknown --models {unknown}; choose from {MODELS}")
-    if cfg.seeds < 1 or cfg.max_concurrent < 1 or cfg.iterations < 1:
+    if cfg.seeds < 1 or cfg.max_concurrent < 1 or cfg.train.iterations < 1:
         raise SystemExit(f"darp report: --seeds, --max-concurrent and --iterations must be >= 1, got "
-                         f"{cfg.seeds}, {cfg.max_concurrent}, {cfg.iterations}")
+                         f"{cfg.seeds}, {cfg.max_concurrent}, {cfg.train.iterations}")
     for name in ("data", "embedding"):
-        if not Path(getattr(cfg, name)).is_dir():
-            raise SystemExit(f"darp report: --{name} {getattr(cfg, name)} is not a directory")
+        if not Path(getattr(cfg.train, name)).is_dir():
+            raise SystemExit(f"darp report: --{name} {getattr(cfg.train, name)} is not a directory")
 
 
 REPORT_KIND = OutputKind("report", ("trials", "tune", "results.md"))
 
 
 def run(cfg: ReportConfig) -> int:
-    import ray
-
     from sketch_env.data.store import read_manifest
     from tune_runs.plots import plot_curves
 
     check_config(cfg)
     start = time.time()
-    run_dir = prepare_output_dir(cfg.run_dir, REPORT_KIND, inputs=(cfg.data, cfg.embedding), force=cfg.force)
-    manifest = read_manifest(cfg.data)
+    run_dir = prepare_output_dir(cfg.train.run_dir, REPORT_KIND, inputs=(cfg.train.data, cfg.train.embedding),
+                                 force=cfg.train.force)
+    manifest = read_manifest(cfg.train.data)
     cfg = with_split(cfg, manifest)
     if "triplet" in cfg.models and not is_done(run_dir, "triplet", TRIPLET_SEED):
         evaluate_triplet(cfg)
@@ -409,9 +395,8 @@ def run(cfg: ReportConfig) -> int:
     failed = []
     if todo:
         print(f"running {len(todo)} trial(s), {cfg.max_concurrent} at a time: {', '.join(map(_job_name, todo))}", flush=True)
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
-        failed = run_trials(cfg, todo)
+        with ray_session():
+            failed = run_trials(cfg, todo)
     trials = collect(cfg)
     if not trials:
         raise SystemExit(f"darp report: no finished trial under {run_dir / 'trials'}; failed: {failed}")

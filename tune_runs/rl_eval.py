@@ -12,47 +12,25 @@ Acting goes through `policies.rollout` (`run_episodes`, `policy_step`, `LivePoli
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 
+from policies.runs import best_module_dir, read_run
 from sketch_env.data import DataError
 
-MODULE_PATH = Path("learner_group") / "learner" / "rl_module" / "default_policy"
 MODULE_STATE = "module_state.pkl"
 
 
-def read_run(run_dir: str | Path) -> dict:
-    """run.json of a run directory, as a dict; DataError naming the file when it is missing or not a JSON object."""
-    path = Path(run_dir) / "run.json"
-    if not path.is_file():
-        raise DataError(f"{run_dir}: not a run directory (no run.json); train one with `darp train` or `darp pretrain`")
-    try:
-        run = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(run, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(run).__name__}")
-    return run
-
-
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    """The checkpoint whose policy `evaluate`, `play`, `serve` and `report` use: run_dir/best_checkpoint
-    (the best validation AUIR, `darp train --keep-best`) if there is one, else run_dir/checkpoint.
-    The one place that knows where a run keeps it."""
-    best = Path(run_dir) / "best_checkpoint"
-    return best if best.is_dir() else Path(run_dir) / "checkpoint"
-
-
 def module_weights_path(run_dir: str | Path) -> Path:
-    """The trained RLModule's weights in the run's checkpoint (RLlib's module_state.pkl)."""
-    return checkpoint_dir(run_dir) / MODULE_PATH / MODULE_STATE
+    """The trained RLModule's weights (RLlib's module_state.pkl) in the checkpoint evaluation uses:
+    the best validation AUIR, else the latest (`policies.runs.best_module_dir`)."""
+    return best_module_dir(run_dir) / MODULE_STATE
 
 
 def algorithm_config(run_dir: str | Path, run: dict):
     """The RLlib AlgorithmConfig a run of `darp train` trained with, rebuilt from its run.json."""
-    from tune_runs.train import ALGOS, TrainConfig, build_algo_config
+    from policies.registry import ALGOS, TrainConfig, build_algo_config
 
     config = run.get("config")
     if not isinstance(config, dict) or config.get("algo", "darp") not in ALGOS:

@@ -2,10 +2,10 @@
 
     darp sweep --data runs/demo/data --embedding runs/demo/phase1 --run-dir runs/demo/sweep --samples 16
 
-Each trial is one DARP run (`DARP` as the Tune trainable, its config from `tune_runs.train.build_algo_config`)
-with the same seed, so trials differ by their schedule only. Trial 0 runs the default schedule
-(TrainConfig's) so the table shows what the search gains over it. Validation runs every iteration:
-ASHA compares trials on "validation/auir" at every rung.
+Each trial is one `darp train` run (policies.fit.TrainTrial, the same trainable) with the same seed,
+so trials differ by their schedule only; every `darp train` option sets what all trials train with.
+Trial 0 runs the given (by default TrainConfig's) schedule, so the table shows what the search gains
+over it. Validation runs every iteration: ASHA compares trials on "evaluation/auir" at every rung.
 
 Writes under --run-dir: tune/ (Tune's experiment: trial results and checkpoints; on a multi-node
 cluster it lives under --storage instead, which every node must reach), best_config.json (TrainConfig
@@ -27,30 +27,32 @@ from pathlib import Path
 
 from ray import tune
 
+from policies.fit import TrainTrial
+from policies.ray_session import ray_session
+from policies.registry import TrainConfig, build_algo_config
+from policies.schedules import STD_SHAPES
 from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, atomic_write_text, prepare_output_dir
 from tune_runs.cli import arg
-from tune_runs.train import TrainConfig, build_algo_config
 
-METRIC = "validation/auir"
+METRIC = "evaluation/auir"
 EXPERIMENT = "tune"
 STD_PARAMS = ("std_start", "std_end", "std_shape", "std_horizon")
 EXPLORATION_PARAMS = ("bootstrap_p", "n_heads")
-STD_SHAPES = ("linear", "exponential", "cosine")
 
 
 @dataclass
 class SweepConfig:
     """Ray Tune search over DARP's std schedule (ASHA on validation AUIR)."""
 
-    data: str = arg(help="data set directory (darp data generate / import-qmul)")
-    embedding: str = arg(help="phase-1 run directory (darp pretrain) with embeddings/")
-    run_dir: str = arg(help="output directory; rerun with the same one to resume a killed sweep")
+    train: TrainConfig = arg(
+        help="what every trial trains with: darp train's options (--run-dir: the sweep's directory; rerun with the "
+             "same one to resume a killed sweep; --iterations: of a trial that ASHA does not stop; --seed: of every "
+             "trial and of the search's draws; the std options: the default trial's schedule)",
+        hide=("algo", "resume", "time_budget_s", "val_interval", "keep_best"))
     samples: int = arg(16, "trials (the first runs the default schedule when --include-default)")
-    max_iters: int = arg(40, "training iterations of a trial that ASHA does not stop")
     grace_period: int = arg(5, "iterations every trial runs before ASHA may stop it")
     max_concurrent: int = arg(1, "trials running at once (1 on 2 cores; one per GPU on a cluster)")
-    seed: int = arg(0, "seed of every trial and of the search's random draws")
-    include_default: bool = arg(True, "run the default schedule (TrainConfig's) as one of the trials")
+    include_default: bool = arg(True, "run the given schedule (--std-start etc.) as one of the trials")
     storage: str = arg("", "where Tune keeps trials and checkpoints on a multi-node cluster: a URI (s3://bucket/sweeps) "
                            "or a path all nodes share; the experiment is STORAGE/<name of run-dir>; empty: RUN_DIR/tune")
     # the search space
@@ -61,33 +63,18 @@ class SweepConfig:
     search_exploration: bool = arg(False, "also search bootstrap_p and the number of heads K")
     bootstrap_p_range: tuple[float, float] = arg((0.3, 1.0), "uniform range of bootstrap_p (with --search-exploration)")
     n_heads_choices: tuple[int, ...] = arg((1, 3, 6, 10), "values of K to choose from (with --search-exploration)")
-    # what every trial trains with (see darp train --help)
-    num_env_runners: int = arg(0, "remote EnvRunners per trial")
-    num_envs_per_env_runner: int = arg(32, "vectorised envs per EnvRunner")
-    episodes_per_batch: int = arg(64, "complete episodes per update")
-    num_learners: int = arg(0, "remote learners per trial (2+: DDP)")
-    num_gpus_per_learner: float = arg(0.0, "GPUs per learner (1 on a GPU cluster)")
-    n_glimpses: int = arg(12, "glimpses per completion level")
-    val_max_sketches: int = arg(0, "validate each iteration on at most this many sketches (0: all)")
-    force: bool = arg(False, "write into --run-dir even if it holds something other than a sweep")
 
 
 def trial_train_config(cfg: SweepConfig, **searched) -> TrainConfig:
-    """The TrainConfig a trial runs; `searched` holds its values of the searched parameters."""
-    return TrainConfig(
-        data=str(Path(cfg.data).resolve()),
-        embedding=str(Path(cfg.embedding).resolve()),
-        run_dir=str(Path(cfg.run_dir).resolve() / "best"),
-        iterations=cfg.max_iters,
-        seed=cfg.seed,
-        num_env_runners=cfg.num_env_runners,
-        num_envs_per_env_runner=cfg.num_envs_per_env_runner,
-        episodes_per_batch=cfg.episodes_per_batch,
-        num_learners=cfg.num_learners,
-        num_gpus_per_learner=cfg.num_gpus_per_learner,
-        n_glimpses=cfg.n_glimpses,
+    """The TrainConfig a trial runs (DARP, validated every iteration); `searched` holds its values of
+    the searched parameters. Its run_dir, RUN_DIR/best, is where `darp train --config best_config.json` trains."""
+    return dataclasses.replace(
+        cfg.train,
+        data=str(Path(cfg.train.data).resolve()),
+        embedding=str(Path(cfg.train.embedding).resolve()),
+        run_dir=str(Path(cfg.train.run_dir).resolve() / "best"),
+        algo="darp",
         val_interval=1,
-        val_max_sketches=cfg.val_max_sketches,
         **searched,
     )
 
@@ -99,8 +86,8 @@ def searched_params(cfg: SweepConfig) -> tuple[str, ...]:
 def check_config(cfg: SweepConfig) -> None:
     """Fail before starting Ray on options no trial could run with."""
     for name in ("data", "embedding"):
-        if not Path(getattr(cfg, name)).is_dir():
-            raise SystemExit(f"darp sweep: --{name} {getattr(cfg, name)} is not a directory")
+        if not Path(getattr(cfg.train, name)).is_dir():
+            raise SystemExit(f"darp sweep: --{name} {getattr(cfg.train, name)} is not a directory")
     for name in ("std_start_range", "std_end_range", "std_horizon_range", "bootstrap_p_range"):
         values = getattr(cfg, name)
         if len(values) != 2 or not 0 < values[0] < values[1]:
@@ -108,8 +95,8 @@ def check_config(cfg: SweepConfig) -> None:
     unknown = sorted(set(cfg.std_shapes) - set(STD_SHAPES))
     if unknown or not cfg.std_shapes:
         raise SystemExit(f"darp sweep: --std-shapes must be among {STD_SHAPES}, got {list(cfg.std_shapes)}")
-    if not 1 <= cfg.grace_period <= cfg.max_iters:
-        raise SystemExit(f"darp sweep: need 1 <= --grace-period <= --max-iters, got {cfg.grace_period}, {cfg.max_iters}")
+    if not 1 <= cfg.grace_period <= cfg.train.iterations:
+        raise SystemExit(f"darp sweep: need 1 <= --grace-period <= --iterations, got {cfg.grace_period}, {cfg.train.iterations}")
     if cfg.samples < 1 or cfg.max_concurrent < 1:
         raise SystemExit(f"darp sweep: --samples and --max-concurrent must be >= 1, got {cfg.samples}, {cfg.max_concurrent}")
     if not cfg.n_heads_choices or min(cfg.n_heads_choices) < 1:
@@ -120,61 +107,47 @@ def check_config(cfg: SweepConfig) -> None:
         raise SystemExit(f"darp sweep: {e}")
 
 
-def param_space(cfg: SweepConfig):
-    """The DARPConfig of a trial with Tune search spaces on the searched attributes."""
-    config = build_algo_config(trial_train_config(cfg))
-    config.training(
-        std_start=tune.loguniform(*cfg.std_start_range),
-        std_end=tune.loguniform(*cfg.std_end_range),
-        std_shape=tune.choice(list(cfg.std_shapes)),
-        std_horizon=tune.lograndint(cfg.std_horizon_range[0], cfg.std_horizon_range[1] + 1),
-    )
+def param_space(cfg: SweepConfig) -> dict:
+    """A trial's TrainTrial config with Tune search spaces on the searched parameters."""
+    space = dataclasses.asdict(trial_train_config(cfg)) | {
+        "std_start": tune.loguniform(*cfg.std_start_range),
+        "std_end": tune.loguniform(*cfg.std_end_range),
+        "std_shape": tune.choice(list(cfg.std_shapes)),
+        "std_horizon": tune.lograndint(cfg.std_horizon_range[0], cfg.std_horizon_range[1] + 1),
+    }
     if cfg.search_exploration:
-        config.rl_module(model_config=config.model_config | {
-            "bootstrap_p": tune.uniform(*cfg.bootstrap_p_range),
-            "n_heads": tune.choice(list(cfg.n_heads_choices)),
-        })
-    return config
+        space |= {"bootstrap_p": tune.uniform(*cfg.bootstrap_p_range), "n_heads": tune.choice(list(cfg.n_heads_choices))}
+    return {"train": space}
 
 
 def default_values(cfg: SweepConfig) -> dict:
-    """TrainConfig's defaults of the searched parameters."""
-    default = TrainConfig(data="", embedding="", run_dir="")
-    return {name: getattr(default, name) for name in searched_params(cfg)}
+    """The given (by default TrainConfig's) values of the searched parameters."""
+    return {name: getattr(cfg.train, name) for name in searched_params(cfg)}
 
 
 def default_point(cfg: SweepConfig) -> dict:
-    """The default schedule as a Tune point (keys as in DARPConfig.to_dict())."""
-    values = default_values(cfg)
-    point = {name: values[name] for name in STD_PARAMS}
-    if cfg.search_exploration:
-        point["_model_config"] = {name: values[name] for name in EXPLORATION_PARAMS}
-    return point
+    """The given schedule as a Tune point (keys as in param_space)."""
+    return {"train": default_values(cfg)}
 
 
 def experiment_location(cfg: SweepConfig) -> tuple[str, str]:
     """(storage_path, name) of the Tune experiment: RUN_DIR/tune, or STORAGE/<name of run-dir>."""
     if cfg.storage:
-        return cfg.storage.rstrip("/"), Path(cfg.run_dir).resolve().name
-    return str(Path(cfg.run_dir).resolve()), EXPERIMENT
+        return cfg.storage.rstrip("/"), Path(cfg.train.run_dir).resolve().name
+    return str(Path(cfg.train.run_dir).resolve()), EXPERIMENT
 
 
 def trial_params(config: dict) -> dict:
-    """The schedule and exploration parameters (searched or not) from a trial's resolved config dict."""
-    from policies.darp import DARPConfig
-
-    algo_config = DARPConfig.from_dict(config)
-    params = {name: getattr(algo_config, name) for name in STD_PARAMS}
-    params.update({name: algo_config.model_config[name] for name in EXPLORATION_PARAMS})
-    return params
+    """The schedule and exploration parameters (searched or not) from a trial's resolved config."""
+    return {name: config["train"][name] for name in STD_PARAMS + EXPLORATION_PARAMS}
 
 
 class ProgressLine(tune.Callback):
     """One line per trial result: trial, iteration, validation AUIR, its schedule."""
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        auir = result.get("validation", {}).get("auir", float("nan"))
-        c = trial.config
+        auir = result.get("evaluation", {}).get("auir", float("nan"))
+        c = trial.config["train"]
         print(
             f"{trial.trial_id} iter {result['training_iteration']:3d} | val AUIR {auir:6.2f} | std {c['std_start']:.3f}"
             f" -> {c['std_end']:.3f} {c['std_shape']} over {c['std_horizon']} steps",
@@ -187,32 +160,29 @@ def make_tuner(cfg: SweepConfig) -> tune.Tuner:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from policies.darp import DARP
-
     storage, name = experiment_location(cfg)
     path = f"{storage}/{name}"
     if tune.Tuner.can_restore(path):
         print(f"resuming the sweep in {path} (its search space and budget apply)", flush=True)
-        # param_space again: Tune stored the config's classes (connectors, callbacks) as object refs.
-        return tune.Tuner.restore(path, trainable=DARP, resume_errored=True, param_space=param_space(cfg))
+        return tune.Tuner.restore(path, trainable=TrainTrial, resume_errored=True)
     return tune.Tuner(
-        DARP,
+        TrainTrial,
         param_space=param_space(cfg),
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode="max",
             num_samples=cfg.samples,
-            scheduler=ASHAScheduler(max_t=cfg.max_iters, grace_period=cfg.grace_period),
+            scheduler=ASHAScheduler(max_t=cfg.train.iterations, grace_period=cfg.grace_period),
             search_alg=BasicVariantGenerator(
                 points_to_evaluate=[default_point(cfg)] if cfg.include_default else None,
                 max_concurrent=cfg.max_concurrent,
-                random_state=cfg.seed,
+                random_state=cfg.train.seed,
             ),
         ),
         run_config=tune.RunConfig(
             name=name,
             storage_path=storage,
-            stop={"training_iteration": cfg.max_iters},
+            stop={"training_iteration": cfg.train.iterations},
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_frequency=1, checkpoint_at_end=True),
             callbacks=[ProgressLine()],
             verbose=0,
@@ -302,7 +272,7 @@ def plot_sweep(rows: list[dict], params: tuple[str, ...], out: Path) -> Path:
 
 def write_outputs(cfg: SweepConfig, results) -> list[dict]:
     """best_config.json, trials.csv and sweep.png under run_dir; returns the table's rows, best first."""
-    run_dir = Path(cfg.run_dir)
+    run_dir = Path(cfg.train.run_dir)
     rows = with_auir_at_default_iterations(trial_rows(results, default_values(cfg)))
     if math.isnan(rows[0]["final_auir"]):
         raise SystemExit(f"darp sweep: no trial reported {METRIC}; see the errors under {'/'.join(experiment_location(cfg))}")
@@ -317,19 +287,16 @@ SWEEP_KIND = OutputKind("sweep", ("best_config.json", "trials.csv", EXPERIMENT))
 
 
 def run(cfg: SweepConfig) -> int:
-    import ray
-
     check_config(cfg)
-    prepare_output_dir(cfg.run_dir, SWEEP_KIND, inputs=(cfg.data, cfg.embedding), force=cfg.force)
+    prepare_output_dir(cfg.train.run_dir, SWEEP_KIND, inputs=(cfg.train.data, cfg.train.embedding), force=cfg.train.force)
     # Checkpointing every iteration with num_to_keep=1 forces an experiment snapshot per result (what
     # makes a killed sweep resume where it was); Tune warns about that when iterations are short.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
-    results = make_tuner(cfg).fit()
+    with ray_session():
+        results = make_tuner(cfg).fit()
     rows = write_outputs(cfg, results)
     best = rows[0]
-    print(f"{len(rows)} trials ({sum(r['status'] == 'error' for r in rows)} failed); table: {Path(cfg.run_dir) / 'trials.csv'}")
+    print(f"{len(rows)} trials ({sum(r['status'] == 'error' for r in rows)} failed); table: {Path(cfg.train.run_dir) / 'trials.csv'}")
     print(f"best: AUIR {best['final_auir']:.2f} after {best['iterations']} iterations with "
           + ", ".join(f"{k}={best[k]}" for k in searched_params(cfg)))
     defaults = [r for r in rows if r["default"] and not math.isnan(r["final_auir"])]
@@ -340,5 +307,5 @@ def run(cfg: SweepConfig) -> int:
         if best["iterations"] != default["iterations"] and not math.isnan(best["auir_at_default_iters"]):
             print(f"  at equal training ({default['iterations']} iterations): best {best['auir_at_default_iters']:.2f} "
                   f"vs default {default['final_auir']:.2f}, {best['auir_at_default_iters'] - default['final_auir']:+.2f} AUIR")
-    print(f"train it: darp train --config {Path(cfg.run_dir) / 'best_config.json'}")
+    print(f"train it: darp train --config {Path(cfg.train.run_dir) / 'best_config.json'}")
     return 0

@@ -1,0 +1,230 @@
+"""The models this project trains, and how a training configuration becomes an RLlib AlgorithmConfig.
+
+One list (MODELS) names every RL model with its table name and whether it chooses where to look;
+`darp train --algo`, `darp report` and the tests read it from here. `TrainConfig` is what one
+training run needs (model, sampling, loss, exploration, networks, validation, run control);
+`build_algo_config(cfg)` turns it into the AlgorithmConfig (DARPConfig with the model's RLModule
+and Learner, or SketchPPOConfig) that `policies.fit` trains and that tests and benchmarks build.
+
+    from policies.registry import TrainConfig, build_algo_config
+    config = build_algo_config(TrainConfig(data="runs/demo/data", embedding="runs/demo/phase1", run_dir="unused"))
+    algo = config.build_algo()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from policies.schedules import DEFAULT_STD_SCHEDULE, StdShape
+from sketch_env.render import N_LEVELS
+
+
+@dataclass(frozen=True)
+class Model:
+    """An RL model: `name` (darp train --algo), `display` (results tables), `looks` (chooses where to
+    look: 12 glimpses per level by default, glimpses.png), `summary` (its one-line description)."""
+
+    name: str
+    display: str
+    looks: bool
+    summary: str
+
+
+# In the order of the paper's Table III.
+MODELS = (
+    Model("vanilla-pg", "Triplet + vanilla RL", False, "REINFORCE on the sketch features"),
+    Model("ppo", "Triplet + PPO", False, "RLlib's PPO on the sketch features"),
+    Model("bdqn", "Bootstrapped DQN", True, "bootstrapped DQN locator over a grid"),
+    Model("darp-no-attention", "DARP without attention", False,
+          "core RNN over the partial sketch's features, supervised only"),
+    Model("darp-no-exploration", "DARP without exploration", True, "one head, fixed std 0.05"),
+    Model("darp", "DARP-SBIR", True, "the full model"),
+)
+# This module imports no Ray: `darp train --help` reads TrainConfig from it.
+ALGOS = tuple(m.name for m in MODELS)
+Algo = Literal[ALGOS]
+GLIMPSING = tuple(m.name for m in MODELS if m.looks)  # the models that choose where to look
+DISPLAY = {m.name: m.display for m in MODELS}
+NO_EXPLORATION_STD = 0.05
+DEFAULT_VAL_INTERVAL = 5  # validate every 5 iterations (DARPConfig's and SketchPPOConfig's evaluation_interval too)
+
+
+def _arg(default: Any = dataclasses.MISSING, help: str = "") -> Any:
+    """A field with the help text the `darp` CLI shows (tune_runs.cli.arg's contract; policies cannot
+    import tune_runs)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Train DARP on RLlib over the sketch-retrieval environment."""
+
+    data: str = _arg(help="data set directory (darp data generate / import-qmul)")
+    embedding: str = _arg(help="phase-1 run directory (darp pretrain) with embeddings/")
+    run_dir: str = _arg(help="output directory for checkpoints and results")
+    algo: Algo = _arg("darp", "model: " + "; ".join(f"{m.name} ({m.summary})" for m in MODELS))
+    iterations: int = _arg(40, "training iterations (each: one batch of complete episodes + one update)")
+    time_budget_s: float = _arg(0.0, "stop after this many seconds of training (0: no limit)")
+    seed: int = _arg(0, "random seed")
+    resume: bool = _arg(True, "continue the run in run-dir if it did not finish (the same options are required)")
+    # sampling and hardware
+    num_env_runners: int = _arg(0, "remote EnvRunners (0: sample in the trial's process)")
+    num_envs_per_env_runner: int = _arg(32, "vectorised envs per EnvRunner")
+    episodes_per_batch: int = _arg(64, "complete episodes per update (multiple of envs x runners and of learners)")
+    num_learners: int = _arg(0, "remote learners (0: learn in the trial's process; 2+: DDP)")
+    num_gpus_per_learner: float = _arg(0.0, "GPUs per learner (1 on a GPU cluster)")
+    num_threads: int = _arg(1, "torch CPU threads of the training process; 1 suits per-step batches on few cores")
+    # environment
+    n_glimpses: int | None = _arg(
+        None, f"glimpses per completion level (default: 12 for {', '.join(GLIMPSING)}; 1 for the others)")
+    reward: Literal["threshold", "best_rank", "rank_gain"] = _arg("rank_gain", "reward variant (see sketch_env.rewards)")
+    # loss and optimisation
+    num_epochs: int = _arg(4, "passes over each batch of episodes (more supervised steps per sampled batch)")
+    minibatch_episodes: int = _arg(16, "episodes per gradient step (0: the whole batch)")
+    lr: float = _arg(3e-4, "learning rate")
+    gamma: float | None = _arg(None, "discount of the returns-to-go (default: 0.99; 0 for vanilla-pg and ppo, whose query "
+                                     "does not change what they see next: with rank_gain a return would cancel its effect)")
+    rl_weight: float = _arg(0.01, "weight of the policy-gradient term (authors' code: 0.01)")
+    sup_lambda: float = _arg(1.0, "weight of the supervised ||a - e_target||^2 term")
+    sup_target: Literal["photo", "final_sketch"] = _arg("photo", "e_target: the true photo's embedding or the complete sketch's")
+    sup_loss: Literal["mse", "infonce"] = _arg(
+        "infonce", "supervised objective: infonce, cross-entropy of the target photo among the training gallery (needs "
+        "--sup-target photo; beat mse on Chair-V2 validation), or mse, squared error to e_target (the paper)")
+    sup_temperature: float = _arg(0.2, "infonce temperature, relative to the gallery's mean squared pairwise distance")
+    residual_query: bool = _arg(True, "query = normalize(phase-1 embedding of the partial sketch + learned correction)")
+    dropout: float = _arg(0.3, "dropout on the core state before the action network, in updates only: the query "
+                               "correction overfits the training photos without it (0.3 beat 0 on Chair-V2 validation)")
+    # locator exploration
+    n_heads: int = _arg(6, "bootstrapped locator heads K")
+    bootstrap_p: float = _arg(0.5, "Bernoulli probability of each head's bootstrap mask")
+    grid: int = _arg(5, "bdqn: locations per side of the grid (grid x grid actions)")
+    std_start: float = _arg(DEFAULT_STD_SCHEDULE.start, "locator std at the start")
+    std_end: float = _arg(DEFAULT_STD_SCHEDULE.end, "locator std at the end of the schedule")
+    std_shape: StdShape = _arg(DEFAULT_STD_SCHEDULE.shape, "shape of the std decay")
+    std_horizon: int = _arg(DEFAULT_STD_SCHEDULE.horizon, "env steps over which the std decays")
+    # networks
+    cell: Literal["gru", "lstm"] = _arg("gru", "core RNN cell")
+    h0_init: Literal["sketch", "zeros"] = _arg("sketch", "initialise h0 from the first partial sketch's embedding, or zeros")
+    use_sketch_embedding: bool = _arg(True, "feed the phase-1 embedding of the current partial sketch at every step")
+    eval_heads: Literal["mean", "first"] = _arg("mean", "deterministic location: mean of all heads or head 0")
+    # validation
+    val_interval: int = _arg(DEFAULT_VAL_INTERVAL, "validate every this many iterations (0: only at the end)")
+    val_split: str = _arg("val", "split to validate on")
+    keep_best: bool = _arg(True, "evaluate the checkpoint of the best validation AUIR (else the latest)")
+    val_max_sketches: int = _arg(0, "validate on at most this many sketches (0: all)")
+    force: bool = _arg(False, "write into --run-dir even if it holds something other than this command's output "
+                              "(never over its inputs)")
+
+
+def env_config_of(cfg: TrainConfig, split: str = "train") -> dict:
+    return {
+        "data": str(Path(cfg.data).resolve()),
+        "embedding": str(Path(cfg.embedding).resolve()),
+        "split": split,
+        "n_glimpses": cfg.n_glimpses,
+        "reward": cfg.reward,
+    }
+
+
+def with_algo_defaults(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the model's defaults for the fields left at None, and darp-no-exploration's preset."""
+    if cfg.algo not in ALGOS:
+        raise ValueError(f"unknown model {cfg.algo!r}; choose from {ALGOS}")
+    values = {}
+    if cfg.n_glimpses is None:
+        values["n_glimpses"] = 12 if cfg.algo in GLIMPSING else 1
+    if cfg.gamma is None:
+        values["gamma"] = 0.0 if cfg.algo in ("vanilla-pg", "ppo") else 0.99
+    if cfg.algo == "darp-no-exploration":
+        values.update(n_heads=1, bootstrap_p=1.0, std_start=NO_EXPLORATION_STD, std_end=NO_EXPLORATION_STD)
+    return dataclasses.replace(cfg, **values)
+
+
+def _algorithm_config(cfg: TrainConfig):
+    """The algorithm's config class with its training settings: SketchPPOConfig for ppo, else DARPConfig
+    with the model's RLModule and Learner classes."""
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    if cfg.algo == "ppo":
+        from policies.ppo_baseline import SketchPPOConfig
+
+        return SketchPPOConfig().training(
+            train_batch_size_per_learner=cfg.episodes_per_batch * N_LEVELS * cfg.n_glimpses // max(1, cfg.num_learners),
+            lr=cfg.lr,
+            gamma=cfg.gamma,
+        )
+    from policies.darp import DARPConfig
+
+    config = DARPConfig().training(
+        num_episodes_per_train_batch=cfg.episodes_per_batch,
+        num_epochs=cfg.num_epochs,
+        minibatch_size=cfg.minibatch_episodes * N_LEVELS * cfg.n_glimpses // max(1, cfg.num_learners) or None,
+        lr=cfg.lr,
+        gamma=cfg.gamma,
+        rl_weight=cfg.rl_weight,
+        sup_lambda=cfg.sup_lambda,
+        sup_target=cfg.sup_target,
+        sup_loss=cfg.sup_loss,
+        sup_temperature=cfg.sup_temperature,
+        std_start=cfg.std_start,
+        std_end=cfg.std_end,
+        std_shape=cfg.std_shape,
+        std_horizon=cfg.std_horizon,
+    )
+    if cfg.algo == "darp-no-attention":
+        from policies.baselines import NoAttentionModule, SupervisedLearner
+
+        module_class, learner_class = NoAttentionModule, SupervisedLearner
+    elif cfg.algo == "vanilla-pg":
+        from policies.baselines import ReinforceLearner, SketchPolicyModule
+
+        module_class, learner_class = SketchPolicyModule, ReinforceLearner
+    elif cfg.algo == "bdqn":
+        from policies.bdqn import BDQNLearner, BDQNModule
+
+        module_class, learner_class = BDQNModule, BDQNLearner
+    else:
+        return config
+    return config.rl_module(rl_module_spec=RLModuleSpec(module_class=module_class)).learners(learner_class=learner_class)
+
+
+def build_algo_config(cfg: TrainConfig):
+    """The RLlib AlgorithmConfig for `cfg` (the model's defaults applied first)."""
+    from policies.darp import register_darp_env
+
+    register_darp_env()
+    cfg = with_algo_defaults(cfg)
+    return (
+        _algorithm_config(cfg)
+        .environment(env_config=env_config_of(cfg))
+        .env_runners(
+            num_env_runners=cfg.num_env_runners,
+            num_envs_per_env_runner=cfg.num_envs_per_env_runner,
+            gym_env_vectorize_mode="vector_entry_point",
+        )
+        .learners(num_learners=cfg.num_learners, num_gpus_per_learner=cfg.num_gpus_per_learner)
+        .evaluation(evaluation_interval=cfg.val_interval, val_split=cfg.val_split, val_max_sketches=cfg.val_max_sketches)
+        .rl_module(
+            model_config={
+                "n_heads": cfg.n_heads,
+                "bootstrap_p": cfg.bootstrap_p,
+                "grid": cfg.grid,
+                "std": cfg.std_start,
+                "cell": cfg.cell,
+                "h0_init": cfg.h0_init,
+                "use_sketch_embedding": cfg.use_sketch_embedding,
+                "eval_heads": cfg.eval_heads,
+                "residual_query": cfg.residual_query,
+                "dropout": cfg.dropout,
+            }
+        )
+        .debugging(seed=cfg.seed)
+        .reporting(metrics_num_episodes_for_smoothing=cfg.episodes_per_batch)
+    )
+
+
+__all__ = ["ALGOS", "DISPLAY", "GLIMPSING", "MODELS", "NO_EXPLORATION_STD", "Algo", "Model", "TrainConfig",
+           "build_algo_config", "env_config_of", "with_algo_defaults"]
