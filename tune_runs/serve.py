@@ -353,31 +353,33 @@ def start(cfg: ServeConfig) -> str:
 
 
 def start_ray() -> bool:
-    """Start a local Ray instance for the server unless one is up (no dashboard); True if started here.
+    """Start a local Ray instance for the server unless one is up (`policies.ray_session.init_ray`, no
+    dashboard); True if started here.
 
     Ray runs its workers 15 nice levels below the driver by default, which on a busy machine makes
     the replica the first process the kernel starves: the server's workers keep the driver's
     priority instead. ray.init installs its own SIGTERM handler, which ends the process without
     shutting Ray down (its agents outlive it); the handler that was there before comes back.
     """
-    import ray
+    from policies.ray_session import init_ray
 
-    if ray.is_initialized():
-        return False
     os.environ.setdefault("RAY_worker_niceness", "0")
     handler = signal.getsignal(signal.SIGTERM)
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    started = init_ray()
     signal.signal(signal.SIGTERM, handler)
-    return True
+    return started
 
 
 def stop_ray() -> None:
-    """Shut Serve and the Ray instance down (every Ray process started with it ends with it)."""
+    """Shut Serve and the Ray instance down; Ray processes that outlive the shutdown are killed
+    (`policies.ray_session.shutdown_ray`)."""
     import ray
+
+    from policies.ray_session import shutdown_ray
 
     if ray.is_initialized():
         serve.shutdown()
-        ray.shutdown()
+        shutdown_ray()
 
 
 def _raise_interrupt(signum, frame):
