@@ -151,12 +151,21 @@ def test_evaluate_play_serve_and_report_run_no_code_from_a_booby_trapped_run(ray
             serve.shutdown()
         return out
 
-    plant(module_dir / "class_and_ctor_args.pkl", marker)
+    def plant_consistently(path: Path) -> None:
+        """Plant the trap and record the new file sizes in checkpoint.json, as someone replacing files would."""
+        from policies import runs
+
+        plant(path, marker)
+        checkpoint = module_dir.parents[3]
+        info = json.loads((checkpoint / runs.CHECKPOINT_INFO).read_text())
+        runs.write_checkpoint_info(checkpoint, info["iteration"], info["validation"])
+
+    plant_consistently(module_dir / "class_and_ctor_args.pkl")
     ignored = four_commands()
     assert ignored == {"evaluate": 0, "play": 0, "report": "darp", "serve": 200}, capsys.readouterr().err
     assert not marker.exists()
 
-    plant(weights, marker)
+    plant_consistently(weights)
     trap = weights.read_bytes()
     capsys.readouterr()
     refused = four_commands()
