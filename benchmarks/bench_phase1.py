@@ -50,6 +50,9 @@ RECIPES: dict[str, dict] = {
     "long": dict(epochs=400),
     "long-ema": dict(epochs=400, ema_decay=0.999),
     "hed-multi-ema": dict(photo_input="hed", levels_per_sketch=2, complete_fraction=0.3, ema_decay=0.999, epochs=300),
+    "nce-ema": dict(loss="infonce", ema_decay=0.999, epochs=300),
+    "nce-hed-multi-ema": dict(loss="infonce", photo_input="hed", levels_per_sketch=2, complete_fraction=0.3,
+                              ema_decay=0.999, epochs=300),
 }
 FIGURES = ("auir", "m_at_a", "acc@1", "acc@5", "acc@10")
 

@@ -47,7 +47,7 @@ from policies.embedding import (
     photo_inputs,
     save_embedding_net,
 )
-from policies.triplet import Mining, batch_triplet_loss, random_affine, sample_levels
+from policies.triplet import Mining, batch_infonce_loss, batch_triplet_loss, random_affine, sample_levels
 from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, prepare_output_dir
 from sketch_env.data import (
     DataError,
@@ -87,7 +87,10 @@ class Phase1Config:
     weight_decay: float = _opt(1e-4, "Adam weight decay")
     ema_decay: float = _opt(0.0, "validate, keep and export an exponential moving average of the weights with this "
                                  "decay per step (0: the weights themselves)")
-    margin: float = _opt(0.2, "triplet margin on Euclidean distances of unit vectors (range 0..2)")
+    loss: Literal["triplet", "infonce"] = _opt("triplet", "triplet loss with a negative from the batch, or infonce: "
+                                               "cross-entropy of the sketch's photo among the batch's photos")
+    margin: float = _opt(0.2, "triplet margin on Euclidean distances of unit vectors (range 0..2; 0: soft margin)")
+    temperature: float = _opt(0.1, "infonce temperature of the cosine logits")
     mining: Mining = _opt("batch_hard", "negative per sketch: the closest other photo in the batch, or a random one")
     augment: bool = _opt(True, "random small rotation, scale and shift of sketch and photo images")
     train_on_partial: bool = _opt(True, "train on partial sketches too (the task's queries); off: complete sketches only (the paper)")
@@ -144,6 +147,8 @@ class Phase1Config:
             problems.append(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if any(w < 1 for w in self.pen_widths):
             problems.append(f"--pen-widths must be >= 1 pixel, got {self.pen_widths}")
+        if self.margin < 0 or self.temperature <= 0:
+            problems.append(f"--margin must be >= 0 and --temperature > 0, got {self.margin} and {self.temperature}")
         if self.val_every < 1 or self.val_smooth < 1:
             problems.append(f"--val-every and --val-smooth must be >= 1, got {self.val_every} and {self.val_smooth}")
         if problems:
@@ -239,21 +244,25 @@ def train_epoch(
     total, count = 0.0, 0
     for b in range(n_batches):
         pos = order[b * cfg.batch_size : (b + 1) * cfg.batch_size] if n_batches > 1 else order
-        labels = d.photo_of[d.train[pos]]
-        if len(torch.unique(labels)) < 2:
+        photo_rows, labels = torch.unique(d.photo_of[d.train[pos]], return_inverse=True)
+        if len(photo_rows) < 2:
             continue
         pos_rep = pos.repeat(reps)
         levels = sample_levels(len(pos_rep), N_LEVELS, cfg.train_on_partial, generator=gen,
                                complete_fraction=cfg.complete_fraction)
         pen = torch.randint(n_pens, (len(pos_rep),), generator=gen)
         sketches = (level_maps[pen, pos_rep] <= levels[:, None, None].to(torch.uint8)).float().unsqueeze(1)
-        photos = d.photos[labels]
+        photos = d.photos[photo_rows]
         if cfg.augment:
             sketches = random_affine(sketches, generator=gen)
             photos = random_affine(photos, generator=gen)
         s_emb, p_emb = net(sketches, photos)
         weight = ((levels.float() + 1.0) / N_LEVELS) ** cfg.late_weight if cfg.late_weight else None
-        loss = batch_triplet_loss(s_emb, p_emb.repeat(reps, 1), labels.repeat(reps), cfg.margin, cfg.mining, gen, weight)
+        targets = labels.repeat(reps)
+        if cfg.loss == "infonce":
+            loss = batch_infonce_loss(s_emb, p_emb, targets, cfg.temperature, weight)
+        else:
+            loss = batch_triplet_loss(s_emb, p_emb[targets], targets, cfg.margin, cfg.mining, gen, weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

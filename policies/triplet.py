@@ -20,14 +20,38 @@ Mining = Literal["batch_hard", "random"]
 def triplet_loss(
     anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Mean hinge over triplets: anchor, positive, negative (B, D) -> scalar.
+    """Mean over triplets: anchor, positive, negative (B, D) -> scalar.
 
+    margin > 0: the hinge max(0, margin + d(a, p) - d(a, n)); margin = 0: the soft margin
+    log(1 + exp(d(a, p) - d(a, n))), which a collapse of all embeddings onto one point does not
+    satisfy (it costs log 2 there, where the hinge costs only the margin).
     weight (B,): a weighted mean instead (weights need not sum to 1).
     """
-    hinge = F.relu(margin + _distance(anchor, positive) - _distance(anchor, negative))
+    gap = _distance(anchor, positive) - _distance(anchor, negative)
+    per_triplet = F.relu(margin + gap) if margin > 0 else F.softplus(gap)
+    return _mean(per_triplet, weight)
+
+
+def _mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     if weight is None:
-        return hinge.mean()
-    return (hinge * weight).sum() / weight.sum().clamp_min(1e-12)
+        return values.mean()
+    return (values * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+def batch_infonce_loss(
+    sketch_emb: torch.Tensor,
+    photo_emb: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of each sketch's photo among the batch's photos (logits: cosine / temperature).
+
+    sketch_emb (B, D), photo_emb (M, D) unit vectors, labels (B,) the photo row of each sketch in
+    photo_emb (photo rows must be distinct objects).
+    """
+    logits = sketch_emb @ photo_emb.t() / temperature
+    return _mean(F.cross_entropy(logits, labels, reduction="none"), weight)
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
