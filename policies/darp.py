@@ -71,6 +71,7 @@ class DARPConfig(ValidationConfig, AlgorithmConfig):
         self.batch_mode = "complete_episodes"
         self.num_episodes_per_train_batch = 32
         self.rl_weight = 0.01
+        self.advantage_norm = False
         self.sup_lambda = 1.0
         self.sup_target = "photo"
         self.sup_loss = "infonce"
@@ -100,6 +101,7 @@ class DARPConfig(ValidationConfig, AlgorithmConfig):
         *,
         num_episodes_per_train_batch=NotProvided,
         rl_weight=NotProvided,
+        advantage_norm=NotProvided,
         sup_lambda=NotProvided,
         sup_target=NotProvided,
         sup_loss=NotProvided,
@@ -116,6 +118,8 @@ class DARPConfig(ValidationConfig, AlgorithmConfig):
             num_episodes_per_train_batch: complete episodes per update; keep it a multiple of
                 num_envs_per_env_runner x max(1, num_env_runners) and of num_learners.
             rl_weight: weight of the policy-gradient (+ baseline) term; the authors' code used 0.01.
+            advantage_norm: scale the locator's advantages (G_t - b_t) to zero mean and unit std
+                over each minibatch.
             sup_lambda: weight of the supervised ||a_t - e_target||^2 term.
             sup_target: e_target: "photo" (the true photo's embedding) or "final_sketch" (the
                 phase-1 embedding of the complete sketch).
@@ -131,6 +135,7 @@ class DARPConfig(ValidationConfig, AlgorithmConfig):
         for name, value in dict(
             num_episodes_per_train_batch=num_episodes_per_train_batch,
             rl_weight=rl_weight,
+            advantage_norm=advantage_norm,
             sup_lambda=sup_lambda,
             sup_target=sup_target,
             sup_loss=sup_loss,

@@ -33,10 +33,12 @@ def darp_loss(
     rl_weight: float,
     sup_lambda: float,
     supervised_objective: SupervisedObjective | None = None,
+    advantage_norm: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """The hybrid loss over a (B, T) batch of whole episodes; returns (loss, stats).
 
     supervised_objective: the supervised term (policies.supervised); None is the paper's squared error.
+    advantage_norm: advantages scaled to zero mean and unit std over the batch's valid steps.
     """
     mask = batch[Columns.LOSS_MASK].float()
     n = mask.sum().clamp(min=1.0)
@@ -45,6 +47,10 @@ def darp_loss(
     returns = batch[Columns.RETURNS_TO_GO].float()
     baseline = fwd_out["baseline"]
     advantage = (returns - baseline).detach()
+    if advantage_norm:
+        mean = (advantage * mask).sum() / n
+        spread = ((((advantage - mean) ** 2) * mask).sum() / n).sqrt()
+        advantage = (advantage - mean) / (spread + 1e-6)
     means = fwd_out["locator_means"]  # (B, T, K, 2)
     sample = batch[LOCATION_SAMPLE].unsqueeze(-2)  # (B, T, 1, 2)
     logp = torch.distributions.Normal(means, std).log_prob(sample).sum(-1)  # (B, T, K)
@@ -77,7 +83,8 @@ class DARPLearner(TorchLearner):
     def compute_loss_for_module(self, *, module_id, config, batch: dict[str, Any], fwd_out):
         module = self.module[module_id].unwrapped()
         loss, stats = darp_loss(
-            fwd_out, batch, module.std, config.rl_weight, config.sup_lambda, self.supervised_objective
+            fwd_out, batch, module.std, config.rl_weight, config.sup_lambda, self.supervised_objective,
+            config.advantage_norm,
         )
         for key, value in stats.items():
             self.metrics.log_value((module_id, key), value.item(), window=1)

@@ -80,6 +80,10 @@ class TrainConfig:
     # environment
     n_glimpses: int | None = _arg(
         None, f"glimpses per completion level (default: 12 for {', '.join(GLIMPSING)}; 1 for the others)")
+    glimpse_image_size: int = _arg(64, "side of the partial-sketch render glimpses are read from (128 with --glimpse-size "
+                                       "16: the same field of view as 64 with 8, a fovea twice as sharp)")
+    glimpse_size: int = _arg(8, "side g of each glimpse patch in pixels (the paper: 8 on a 64 x 64 render)")
+    snap_to_ink: bool = _arg(False, "every glimpse looks at the inked pixel nearest to the chosen location")
     reward: Literal["threshold", "best_rank", "rank_gain"] = _arg("rank_gain", "reward variant (see sketch_env.rewards)")
     # loss and optimisation
     num_epochs: int = _arg(4, "passes over each batch of episodes (more supervised steps per sampled batch)")
@@ -88,6 +92,7 @@ class TrainConfig:
     gamma: float | None = _arg(None, "discount of the returns-to-go (default: 0.99; 0 for vanilla-pg and ppo, whose query "
                                      "does not change what they see next: with rank_gain a return would cancel its effect)")
     rl_weight: float = _arg(0.01, "weight of the policy-gradient term (authors' code: 0.01)")
+    advantage_norm: bool = _arg(False, "scale the locator's advantages to zero mean and unit std per minibatch")
     sup_lambda: float = _arg(1.0, "weight of the supervised ||a - e_target||^2 term")
     sup_target: Literal["photo", "final_sketch"] = _arg("photo", "e_target: the true photo's embedding or the complete sketch's")
     sup_loss: Literal["mse", "infonce"] = _arg(
@@ -110,6 +115,8 @@ class TrainConfig:
     h0_init: Literal["sketch", "zeros"] = _arg("sketch", "initialise h0 from the first partial sketch's embedding, or zeros")
     use_sketch_embedding: bool = _arg(True, "feed the phase-1 embedding of the current partial sketch at every step")
     eval_heads: Literal["mean", "first"] = _arg("mean", "deterministic location: mean of all heads or head 0")
+    retina_encoder: Literal["linear", "conv"] = _arg("linear", "what the glimpse network reads a retina with: one linear "
+                                                      "layer (the paper's), or a small CNN (for sharp glimpses)")
     # validation
     val_interval: int = _arg(DEFAULT_VAL_INTERVAL, "validate every this many iterations (0: only at the end)")
     val_split: str = _arg("val", "split to validate on")
@@ -120,12 +127,17 @@ class TrainConfig:
 
 
 def env_config_of(cfg: TrainConfig, split: str = "train") -> dict:
+    """The environment options of a training run (`sketch_env.env.EnvConfig` names): what it trains in,
+    and what evaluating it must rebuild."""
     return {
         "data": str(Path(cfg.data).resolve()),
         "embedding": str(Path(cfg.embedding).resolve()),
         "split": split,
         "n_glimpses": cfg.n_glimpses,
         "reward": cfg.reward,
+        "image_size": cfg.glimpse_image_size,
+        "glimpse_size": cfg.glimpse_size,
+        "snap_to_ink": cfg.snap_to_ink,
     }
 
 
@@ -165,6 +177,7 @@ def _algorithm_config(cfg: TrainConfig):
         lr=cfg.lr,
         gamma=cfg.gamma,
         rl_weight=cfg.rl_weight,
+        advantage_norm=cfg.advantage_norm,
         sup_lambda=cfg.sup_lambda,
         sup_target=cfg.sup_target,
         sup_loss=cfg.sup_loss,
@@ -219,6 +232,7 @@ def build_algo_config(cfg: TrainConfig):
                 "eval_heads": cfg.eval_heads,
                 "residual_query": cfg.residual_query,
                 "dropout": cfg.dropout,
+                "retina_encoder": cfg.retina_encoder,
             }
         )
         .debugging(seed=cfg.seed)

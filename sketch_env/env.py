@@ -33,6 +33,7 @@ from gymnasium import spaces
 from sketch_env.episodes import EpisodeData, load_episode_data
 from sketch_env.geometry import location_to_pixel
 from sketch_env.glimpse import GlimpseSensor, integral_image
+from sketch_env.locators import nearest_ink
 from sketch_env.render import N_LEVELS
 from sketch_env.rewards import REWARDS, best_rank_reward, eta, rank_gain_reward, threshold_reward
 
@@ -79,6 +80,10 @@ class EnvConfig:
     eta_beta: float = field(default=-2.0, metadata={"help": "threshold reward: beta of eta_t"})
     sketch_order: Literal["random", "sequential"] = field(
         default="random", metadata={"help": "random sketch per episode, or sketches in order (evaluation)"}
+    )
+    snap_to_ink: bool = field(
+        default=False, metadata={"help": "a glimpse looks at the inked pixel nearest to the chosen location "
+                                         "(where the partial sketch has any ink)"}
     )
     observe_sketch_embedding: bool = field(
         default=True, metadata={"help": "include the phase-1 embedding of the partial sketch in the observation"}
@@ -289,6 +294,9 @@ class EpisodeBatch:
             reward = rank_gain_reward(percentile, self.previous_percentile.index_select(0, rows))
         self.previous_percentile.index_copy_(0, rows, percentile)
         self.t.index_copy_(0, rows, t + 1)
+        if self.config.snap_to_ink:  # onto the ink of the partial sketch the next glimpse reads
+            next_level = ((t + 1) // self.config.n_glimpses).clamp(max=N_LEVELS - 1)
+            location = nearest_ink(self.images.index_select(0, sketch * N_LEVELS + next_level), location)
         self.location.index_copy_(0, rows, location)
         return StepResult(rank, percentile, reward, level, t % self.config.n_glimpses, t + 1 == self.length)
 

@@ -44,6 +44,22 @@ def fixed_locations(
     return _uniform_pixel(inked, h, w, generator)
 
 
+def nearest_ink(images: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
+    """The centre of the inked pixel nearest to each location: images (B, H, W) (ink > 0), locations
+    (B, 2) -> (B, 2). A location whose image has no ink is returned as it is.
+
+    The environment's `snap_to_ink` sensor: glimpses that land on the sketch whatever the locator
+    chose, so a locator can neither park on blank paper nor pin itself to the border.
+    """
+    b, h, w = images.shape
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    centres = pixel_location(cols.reshape(-1), rows.reshape(-1), w, h)  # (H * W, 2)
+    distance = (centres[None] - locations[:, None].to(torch.float32)).pow(2).sum(-1)  # (B, H * W)
+    ink = images.reshape(b, h * w) > 0
+    nearest = distance.masked_fill(~ink, float("inf")).argmin(1)
+    return torch.where(ink.any(1, keepdim=True), centres[nearest], locations.to(torch.float32))
+
+
 def _uniform_pixel(mask: torch.Tensor, h: int, w: int, generator: torch.Generator) -> torch.Tensor:
     """A uniformly drawn True pixel of each row of mask (B, H * W) as a location; the centre if none."""
     scores = torch.rand(mask.shape, generator=generator).masked_fill_(~mask, -1.0)

@@ -214,3 +214,17 @@ def test_conv_retina_reads_sharp_glimpses():
     assert net.what.net[0].weight.grad.abs().sum() > 0  # the patches reach the convolutions
     with pytest.raises(ValueError, match="'linear' or 'conv'"):
         GlimpseNetwork((3, 8, 8), 8, 32, encoder="mlp")
+
+
+def test_normalised_advantages_ignore_the_scale_and_offset_of_returns():
+    m = make_module()
+    out, data = train_batch(m)
+    _, plain = darp_loss(out, data, m.std, rl_weight=1.0, sup_lambda=0.0, advantage_norm=True)
+    shifted = dict(data)
+    shifted[Columns.RETURNS_TO_GO] = 10.0 * data[Columns.RETURNS_TO_GO] + 3.0
+    baseline = out["baseline"].detach()
+    out_shifted = dict(out, baseline=10.0 * baseline + 3.0)  # the same advantages, 10 x larger
+    _, scaled = darp_loss(out_shifted, shifted, m.std, rl_weight=1.0, sup_lambda=0.0, advantage_norm=True)
+    assert torch.allclose(plain["policy_loss"], scaled["policy_loss"], atol=1e-5)
+    _, raw = darp_loss(out_shifted, shifted, m.std, rl_weight=1.0, sup_lambda=0.0)
+    assert not torch.allclose(raw["policy_loss"], scaled["policy_loss"], atol=1e-3)

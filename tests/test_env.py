@@ -358,3 +358,19 @@ def test_readme_snippet_runs(synthetic, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == N_LEVELS * 12
     assert lines[0].startswith("level 0 glimpse 0 rank ") and lines[-1].startswith("level 16 glimpse 11 rank ")
+
+
+def test_snap_to_ink_puts_every_chosen_glimpse_on_the_sketch(episodes):
+    from sketch_env.locators import nearest_ink
+
+    env = SketchRetrievalEnv(EnvConfig(n_glimpses=G, snap_to_ink=True), episodes)
+    rng = np.random.default_rng(1)
+    obs, info = env.reset(seed=5)
+    s = int(np.flatnonzero(episodes.sketch_id == info["sketch_id"])[0])
+    for t in range(N_LEVELS * G - 1):
+        action = random_action(env, rng)
+        obs, *_ = env.step(action)
+        image = episodes.images[s, (t + 1) // G]
+        snapped = nearest_ink(image[None], torch.from_numpy(action["location"])[None])[0].numpy()
+        assert np.allclose(obs["location"], snapped)
+        assert obs["glimpse"][0].max() > 0  # the finest patch holds ink

@@ -53,3 +53,19 @@ def test_noise_strokes_reach_an_rl_run_and_are_repeatable(darp_run, tmp_path):
     ranks = {name: pq.read_table(tmp_path / name / "ranks.parquet").to_pydict()["rank"] for name in ("clean", "noisy")}
     assert ranks["noisy"] != ranks["clean"]
     assert "noise_strokes" not in clean
+
+
+def test_a_sharp_fovea_that_snaps_to_ink_trains_and_is_evaluated_as_it_trained(darp_run, tmp_path):
+    """--glimpse-image-size/--glimpse-size/--retina-encoder/--snap-to-ink/--advantage-norm reach the env
+    and the module in training, and evaluation rebuilds the same env from run.json."""
+    data, first = darp_run
+    phase1 = json.loads((first / "run.json").read_text())["embedding"]
+    run_dir = tmp_path / "sharp"
+    assert main(["train", "--data", str(data), "--embedding", phase1, "--run-dir", str(run_dir), "--iterations", "1",
+                 "--num-envs-per-env-runner", "4", "--episodes-per-batch", "8", "--n-glimpses", "2",
+                 "--val-interval", "1", "--glimpse-image-size", "128", "--glimpse-size", "16",
+                 "--retina-encoder", "conv", "--snap-to-ink", "--advantage-norm"]) == 0
+    own = _evaluate(data, run_dir, tmp_path / "own")
+    assert own["fovea_on_ink"] == 1.0  # every chosen glimpse lands on ink
+    centre = _evaluate(data, run_dir, tmp_path / "centre", "--locator", "centre")
+    assert centre["fovea_on_ink"] == 1.0 and 0 < centre["auir"] <= 100

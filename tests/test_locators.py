@@ -61,3 +61,17 @@ def test_centre_random_and_seeding():
     assert torch.equal(a, b) and a.abs().max() <= 1
     with pytest.raises(ValueError, match="unknown locator"):
         fixed_locations("corner", maps, torch.tensor([0, 0]), torch.Generator())
+
+
+def test_nearest_ink_snaps_to_the_closest_inked_pixel_centre():
+    from sketch_env.locators import nearest_ink
+
+    images = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    images[0, 2, 1] = 1
+    images[0, 6, 6] = 1
+    images[1, 7, 0] = 1
+    wanted = torch.tensor([[0.9, 0.9], [0.9, -0.9], [0.3, 0.2]])
+    snapped = nearest_ink(images, wanted)
+    torch.testing.assert_close(snapped[0], pixel_location(torch.tensor(6), torch.tensor(6), 8, 8))
+    torch.testing.assert_close(snapped[1], pixel_location(torch.tensor(0), torch.tensor(7), 8, 8))
+    torch.testing.assert_close(snapped[2], wanted[2])  # no ink: the location stays

@@ -63,6 +63,37 @@ def test_results_markdown_has_table_iii_paper_figures_and_ordering(tmp_path):
     assert "Beside the paper" not in builtin
 
 
+def test_locator_and_robustness_tables_take_differences_per_seed(tmp_path):
+    from tune_runs.report import locator_table, robustness_table
+
+    def stressed(model, seed, own, fixed, noisy):
+        t = fake_trial(model, seed, own)
+        t["noise"] = {"2": t["metrics"] | {"auir": own - 1.0}, "4": t["metrics"] | {"auir": noisy, "acc@5": 40.0}}
+        if fixed is not None:
+            t["locators"] = {"policy": {"auir": own, "fovea_on_ink": 0.5 + seed / 4},
+                             "centre": {"auir": fixed[0], "fovea_on_ink": 0.1},
+                             "ink": {"auir": fixed[1], "fovea_on_ink": 1.0}}
+        return t
+
+    trials = {"triplet": [stressed("triplet", -1, 20.0, None, 19.0)],
+              "darp": [stressed("darp", 0, 30.0, (29.0, 31.0), 25.0), stressed("darp", 1, 34.0, (30.0, 32.0), 30.0)]}
+    loc = locator_table(trials)
+    assert loc.splitlines()[0] == "| model | own locator | centre | ink | own − best fixed | glimpses on ink (own) |"
+    # own - best fixed per seed: 30 - 31 = -1 and 34 - 32 = +2 -> mean 0.5, sample std 2.12
+    assert "| DARP-SBIR | 32.00 ± 2.83 | 29.50 ± 0.71 | 31.50 ± 0.71 | 0.50 ± 2.12 | 62.5% |" in loc
+    assert "Triplet" not in loc  # the triplet network does not look
+    rob = robustness_table(trials)
+    assert "| AUIR clean | AUIR +2 | AUIR +4 | acc@5 clean | acc@5 +2 | acc@5 +4 | AUIR lost (+4) | acc@5 lost (+4) |" in rob
+    assert "| Triplet network | 20.00 ± 0.00 | 19.00 ± 0.00 | 19.00 ± 0.00 | 49.00 ± 0.00 | 49.00 ± 0.00 | 40.00 ± 0.00 | 1.00 ± 0.00 | 9.00 ± 0.00 |" in rob
+    assert "| DARP-SBIR | 32.00 ± 2.83 |" in rob and "| 4.50 ± 0.71 | 10.50 ± 0.71 |" in rob
+    cfg = ReportConfig(train=TrainConfig(data="d", embedding="e", run_dir=str(tmp_path)), seeds=2, models=("triplet", "darp"))
+    text = results_markdown(cfg, trials, {"name": "builtin-chairs"}, 1.0, [])
+    assert "## Locator value" in text and "## Robustness to unnecessary strokes" in text
+    plain = {m: [fake_trial(m, t["seed"], t["metrics"]["auir"]) for t in ts] for m, ts in trials.items()}
+    assert locator_table(plain) is None and robustness_table(plain) is None
+    assert "## Locator value" not in results_markdown(cfg, plain, {"name": "builtin-chairs"}, 1.0, [])
+
+
 # --- a tiny report through Ray Tune ---
 
 
@@ -88,8 +119,10 @@ def test_report_writes_everything_and_a_rerun_skips_finished_trials(ray_local, t
     data, phase1 = tiny_with_triplet
     train = TrainConfig(data=str(data), embedding=str(phase1), run_dir=str(tmp_path / "report"), iterations=1,
                         episodes_per_batch=8, num_envs_per_env_runner=4, n_glimpses=2)
+    # the synthetic export has no network to embed noisy sketches with: no robustness table here
+    # (tests/test_locator_eval.py adds noise strokes to real runs)
     cfg = ReportConfig(train=train, seeds=1, models=("triplet", "vanilla-pg", "darp"), split="test", n_traces=2,
-                       progress_interval_s=0.0)
+                       progress_interval_s=0.0, locators=("centre", "ink"), noise_strokes=(0,))
     assert run(cfg) == 0
     out = tmp_path / "report"
     text = (out / "results.md").read_text()
@@ -104,6 +137,9 @@ def test_report_writes_everything_and_a_rerun_skips_finished_trials(ray_local, t
     assert len(ranks["rank"]) == 3 * 17 * n_test and min(ranks["rank"]) >= 1
     done = json.loads((trial_dir(out, "darp", 0) / "done.json").read_text())
     assert done["metrics"]["auir"] > 0 and (trial_dir(out, "darp", 0) / "glimpses.npz").is_file()
+    assert set(done["locators"]) == {"policy", "centre", "ink"} and done["locators"]["ink"]["fovea_on_ink"] == 1.0
+    assert (trial_dir(out, "darp", 0) / "locator-centre" / "metrics.json").is_file()
+    assert "## Locator value" in text and "| DARP-SBIR |" in text.split("## Locator value")[1]
     assert not (trial_dir(out, "vanilla-pg", 0) / "glimpses.npz").exists()
     capsys.readouterr()
 

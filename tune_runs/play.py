@@ -160,13 +160,10 @@ def run(cfg: PlayConfig) -> int:
     if cfg.policy not in ("random", "center"):
         if not Path(cfg.policy).is_dir():
             raise DataError(f"--policy {cfg.policy!r}: not 'random', 'center' or an existing run directory")
-        from tune_runs.rl_eval import read_run
+        from tune_runs.rl_eval import env_options as trained_env, read_run
 
-        trained = read_run(cfg.policy).get("config") or {}  # act in the env the policy was trained in
-        if "n_glimpses" not in trained:
-            raise DataError(f"--policy {cfg.policy}: not a run of `darp train` (its run.json has no n_glimpses)")
-        env_options = {"n_glimpses": trained["n_glimpses"], "reward": trained["reward"]}
-    episodes = load_episode_data(cfg.data, cfg.embedding, cfg.split, thumbnails=True)
+        env_options = trained_env(read_run(cfg.policy))  # act in the env the policy was trained in
+    episodes = load_episode_data(cfg.data, cfg.embedding, cfg.split, env_options.get("image_size", 64), thumbnails=True)
     env = SketchRetrievalEnv(
         EnvConfig(data=cfg.data, embedding=cfg.embedding, split=cfg.split, **env_options), episodes,
         render_mode="rgb_array",

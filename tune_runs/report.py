@@ -19,6 +19,12 @@ from its last checkpoint. Then it writes under --run-dir:
 - curves.png: mean ranking percentile vs completion, one line per model (the paper's Fig. 7);
 - glimpses.png: where DARP looks, level by level, on a few sketches of the split;
 - ranks.parquet: model, seed, sketch_id, level, rank for every evaluated sketch (seed -1: triplet).
+
+Two stress tables follow the main one (issue 15): locator value, each model that looks evaluated again
+with every fixed locator of --locators in place of its own (`darp evaluate --locator`; value = its own
+AUIR minus the best fixed one, per seed), and robustness, every model (the triplet network too)
+evaluated again with --noise-strokes unnecessary strokes added to every sketch (`darp evaluate
+--noise-strokes`). Their evaluations sit in the trial's locator-NAME/ and noise-N/ folders.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from policies.registry import ALGOS, GLIMPSING, TrainConfig
 from policies.registry import DISPLAY as RL_DISPLAY
 from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, atomic_write_text, prepare_output_dir
 from sketch_env.data import DataError
+from sketch_env.locators import LOCATORS
 from tune_runs.cli import arg
 
 MODELS = ("triplet",) + ALGOS  # the triplet network (phase 1), then the RL models in Table III's order
@@ -76,6 +83,11 @@ class ReportConfig:
     max_concurrent: int = arg(2, "trials running at once (2 cores: 1 or 2)")
     n_traces: int = arg(4, "sketches shown in glimpses.png")
     progress_interval_s: float = arg(30.0, "print the running trials' iterations this often")
+    locators: tuple[str, ...] = arg(LOCATORS, "fixed locators each model that looks is also evaluated with, in place of "
+                                              "its own (the locator-value table); 'none' for no such table")
+    noise_strokes: tuple[int, ...] = arg((2, 4), "noise-stroke counts every model is also evaluated with (the "
+                                                 "robustness table); 0 alone for no such table")
+    noise_seed: int = arg(0, "seed of the noise strokes (the same sketches for every model)")
 
 
 def trial_dir(run_dir: str | Path, model: str, seed: int) -> Path:
@@ -120,6 +132,28 @@ def _write_glimpses(out: Path, extras: dict) -> None:
     atomic_write(out / "glimpses.npz", write)
 
 
+def stress_evaluations(cfg: ReportConfig, run_dir: Path, out: Path, looks: bool) -> dict:
+    """The run evaluated on cfg.split with each fixed locator (models that look) and with each count of
+    noise strokes, through `darp evaluate` into out/locator-NAME/ and out/noise-N/:
+    {"locators": {name: {"auir", "fovea_on_ink"}}, "noise": {"N": {metric: value}}}."""
+    from tune_runs import evaluate
+
+    def one(folder: str, **options) -> dict:
+        evaluate.run(evaluate.EvaluateConfig(data=Path(cfg.train.data), run=run_dir, split=cfg.split, out=out / folder,
+                                             num_threads=cfg.train.num_threads, force=True, **options))
+        return json.loads((out / folder / "metrics.json").read_text())
+
+    locators = {}
+    for name in (l for l in cfg.locators if looks and l in LOCATORS):
+        m = one(f"locator-{name}", locator=name, seed=cfg.noise_seed)
+        locators[name] = {"auir": m["auir"], "fovea_on_ink": m["fovea_on_ink"]}
+    noise = {}
+    for n in (n for n in cfg.noise_strokes if n > 0):
+        m = one(f"noise-{n}", noise_strokes=n, noise_seed=cfg.noise_seed)
+        noise[str(n)] = {k: m[k] for k in METRICS}
+    return {"locators": locators, "noise": noise}
+
+
 def train_and_evaluate(cfg: ReportConfig, model: str, seed: int) -> dict:
     """Train one model with one seed, evaluate it on cfg.split; writes the trial's files, done.json last."""
     from sketch_env.metrics import retrieval_metrics
@@ -136,10 +170,15 @@ def train_and_evaluate(cfg: ReportConfig, model: str, seed: int) -> dict:
     metrics = retrieval_metrics(result["ranks"], result["n_photos"])
     _write_metrics(out, metrics)
     write_ranks(out / "ranks.parquet", result["sketch_id"], np.asarray(result["ranks"]))
-    if model in GLIMPSING:
+    looks = result["fovea_on_ink"] is not None
+    if looks:
         _write_glimpses(out, result["extras"])
-    done = {"model": model, "seed": seed, "train_s": trained - start, "eval_s": time.time() - trained,
-            "metrics": {k: metrics[k] for k in METRICS}}
+    evaluated = time.time()
+    stress = stress_evaluations(cfg, Path(train_cfg.run_dir), out, looks)
+    if looks:
+        stress["locators"] = {"policy": {"auir": metrics["auir"], "fovea_on_ink": result["fovea_on_ink"]}} | stress["locators"]
+    done = {"model": model, "seed": seed, "train_s": trained - start, "eval_s": evaluated - trained,
+            "stress_s": time.time() - evaluated, "metrics": {k: metrics[k] for k in METRICS}, **stress}
     atomic_write_json(out / DONE, done)
     return done
 
@@ -156,8 +195,10 @@ def evaluate_triplet(cfg: ReportConfig) -> dict:
     start = time.time()
     metrics = evaluate.run(evaluate.EvaluateConfig(data=Path(cfg.train.data), run=Path(cfg.train.embedding),
                                                    split=cfg.split, out=out))
-    done = {"model": "triplet", "seed": TRIPLET_SEED, "train_s": 0.0, "eval_s": time.time() - start,
-            "metrics": {k: metrics[k] for k in METRICS}}
+    evaluated = time.time()
+    stress = stress_evaluations(cfg, Path(cfg.train.embedding), out, looks=False)
+    done = {"model": "triplet", "seed": TRIPLET_SEED, "train_s": 0.0, "eval_s": evaluated - start,
+            "stress_s": time.time() - evaluated, "metrics": {k: metrics[k] for k in METRICS}, **stress}
     atomic_write_json(out / DONE, done)
     return done
 
@@ -276,6 +317,52 @@ def is_chair_v2(manifest: dict) -> bool:
     return source.startswith("qmul") and "chair" in (name + source).lower()
 
 
+def _mean_std(values) -> str:
+    v = np.asarray(list(values), float)
+    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
+
+
+def locator_table(trials: dict[str, list[dict]]) -> str | None:
+    """Locator value per model that looks: AUIR with its own locator and with each fixed one, the
+    difference to the best fixed one (per seed, then mean ± std), and the share of glimpses on ink."""
+    rows = {m: ts for m, ts in trials.items() if all(len(t.get("locators", {})) > 1 for t in ts)}
+    if not rows:
+        return None
+    fixed = [name for name in next(iter(rows.values()))[0]["locators"] if name != "policy"]
+    lines = ["| model | own locator | " + " | ".join(fixed) + " | own − best fixed | glimpses on ink (own) |",
+             "|---|" + "---|" * (len(fixed) + 3)]
+    for model, ts in rows.items():
+        cells = [_mean_std(t["locators"]["policy"]["auir"] for t in ts)]
+        cells += [_mean_std(t["locators"][name]["auir"] for t in ts) for name in fixed]
+        cells.append(_mean_std(t["locators"]["policy"]["auir"] - max(t["locators"][n]["auir"] for n in fixed) for t in ts))
+        cells.append(f"{100 * np.mean([t['locators']['policy']['fovea_on_ink'] for t in ts]):.1f}%")
+        lines.append(f"| {DISPLAY[model]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def robustness_table(trials: dict[str, list[dict]]) -> str | None:
+    """AUIR and acc@5 clean and with each count of noise strokes, and what the most noise cost."""
+    rows = {m: ts for m, ts in trials.items() if all(t.get("noise") for t in ts)}
+    if not rows:
+        return None
+    counts = sorted({int(n) for ts in rows.values() for t in ts for n in t["noise"]})
+    counts = [n for n in counts if all(str(n) in t["noise"] for ts in rows.values() for t in ts)]
+    if not counts:
+        return None
+    head = ["AUIR clean"] + [f"AUIR +{n}" for n in counts] + ["acc@5 clean"] + [f"acc@5 +{n}" for n in counts]
+    head += [f"AUIR lost (+{counts[-1]})", f"acc@5 lost (+{counts[-1]})"]
+    lines = ["| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    worst = str(counts[-1])
+    for model, ts in rows.items():
+        cells = []
+        for k in ("auir", "acc@5"):
+            cells.append(_mean_std(t["metrics"][k] for t in ts))
+            cells += [_mean_std(t["noise"][str(n)][k] for t in ts) for n in counts]
+        cells += [_mean_std(t["metrics"][k] - t["noise"][worst][k] for t in ts) for k in ("auir", "acc@5")]
+        lines.append(f"| {DISPLAY[model]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def results_markdown(cfg: ReportConfig, trials: dict[str, list[dict]], manifest: dict, wall_s: float,
                      failed: list[str]) -> str:
     """results.md: the table (mean ± std over seeds), the paper's Chair-V2 figures, ordering and timings."""
@@ -304,11 +391,24 @@ def results_markdown(cfg: ReportConfig, trials: dict[str, list[dict]], manifest:
                 mean = rows[DISPLAY[model]]
                 lines.append(f"| {DISPLAY[model]} | {mean['auir']:.2f} | {auir:.2f} | {mean['acc@5']:.2f} | {acc5:.2f} |")
         lines.append("")
+    locators = locator_table(trials)
+    if locators:
+        lines += ["## Locator value (models that look)", "",
+                  f"AUIR on the {cfg.split} split of the same trained networks, each glimpse located by the policy "
+                  "itself or by a fixed rule in its place (centre; random: uniform; ink: a random inked pixel; "
+                  "newest-ink: on the stroke drawn last). Own − best fixed is taken per seed.", "", locators, ""]
+    robustness = robustness_table(trials)
+    if robustness:
+        lines += ["## Robustness to unnecessary strokes", "",
+                  f"The same networks with noise strokes (random lines and scribbles at random places of the drawing "
+                  f"order, seed {cfg.noise_seed}) added to every sketch; lost = clean minus noisy, per seed.", "",
+                  robustness, ""]
     order = sorted(trials, key=lambda m: -rows[DISPLAY[m]]["auir"])
     lines += ["Ordering by mean AUIR: " + " > ".join(f"{m} ({rows[DISPLAY[m]]['auir']:.2f})" for m in order), "",
-              "## Time on this machine", "", "| model | trials | train s (mean) | evaluate s (mean) |", "|---|---|---|---|"]
+              "## Time on this machine", "", "| model | trials | train s (mean) | evaluate s (mean) | stress tables s (mean) |", "|---|---|---|---|---|"]
     for model, ts in trials.items():
-        lines.append(f"| {model} | {len(ts)} | {np.mean([t['train_s'] for t in ts]):.0f} | {np.mean([t['eval_s'] for t in ts]):.0f} |")
+        lines.append(f"| {model} | {len(ts)} | {np.mean([t['train_s'] for t in ts]):.0f} | {np.mean([t['eval_s'] for t in ts]):.0f} "
+                     f"| {np.mean([t.get('stress_s', 0.0) for t in ts]):.0f} |")
     lines += ["", f"This invocation: {wall_s:.0f} s wall clock, {cfg.max_concurrent} trial(s) at a time."]
     if cfg.split == "val":
         lines += ["", "Caution: each RL run kept its best checkpoint by AUIR on this same val split, so its figures "

@@ -28,16 +28,37 @@ def module_weights_path(run_dir: str | Path) -> Path:
     return best_module_dir(run_dir) / MODULE_STATE
 
 
-def algorithm_config(run_dir: str | Path, run: dict):
-    """The RLlib AlgorithmConfig a run of `darp train` trained with, rebuilt from its run.json."""
-    from policies.registry import ALGOS, TrainConfig, build_algo_config
+def train_config(run: dict, run_dir: str | Path = "RUN"):
+    """The TrainConfig of a run of `darp train`, rebuilt from its run.json (options it predates take
+    their defaults, which are what it trained with)."""
+    from policies.registry import ALGOS, TrainConfig, with_algo_defaults
 
     config = run.get("config")
     if not isinstance(config, dict) or config.get("algo", "darp") not in ALGOS:
         raise DataError(f"{Path(run_dir) / 'run.json'}: not an RL run of `darp train` (kind {run.get('kind')!r})")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
-        return build_algo_config(TrainConfig(**{k: v for k, v in config.items() if k in names}))
+        return with_algo_defaults(TrainConfig(**{k: v for k, v in config.items() if k in names}))
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{Path(run_dir) / 'run.json'}: cannot rebuild the training config ({e})") from None
+
+
+def env_options(run: dict) -> dict:
+    """The environment options (EnvConfig names) a run trained with, but where its episodes come from."""
+    from policies.registry import env_config_of
+
+    options = env_config_of(train_config(run))
+    for key in ("data", "embedding", "split"):
+        options.pop(key)
+    return options
+
+
+def algorithm_config(run_dir: str | Path, run: dict):
+    """The RLlib AlgorithmConfig a run of `darp train` trained with, rebuilt from its run.json."""
+    from policies.registry import build_algo_config
+
+    try:
+        return build_algo_config(train_config(run, run_dir))
     except (TypeError, ValueError) as e:
         raise DataError(f"{Path(run_dir) / 'run.json'}: cannot rebuild the training config ({e})") from None
 
@@ -48,7 +69,7 @@ def run_spaces(run: dict):
     from sketch_env.env import EnvConfig, action_space, observation_space
 
     dim = load_embedding_export(run["embedding"]).dim
-    return observation_space(EnvConfig(n_glimpses=run["config"]["n_glimpses"]), dim), action_space(dim)
+    return observation_space(EnvConfig(**env_options(run)), dim), action_space(dim)
 
 
 def load_module(run_dir: str | Path, observation_space=None, action_space=None):
@@ -104,12 +125,14 @@ def load_run_episodes(run: dict, data_dir: str | Path, split: str, noise_strokes
     from sketch_env.embeddings import gallery_for, load_embedding_export
     from sketch_env.episodes import episode_data, load_episode_data
 
+    image_size = env_options(run)["image_size"]
     if not noise_strokes:
-        return load_episode_data(data_dir, run["embedding"], split, **reembedders(run["embedding"], log=print))
+        return load_episode_data(data_dir, run["embedding"], split, image_size,
+                                 **reembedders(run["embedding"], log=print))
     noisy = with_noise_strokes(select_split(load_dataset(data_dir), split), noise_strokes, noise_seed)
     gallery = gallery_for(load_embedding_export(run["embedding"]), noisy.photos, run["embedding"], data_dir,
                           reembedders(run["embedding"], log=print)["embed_photos"])
-    return episode_data(noisy, gallery, embed_sketches(run["embedding"], noisy.sketches))
+    return episode_data(noisy, gallery, embed_sketches(run["embedding"], noisy.sketches), image_size)
 
 
 def with_noise_strokes(split, n: int, seed: int):
@@ -126,14 +149,12 @@ def make_env(run: dict, data_dir: str | Path, split: str, num_envs: int, render_
     when given, e.g. from `load_run_episodes`)."""
     from sketch_env.vector_env import make_vector_env
 
-    cfg = run["config"]
     return make_vector_env(
         {
+            **env_options(run),
             "data": str(Path(data_dir).resolve()),
             "embedding": run["embedding"],
             "split": split,
-            "n_glimpses": cfg["n_glimpses"],
-            "reward": cfg["reward"],
             "sketch_order": "sequential",
             "num_envs": num_envs,
             "episodes": episodes,
@@ -234,6 +255,6 @@ def live_retrieval(run_dir: str | Path, split, cache_size: int = 4096):
         )
     gallery = Gallery(export.photo_embedding[[rows[p] for p in split.photos.photo_id]], split.photos.photo_id)
     net, _ = load_embedding_net(run["embedding"])
-    env_config = EnvConfig(n_glimpses=run["config"]["n_glimpses"])  # the glimpse geometry of make_env
+    env_config = EnvConfig(**env_options(run))  # the glimpse geometry of make_env
     module = load_module(run_dir, observation_space(env_config, export.dim), action_space(export.dim))
     return LiveRetrieval(LivePolicy(module, net, env_config), gallery, cache_size)
