@@ -2,7 +2,6 @@
 TensorBoard, the kept checkpoint, the supervised loss against an independent computation, resume
 after SIGTERM and after the states a kill leaves, and no Ray process left behind."""
 
-import dataclasses
 import json
 import math
 import os
@@ -13,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -13,7 +13,6 @@ from PIL import Image
 from sketch_env.data import DataError
 from tune_runs.cli import main
 from tune_runs.play import PlayConfig, run
-from tests.test_env import synthetic  # noqa: F401  (fixture)
 
 
 def play(monkeypatch, capsys, stdin: str, **options) -> str:
