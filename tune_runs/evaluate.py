@@ -40,8 +40,9 @@ from sketch_env.data import DataError, Dataset, data_fingerprint, load_dataset, 
 from sketch_env.embeddings import EXPORT_DIR, EmbeddingExport, load_embedding_export
 from sketch_env.gallery import Gallery, ranks_from_embeddings
 from sketch_env.metrics import retrieval_metrics
-from sketch_env.render import N_LEVELS, first_ink_level
+from sketch_env.render import first_ink_level
 from tune_runs.cli import arg
+from tune_runs.plots import format_percentiles, format_table, plot_curves, plot_glimpses
 
 METRIC_KEYS = ("auir", "m_at_a", "acc@1", "acc@5", "acc@10", "percentile_curve", "n_sketches", "n_photos")
 EVAL_KIND = OutputKind("evaluation", ("metrics.json", "glimpses.png"))
@@ -108,23 +109,6 @@ def _triplet_ranks(run_dir: Path, split: Dataset, batch: int) -> tuple[np.ndarra
     return ranks_for_triplet(net, split, batch), "saved network"
 
 
-def plot_curve(path: Path, curve, title: str) -> None:
-    """Ranking percentile (x100) vs completion level, written atomically as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    completion = 100.0 * np.arange(1, N_LEVELS + 1) / N_LEVELS
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    ax.plot(completion, curve, marker="o", markersize=3)
-    ax.set(xlabel="sketch completion (%)", ylabel="mean ranking percentile (%)", title=title, ylim=(0, 100.5))
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
-
-
 def write_ranks(path: Path, sketch_id, ranks: np.ndarray) -> None:
     """ranks (S, L) as a long table sketch_id, level, rank (S * L rows), written atomically."""
     s, levels = ranks.shape
@@ -138,25 +122,8 @@ def write_ranks(path: Path, sketch_id, ranks: np.ndarray) -> None:
     atomic_write(path, lambda p: pq.write_table(table, p))
 
 
-def format_table(metrics: dict, title: str) -> str:
-    head = f"{title}: {metrics['n_sketches']} sketches, gallery of {metrics['n_photos']} photos"
-    cols = ("acc@1", "acc@5", "acc@10", "auir", "m_at_a")
-    names = ("acc@1", "acc@5", "acc@10", "AUIR", "m@A")
-    row = "  ".join(f"{metrics[c]:>7.2f}" for c in cols)
-    curve = metrics["percentile_curve"]
-    levels = (0, 4, 8, 12, 16)
-    return "\n".join([
-        head,
-        "  ".join(f"{n:>7}" for n in names),
-        row,
-        "percentile at completion " + ", ".join(f"{100 * (l + 1) / N_LEVELS:.0f}%: {curve[l]:.1f}" for l in levels),
-    ])
-
-
 def write_glimpses(path: Path, extras: dict) -> None:
     """Where the policy looks on the first few sketches, level by level (RL runs with a locator)."""
-    from tune_runs.plots import plot_glimpses
-
     trace, episodes = extras["trace"], extras["episodes"]
     rows = torch.as_tensor(trace.sketch_index)
     images = episodes.images.index_select(0, rows).float().numpy()
@@ -214,7 +181,9 @@ def run(cfg: EvaluateConfig) -> dict:
     atomic_write_json(out / "metrics.json", record)
     write_ranks(out / "ranks.parquet", sketch_id, np.asarray(ranks))
     title = f"{kind} on {cfg.split}"
-    plot_curve(out / "curve.png", metrics["percentile_curve"], title)
-    print(format_table(metrics, title))
+    plot_curves({kind: metrics["percentile_curve"]}, out / "curve.png", title=title)
+    print(f"{title}: {metrics['n_sketches']} sketches, gallery of {metrics['n_photos']} photos")
+    print(format_table({kind: metrics}))
+    print(format_percentiles(metrics["percentile_curve"]))
     print(f"wrote {out / 'metrics.json'}, {out / 'curve.png'}, {out / 'ranks.parquet'}")
     return metrics
