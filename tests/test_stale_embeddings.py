@@ -146,6 +146,33 @@ def test_a_changed_photo_is_refused_or_re_embedded(setup, tmp_path):
     np.testing.assert_allclose(episodes.gallery.embeddings[row], embed_photos(net, photos.subset([2]))[0], atol=1e-5)
 
 
+def test_the_served_gallery_follows_the_photos_served(setup, tmp_path):
+    """`darp serve`'s gallery is looked up by id like the episodes' (gallery_for): a photo whose image
+    changed is re-embedded by the phase-1 network, a photo the export lacks is refused by name."""
+    from tests.rl_fixtures import save_untrained_run
+    from tune_runs.rl_eval import live_retrieval
+
+    data, phase1, _, net, _ = setup
+    ds = load_dataset(data)
+    images = list(ds.photos.image_bytes)
+    images[2] = encode_png(np.full((64, 64, 3), 255, np.uint8))
+    photos = PhotoSet(ds.photos.photo_id, ds.photos.split, images)
+    changed = save_dataset(tmp_path / "photo", ds.sketches, photos, name="photo", source="test")
+    run = save_untrained_run(tmp_path / "darp", data, phase1, n_glimpses=2)
+    gallery = live_retrieval(run, select_split(load_dataset(changed), "all")).gallery
+    stale = load_embedding_export(phase1).photo_embedding
+    assert list(gallery.photo_ids) == list(ds.photos.photo_id)
+    np.testing.assert_allclose(gallery.embeddings[2], embed_photos(net, photos.subset([2]))[0], atol=1e-5)
+    assert np.abs(gallery.embeddings[2].numpy() - stale[2]).max() > 1e-2
+    keep = np.arange(len(stale)) != 2
+    np.testing.assert_array_equal(gallery.embeddings[keep].numpy(), stale[keep])
+
+    extra = PhotoSet(np.append(ds.photos.photo_id, "new_chair"), np.append(ds.photos.split, "train"), images + [images[0]])
+    more = save_dataset(tmp_path / "more", ds.sketches, extra, name="more", source="test")
+    with pytest.raises(DataError, match=r"no photo embedding for 1 photo\(s\), e\.g\. \['new_chair'\]"):
+        live_retrieval(run, select_split(load_dataset(more), "all"))
+
+
 def test_episodes_take_embeddings_computed_elsewhere(setup):
     """What `--noise-strokes` needs: sketches changed in memory, embedded by the phase-1 network."""
     data, phase1, _, net, _ = setup

@@ -37,8 +37,8 @@ from policies.embedding import (
 )
 from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, prepare_output_dir
 from sketch_env.data import DataError, Dataset, data_fingerprint, load_dataset, select_split
-from sketch_env.embeddings import EXPORT_DIR, EmbeddingExport, load_embedding_export
-from sketch_env.gallery import Gallery, ranks_from_embeddings
+from sketch_env.embeddings import EXPORT_DIR, EmbeddingExport, gallery_for, load_embedding_export, sketch_embeddings_for
+from sketch_env.gallery import ranks_from_embeddings
 from sketch_env.metrics import retrieval_metrics
 from sketch_env.render import first_ink_level
 from tune_runs.cli import arg
@@ -75,22 +75,20 @@ def export_covers(export: EmbeddingExport, ds: Dataset) -> bool:
     return set(ds.sketches.sketch_id) <= set(export.sketch_id) and set(ds.photos.photo_id) <= set(export.photo_id)
 
 
-def ranks_for_triplet(export_or_net: EmbeddingExport | EmbeddingNet, split: Dataset, batch: int = 1024) -> np.ndarray:
+def ranks_for_triplet(export_or_net: EmbeddingExport | EmbeddingNet, split: Dataset, batch: int = 1024,
+                      export_dir: str | Path = "the phase-1 run") -> np.ndarray:
     """Ranks (S, 17) of every sketch of `split` at every level, the gallery being the split's photos.
 
-    export_or_net: an export holding the split's ids (looked up by id), or a network (the split's
-    sketches are rendered and its photos decoded and embedded here). Rows follow split.sketches.
+    export_or_net: an export holding the split's ids (looked up by id and checked item by item:
+    `sketch_env.embeddings.gallery_for`, `sketch_embeddings_for`; export_dir names it in errors), or a
+    network (the split's sketches are rendered and its photos decoded and embedded here). Rows follow
+    split.sketches.
     """
     if len(split.sketches) == 0 or len(split.photos) == 0:
         raise DataError(f"{split.path}: the split has {len(split.sketches)} sketches and {len(split.photos)} photos; need both")
     if isinstance(export_or_net, EmbeddingExport):
-        export = export_or_net
-        photo_rows, sketch_rows = export.photo_index(), export.sketch_index()
-        missing = [p for p in split.photos.photo_id if p not in photo_rows] + [s for s in split.sketches.sketch_id if s not in sketch_rows]
-        if missing:
-            raise DataError(f"{split.path}: {len(missing)} ids are not in the embedding export, e.g. {missing[:3]}")
-        photo_emb = export.photo_embedding[[photo_rows[p] for p in split.photos.photo_id]]
-        sketch_emb = export.sketch_embedding[[sketch_rows[s] for s in split.sketches.sketch_id]]
+        photo_emb = gallery_for(export_or_net, split.photos, export_dir, split.path).embeddings
+        sketch_emb = sketch_embeddings_for(export_or_net, split.sketches, export_dir, split.path)
     else:
         net = export_or_net
         cfg = net.config
@@ -104,7 +102,7 @@ def _triplet_ranks(run_dir: Path, split: Dataset, batch: int) -> tuple[np.ndarra
     if (run_dir / EXPORT_DIR).is_dir():
         export = load_embedding_export(run_dir)
         if export_covers(export, split):
-            return ranks_for_triplet(export, split, batch), "embedding export"
+            return ranks_for_triplet(export, split, batch, run_dir), "embedding export"
     net, _ = load_embedding_net(run_dir)
     return ranks_for_triplet(net, split, batch), "saved network"
 
