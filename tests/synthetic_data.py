@@ -19,6 +19,16 @@ SKETCHES_PER_PHOTO = 2
 G = 2  # glimpses per level in most tests: 34-step episodes
 
 
+def random_walk_sketch(rng: np.random.Generator, n: int, step: float, margin: float, stroke_points: int) -> np.ndarray:
+    """(n, 3) float64 points: a random walk from the centre (steps N(0, step) per axis), clipped to
+    [margin, 1 - margin], the pen lifted every `stroke_points` points and at the end."""
+    xy = np.clip(0.5 + np.cumsum(rng.normal(0, step, (n, 2)), axis=0), margin, 1 - margin)
+    pen = np.zeros(n)
+    pen[stroke_points - 1 :: stroke_points] = 1.0
+    pen[-1] = 1.0
+    return np.column_stack([xy, pen])
+
+
 def build_fixture(root: Path, seed: int = 0) -> tuple[str, str]:
     """A data set of 10 photos with 2 random-walk sketches each (all split "train") and an embedding
     export whose partial-sketch embeddings approach their photo's as the level grows.
@@ -30,12 +40,7 @@ def build_fixture(root: Path, seed: int = 0) -> tuple[str, str]:
     strokes, sketch_ids, sketch_photos = [], [], []
     for p in photo_ids:
         for k in range(SKETCHES_PER_PHOTO):
-            n = int(rng.integers(20, 40))
-            xy = np.clip(0.5 + np.cumsum(rng.normal(0, 0.06, (n, 2)), axis=0), 0.05, 0.95)
-            pen = np.zeros(n)
-            pen[7::8] = 1.0
-            pen[-1] = 1.0
-            strokes.append(np.column_stack([xy, pen]).astype(np.float32))
+            strokes.append(random_walk_sketch(rng, int(rng.integers(20, 40)), 0.06, 0.05, 8).astype(np.float32))
             sketch_ids.append(f"/train/{p}_{k + 1}")
             sketch_photos.append(p)
     s = len(strokes)
