@@ -1,11 +1,12 @@
-# Two entry points for a fresh machine: `make demo` (set up + run the main job) and `make test`.
+# Entry points for a fresh machine: `make demo` (set up + run the main job), `make test` (every test, what CI
+# runs) and `make test-fast` (the tests not marked slow: under a minute, for the edit loop).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 RUN_DIR ?= runs/demo
 SHARED_DATA ?= ../shared/data
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 $(BIN)/darp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest tests
+
+test-fast: setup
+	$(BIN)/python -m pytest tests -m "not slow"
 
 bench: setup
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

@@ -11,7 +11,9 @@ Random actions are drawn before timing. Target: >= 50,000 steps/s at B = 256 on 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,20 +25,16 @@ from sketch_env.gallery import Gallery
 from sketch_env.render import N_LEVELS, render_levels
 from sketch_env.vector_env import SketchRetrievalVectorEnv
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.synthetic_data import random_walk_sketch  # noqa: E402  (the tests' random-walk sketches, longer)
+
 ACTION_POOL = 64  # pre-drawn action batches, cycled
 
 
 def chair_sized_episodes(n_sketches: int = 760, n_photos: int = 240, dim: int = 64, seed: int = 0) -> EpisodeData:
     """Episodes with Chair-V2's training-split sizes, built in memory."""
     rng = np.random.default_rng(seed)
-    strokes = []
-    for _ in range(n_sketches):
-        n = int(rng.integers(80, 200))
-        xy = np.clip(0.5 + np.cumsum(rng.normal(0, 0.03, (n, 2)), axis=0), 0.02, 0.98)
-        pen = np.zeros(n)
-        pen[19::20] = 1.0
-        pen[-1] = 1.0
-        strokes.append(np.column_stack([xy, pen]))
+    strokes = [random_walk_sketch(rng, int(rng.integers(80, 200)), 0.03, 0.02, 20) for _ in range(n_sketches)]
     ids = [f"s{i}" for i in range(n_sketches)]
     photo_of = rng.integers(0, n_photos, n_sketches)
     sketches = SketchSet.from_list(strokes, ids, [f"p{i}" for i in photo_of], ["train"] * n_sketches, np.zeros(n_sketches))

@@ -237,12 +237,18 @@ def photo_edges(photos, size: int = 64, sigma: float = 1.0, low: float = 0.08, h
     gx = F.conv2d(padded, sobel.view(1, 1, 3, 3))
     gy = F.conv2d(padded, sobel.t().reshape(1, 1, 3, 3))
     mag = torch.sqrt(gx * gx + gy * gy)
-    # Quantise the gradient direction to 0, 45, 90, 135 degrees; keep a pixel only if it is the
-    # maximum among its two neighbours along that direction.
+    thin = non_maximum_suppression(mag, gx, gy)
+    scale = thin.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+    return drawn_with_pen(((thin / scale - low) / (high - low)).clamp(0.0, 1.0), size)
+
+
+def non_maximum_suppression(magnitude: torch.Tensor, gx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """Edge maps (N, 1, H, W) thinned to one-pixel lines: a pixel keeps its magnitude only if it is the
+    largest of its two neighbours along the gradient (gx, gy), quantised to 0, 45, 90, 135 degrees."""
     angle = torch.rad2deg(torch.atan2(gy, gx)) % 180.0
     sector = (((angle + 22.5) // 45.0) % 4).long()
-    m = F.pad(mag, (1, 1, 1, 1))
-    h, w = mag.shape[-2:]
+    m = F.pad(magnitude, (1, 1, 1, 1))
+    h, w = magnitude.shape[-2:]
 
     def shifted(dy: int, dx: int) -> torch.Tensor:
         return m[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
@@ -251,10 +257,13 @@ def photo_edges(photos, size: int = 64, sigma: float = 1.0, low: float = 0.08, h
     neighbour_max = torch.stack(
         [torch.maximum(shifted(dy, dx), shifted(-dy, -dx)) for dy, dx in offsets], dim=0
     ).gather(0, sector.unsqueeze(0)).squeeze(0)
-    thin = torch.where(mag >= neighbour_max, mag, torch.zeros_like(mag))
-    scale = thin.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
-    ink = ((thin / scale - low) / (high - low)).clamp(0.0, 1.0)
-    if ink.shape[-1] != size or ink.shape[-2] != size:
+    return torch.where(magnitude >= neighbour_max, magnitude, torch.zeros_like(magnitude))
+
+
+def drawn_with_pen(ink: torch.Tensor, size: int) -> torch.Tensor:
+    """Thin ink maps (N, 1, H, W) in [0, 1] as a sketch is drawn at `size`: max-pooled to size x size
+    (one pixel wide lines) and thickened with the square pen `sketch_env.render` draws sketches with."""
+    if ink.shape[-2:] != (size, size):
         ink = F.adaptive_max_pool2d(ink, (size, size))
     side = default_thickness(size)
     if side > 1:  # ink at p spreads to p - (side - 1) // 2 ... p + side // 2, as in render._min_filter

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sketch_env.render import default_thickness
+from policies.embedding import drawn_with_pen, non_maximum_suppression
 
 # VGG16 convolutions per block (HED drops the last pooling and the classifier)
 _BLOCKS = ((3, 64, 64), (64, 128, 128), (128, 256, 256, 256), (256, 512, 512, 512), (512, 512, 512, 512))
@@ -104,21 +104,10 @@ def _load_conv(conv: nn.Conv2d, kernel: np.ndarray, bias: np.ndarray) -> None:
 
 
 def thin_edges(prob: torch.Tensor) -> torch.Tensor:
-    """Non-maximum suppression of (N, 1, H, W) edge maps across the edge (4 directions)."""
+    """Non-maximum suppression of (N, 1, H, W) edge maps across the edge (the direction from the
+    gradient of the 3 x 3 smoothed map)."""
     gy, gx = torch.gradient(F.avg_pool2d(F.pad(prob, (1, 1, 1, 1), mode="replicate"), 3, 1), dim=(-2, -1))
-    angle = torch.rad2deg(torch.atan2(gy, gx)) % 180.0
-    sector = (((angle + 22.5) // 45.0) % 4).long()
-    m = F.pad(prob, (1, 1, 1, 1))
-    h, w = prob.shape[-2:]
-
-    def shifted(dy: int, dx: int) -> torch.Tensor:
-        return m[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
-
-    offsets = ((0, 1), (1, 1), (1, 0), (1, -1))
-    neighbour_max = torch.stack(
-        [torch.maximum(shifted(dy, dx), shifted(-dy, -dx)) for dy, dx in offsets], 0
-    ).gather(0, sector.unsqueeze(0)).squeeze(0)
-    return torch.where(prob >= neighbour_max, prob, torch.zeros_like(prob))
+    return non_maximum_suppression(prob, gx, gy)
 
 
 @torch.no_grad()
@@ -137,13 +126,5 @@ def hed_edges(photos, size: int = 64, net: HED | None = None, low: float = 0.15,
     parts = []
     for start in range(0, len(x), chunk):
         rgb = x[start : start + chunk].permute(0, 3, 1, 2).float()
-        ink = ((thin_edges(net(rgb)) - low) / (high - low)).clamp(0.0, 1.0)
-        if ink.shape[-2:] != (size, size):
-            ink = F.adaptive_max_pool2d(ink, (size, size))
-        parts.append(ink)
-    ink = torch.cat(parts) if parts else torch.zeros(0, 1, size, size)
-    side = default_thickness(size)
-    if side > 1:
-        lo, hi = (side - 1) // 2, side // 2
-        ink = F.max_pool2d(F.pad(ink, (lo, hi, lo, hi)), side, stride=1)
-    return ink
+        parts.append(drawn_with_pen(((thin_edges(net(rgb)) - low) / (high - low)).clamp(0.0, 1.0), size))
+    return torch.cat(parts) if parts else torch.zeros(0, 1, size, size)

@@ -4,8 +4,8 @@
 trained module calls it:
 - `run_episodes` / `rollout_ranks` step a `SketchRetrievalVectorEnv` through whole episodes on a
   chosen list of sketches and record, for every sketch and completion level, the rank of the true
-  photo after the level's last glimpse (validation during training, `darp evaluate`, `darp report`,
-  the plain-loop throughput benchmark);
+  photo after the level's last glimpse (`PolicyValidator`: validation during training;
+  `tune_runs.rl_eval.evaluate_policy_run`: `darp evaluate` and `darp report`);
 - `tune_runs.rl_eval.TrainedPolicy` acts in a single env, one step at a time (`darp play`);
 - `LivePolicy` is the incremental episode: one partial sketch in (the drawing after a new stroke),
   that level's glimpses and query out, with no precomputed episode data; `LiveRetrieval` ranks its

@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sketch_env.atomic import OutputKind, atomic_write_json
+from sketch_env.atomic import OutputKind, atomic_write_json, read_json_object
 from sketch_env.data import DataError
 
 RUN_FILE = "run.json"
@@ -50,16 +50,8 @@ RL_RUN_KIND = OutputKind("RL run", (RUN_FILE, EXPERIMENT_PREFIX + "*", *LEGACY_C
 
 def read_run(run_dir: str | Path) -> dict:
     """run.json of a run directory; DataError naming the file when it is missing or not a JSON object."""
-    path = Path(run_dir) / RUN_FILE
-    if not path.is_file():
-        raise DataError(f"{run_dir}: not a run directory (no run.json); train one with `darp train` or `darp pretrain`")
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(record).__name__}")
-    return record
+    return read_json_object(Path(run_dir) / RUN_FILE, f"{run_dir}: not a run directory (no run.json); "
+                                                       "train one with `darp train` or `darp pretrain`")
 
 
 def write_run(run_dir: str | Path, record: dict) -> Path:

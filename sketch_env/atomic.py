@@ -2,7 +2,8 @@
 
 - `atomic_write` (and its bytes/text/JSON forms): write to a temporary file beside the target, then
   rename it over the target, so a crash or Ctrl-C leaves the previous file (or none), never a
-  truncated one.
+  truncated one. `read_json_object` reads such a JSON file back (manifest.json, meta.json, run.json)
+  with one-line errors.
 - `replace_dir`: the same for a whole directory (a data set, an embedding export): it is built in a
   temporary sibling and swapped in at the end.
 - `prepare_output_dir` / `check_output_dir`: a command may only write a directory that is new,
@@ -68,6 +69,22 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json_object(path: str | Path, missing: str) -> dict:
+    """The JSON object in file `path`. DataError with the message `missing` (what the file's absence
+    means and what to do) when there is no such file, else naming the file when it is unreadable, not
+    JSON or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(missing)
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from sketch_env.atomic import replace_dir
+from sketch_env.atomic import read_json_object, replace_dir
 from sketch_env.data.store import DataError, PhotoSet, SketchSet, data_fingerprint, photo_digests, sketch_digests
 from sketch_env.gallery import Gallery
 from sketch_env.render import N_LEVELS
@@ -178,15 +178,9 @@ def load_embedding_export(run_dir: str | Path) -> EmbeddingExport:
     """
     folder = Path(run_dir) / EXPORT_DIR
     meta_file = folder / "meta.json"
-    if not meta_file.is_file():
-        raise DataError(f"{meta_file}: missing; run `darp pretrain` to export embeddings into {run_dir}")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{meta_file}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
-        found = meta.get("schema_version") if isinstance(meta, dict) else meta
-        raise DataError(f"{meta_file}: schema_version {found!r}, this code reads {SCHEMA_VERSION}")
+    meta = read_json_object(meta_file, f"{meta_file}: missing; run `darp pretrain` to export embeddings into {run_dir}")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(f"{meta_file}: schema_version {meta.get('schema_version')!r}, this code reads {SCHEMA_VERSION}")
     for key, least in (("n_photos", 0), ("n_sketches", 0), ("dim", 1), ("n_levels", 1)):
         if not isinstance(meta.get(key), int) or meta[key] < least:
             raise DataError(f"{meta_file}: {key!r} must be an integer >= {least}, got {meta.get(key)!r}")

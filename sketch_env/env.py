@@ -332,7 +332,22 @@ class EpisodeBatch:
         }
 
 
-class SketchRetrievalEnv(gymnasium.Env):
+class StepsAnEpisodeBatch:
+    """What the single and the vector env both hand to their `EpisodeBatch` (`self._batch`)."""
+
+    _batch: EpisodeBatch
+
+    @property
+    def episode_length(self) -> int:
+        """Steps per episode: 17 levels x n_glimpses."""
+        return self._batch.length
+
+    def set_training_step(self, step: int) -> None:
+        """Tell the env (every sub-env) the training step t (sets eta_t of the `threshold` reward)."""
+        self._batch.set_training_step(step)
+
+
+class SketchRetrievalEnv(StepsAnEpisodeBatch, gymnasium.Env):
     """On-the-fly sketch retrieval, one sketch per episode (see the module docstring).
 
     SketchRetrievalEnv(config, episodes=None, render_mode=None, **options): `options` replace
@@ -362,15 +377,6 @@ class SketchRetrievalEnv(gymnasium.Env):
         self._episode = 0
         self._query = torch.zeros(self.episodes.dim)
         self._rank = 0
-
-    @property
-    def episode_length(self) -> int:
-        """Steps per episode: 17 levels x n_glimpses."""
-        return self._batch.length
-
-    def set_training_step(self, step: int) -> None:
-        """Tell the env the training step t (sets eta_t of the `threshold` reward)."""
-        self._batch.set_training_step(step)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)

@@ -9,6 +9,8 @@
   (`sketch_env.render`).
 - sensor locations: x, y in [-1, 1], where -1 is the left/top edge of the image and +1 the
   right/bottom edge (`sketch_env.glimpse`, grid_sample's align_corners=False convention).
+  `location_to_pixel` / `pixel_to_location` are the one conversion to and from image pixels: the
+  sensor, the fixed locators, the env's frames and the plots' glimpse boxes all use them.
 
 A sketch is a (P, 3) array of x, y and pen, with pen = 1 on the last point of each stroke.
 """
@@ -16,14 +18,37 @@ A sketch is a (P, 3) array of x, y and pen, with pen = 1 on the last point of ea
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
-def location_to_pixel(locations, size: int) -> np.ndarray:
-    """Sensor locations (..., 2) in [-1, 1] -> pixel-centre coordinates of a size x size image.
+def location_to_pixel(locations, size):
+    """Sensor locations (..., 2) in [-1, 1] -> pixel-centre coordinates (x, y) of an image of `size`
+    (an int for size x size, or (width, height)).
 
-    -1 maps to -0.5 (the outer edge of pixel 0), 0 to (size - 1) / 2, +1 to size - 0.5.
+    -1 maps to -0.5 (the outer edge of pixel 0), 0 to (size - 1) / 2, +1 to size - 0.5. numpy arrays
+    and lists come back as float64 numpy, torch tensors as floating tensors (for the env's steps).
     """
-    return (np.asarray(locations, np.float64) + 1.0) / 2.0 * size - 0.5
+    locations = _floating(locations)
+    return (locations + 1.0) / 2.0 * _sizes(size, locations) - 0.5
+
+
+def pixel_to_location(pixels, size):
+    """Pixel-centre coordinates (..., 2) (x, y) of an image of `size` -> sensor locations: the inverse of
+    `location_to_pixel`, so the centre of pixel (col, row) is ((2 col + 1) / W - 1, (2 row + 1) / H - 1)."""
+    pixels = _floating(pixels)
+    return (pixels + 0.5) * 2.0 / _sizes(size, pixels) - 1.0
+
+
+def _floating(values):
+    """A torch tensor as a floating tensor (float32 unless it already floats), anything else as float64 numpy."""
+    if isinstance(values, torch.Tensor):
+        return values if values.is_floating_point() else values.to(torch.float32)
+    return np.asarray(values, np.float64)
+
+
+def _sizes(size, like):
+    """size (int, or (width, height)) in the array type of `like`, to broadcast over its last axis."""
+    return like.new_tensor(size) if isinstance(like, torch.Tensor) else np.asarray(size, np.float64)
 
 
 def unit_length(pixels, size: int):

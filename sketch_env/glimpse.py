@@ -7,9 +7,10 @@ coarser resolution (the paper: 3 patches of 8 x 8, each twice as large as the la
 partial sketch). Whatever lies outside the image reads as 0.
 
 Locations are (x, y) in [-1, 1]: -1 is the left/top edge of the image, +1 the right/bottom edge
-(grid_sample's align_corners=False convention), so location 0 on a 64 x 64 image makes patch 0 the
-8 x 8 centre crop. Unlike kevinzakka/recurrent-visual-attention's Retina, which rounds the centre
-down to a whole pixel, the centre is continuous.
+(grid_sample's align_corners=False convention; `sketch_env.geometry` converts to and from pixels),
+so location 0 on a 64 x 64 image makes patch 0 the 8 x 8 centre crop. Unlike
+kevinzakka/recurrent-visual-attention's Retina, which rounds the centre down to a whole pixel, the
+centre is continuous.
 
 How: the sum of a piecewise-constant image over [0, X] x [0, Y] is bilinear in (X, Y) within each
 pixel, so bilinear sampling of the integral image (summed-area table, zero row and column in front)
@@ -104,24 +105,6 @@ class GlimpseSensor:
     def from_integral(self, integral: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
         """The same glimpses from precomputed `integral_image(images)`: (B, n_patches, size, size)."""
         return glimpses_from_integral(integral, locations, self.size, self.n_patches, self.scale)
-
-
-def pixel_location(col: torch.Tensor, row: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """The location (..., 2) of the centre of pixel (col, row) of a width x height image.
-
-    The one conversion from pixels to locations: pixel j spans [j, j + 1] of [0, W], and location
-    -1 / +1 is the image's left / right edge, so its centre j + 0.5 sits at (2 j + 1) / W - 1.
-    """
-    x = (2.0 * col.to(torch.float32) + 1.0) / width - 1.0
-    y = (2.0 * row.to(torch.float32) + 1.0) / height - 1.0
-    return torch.stack([x, y], -1)
-
-
-def location_pixel(locations: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Continuous pixel coordinates (..., 2) of `locations` (x, y in [-1, 1]): the inverse of
-    `pixel_location`, so the centre of pixel j is at j + 0.5."""
-    size = locations.new_tensor([width, height])
-    return (locations + 1.0) / 2.0 * size
 
 
 def _check_params(size: int, n_patches: int, scale: float) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from sketch_env.glimpse import pixel_location
+from sketch_env.geometry import pixel_to_location
 
 LOCATORS = ("centre", "random", "ink", "newest-ink")
 
@@ -53,7 +53,7 @@ def nearest_ink(images: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
     """
     b, h, w = images.shape
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    centres = pixel_location(cols.reshape(-1), rows.reshape(-1), w, h)  # (H * W, 2)
+    centres = pixel_to_location(torch.stack([cols.reshape(-1), rows.reshape(-1)], -1), (w, h))  # (H * W, 2)
     distance = (centres[None] - locations[:, None].to(torch.float32)).pow(2).sum(-1)  # (B, H * W)
     ink = images.reshape(b, h * w) > 0
     nearest = distance.masked_fill(~ink, float("inf")).argmin(1)
@@ -64,5 +64,5 @@ def _uniform_pixel(mask: torch.Tensor, h: int, w: int, generator: torch.Generato
     """A uniformly drawn True pixel of each row of mask (B, H * W) as a location; the centre if none."""
     scores = torch.rand(mask.shape, generator=generator).masked_fill_(~mask, -1.0)
     pick = scores.argmax(1)
-    locations = pixel_location(pick % w, pick // w, w, h)
+    locations = pixel_to_location(torch.stack([pick % w, pick // w], -1), (w, h))
     return torch.where(mask.any(1, keepdim=True), locations, torch.zeros_like(locations))

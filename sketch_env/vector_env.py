@@ -26,6 +26,7 @@ from sketch_env.env import (
     EnvConfig,
     EpisodeBatch,
     SketchRetrievalEnv,
+    StepsAnEpisodeBatch,
     action_space,
     check_action,
     episodes_for,
@@ -34,7 +35,7 @@ from sketch_env.env import (
 )
 from sketch_env.episodes import EpisodeData
 
-class SketchRetrievalVectorEnv(gymnasium.vector.VectorEnv):
+class SketchRetrievalVectorEnv(StepsAnEpisodeBatch, gymnasium.vector.VectorEnv):
     """B sub-envs of SketchRetrievalEnv in one batch.
 
     SketchRetrievalVectorEnv(config, num_envs, episodes=None, **options): `options` replace fields
@@ -67,15 +68,6 @@ class SketchRetrievalVectorEnv(gymnasium.vector.VectorEnv):
         self._episodes_begun = np.zeros(num_envs, np.int64)
         self._autoreset = np.zeros(num_envs, bool)
         self._all = torch.arange(num_envs)
-
-    @property
-    def episode_length(self) -> int:
-        """Steps per episode: 17 levels x n_glimpses."""
-        return self._batch.length
-
-    def set_training_step(self, step: int) -> None:
-        """Tell every sub-env the training step t (sets eta_t of the `threshold` reward)."""
-        self._batch.set_training_step(step)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Reset every sub-env; seed s seeds sub-env i with s + i and clears all memories.

@@ -1,6 +1,27 @@
-"""Fixtures shared by the end-to-end RL tests: a local Ray instance and the tiny data set + export."""
+"""Fixtures shared across test modules: the synthetic env data, a local Ray instance and the tiny data set + export.
+
+Helpers they build on live in plain modules (tests.synthetic_data, tests.rl_fixtures, tests.module_batches);
+no test module imports another.
+"""
 
 import pytest
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory) -> tuple[str, str]:
+    """(data dir, embedding run dir) of tests.synthetic_data.build_fixture."""
+    from tests.synthetic_data import build_fixture
+
+    return build_fixture(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="session")
+def episodes(synthetic):
+    """The synthetic fixture's training episodes, with thumbnails for rendering."""
+    from sketch_env.episodes import load_episode_data
+
+    data, run = synthetic
+    return load_episode_data(data, run, split="train", thumbnails=True)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from policies.bdqn import LOCATION_CELL, BDQNModule, grid_cells, td_loss, td_tar
 from policies.darp_module import BOOTSTRAP_MASK
 from policies.darp_networks import GlimpseNetwork
 from policies.ppo_baseline import PPOSketchModule, QueryGaussian, QueryMean, UnitQueryForEnv, unit_query
-from tests.test_darp_module import D, batch, spaces, state
 from policies.registry import ALGOS, TrainConfig, with_algo_defaults
+from tests.module_batches import D, batch, spaces, state
 
 K = 4
 

@@ -2,10 +2,8 @@
 TensorBoard, the kept checkpoint, the supervised loss against an independent computation, resume
 after SIGTERM and after the states a kill leaves, and no Ray process left behind."""
 
-import dataclasses
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -13,13 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from policies import runs
 from policies.fit import train
 from policies.registry import TrainConfig
+from tests.processes import kill_session, session_processes
 
 pytestmark = pytest.mark.slow
 
@@ -151,27 +149,6 @@ def test_infonce_needs_the_photo_target(tiny, tmp_path):
 
 
 # --- SIGTERM, the states a kill leaves, and resuming from them ---
-
-
-def session_processes(sid: int) -> list[str]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == sid:
-                    cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                    out.append(f"{entry.name} {cmdline[:80]}")
-            except (ProcessLookupError, PermissionError, FileNotFoundError):
-                pass
-    return out
-
-
-def kill_session(sid: int) -> None:
-    for line in session_processes(sid):
-        try:
-            os.kill(int(line.split()[0]), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def test_sigterm_leaves_no_process_and_a_resumable_run(tiny, tmp_path):

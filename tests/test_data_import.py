@@ -493,6 +493,18 @@ def test_a_manifest_that_is_not_an_object_is_a_one_line_error(tmp_path, capsys, 
     assert err.count("\n") == 1 and str(tmp_path / "out" / "manifest.json") in err and message in err
 
 
+def test_the_fingerprint_of_an_incomplete_data_set_names_the_missing_file(tmp_path):
+    from sketch_env.data import data_fingerprint
+
+    path, photos = make_qmul(tmp_path, {"/train/a_1": good_sketch()})
+    out = tmp_path / "out"
+    import_qmul(path, photos, out)
+    assert data_fingerprint(out) == data_fingerprint(out)
+    (out / "photos.parquet").unlink()
+    with pytest.raises(DataError, match=r"photos\.parquet: cannot read"):
+        data_fingerprint(out)
+
+
 def test_photo_bytes_that_are_not_an_image_name_the_photo_and_file(tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -159,30 +159,16 @@ def test_missing_column_names_the_file(tmp_path):
         load_embedding_export(tmp_path)
 
 
-def test_null_embedding_names_the_file(tmp_path):
-    folder = saved(tmp_path)
-    t = pq.read_table(folder / "photos.parquet")
-    values = t.column("embedding").to_pylist()
-    values[1] = None
-    t = t.set_column(2, "embedding", pa.array(values, pa.list_(pa.float32(), D)))
-    pq.write_table(t, folder / "photos.parquet")
-    with pytest.raises(DataError, match=r"photos\.parquet: .*1 nulls"):
-        load_embedding_export(tmp_path)
-
-
-def test_duplicate_photo_ids_name_the_photo_file(tmp_path):
-    folder = saved(tmp_path)
-    t = pq.read_table(folder / "photos.parquet")
-    t = t.set_column(0, "photo_id", pa.array(["photo_0"] * 5))
-    pq.write_table(t, folder / "photos.parquet")
-    with pytest.raises(DataError, match=r"photos\.parquet: photo ids must be distinct"):
-        load_embedding_export(tmp_path)
-
-
-def test_sketch_of_unknown_photo_names_the_sketch_file(tmp_path):
-    folder = saved(tmp_path)
-    t = pq.read_table(folder / "sketches.parquet")
-    t = t.set_column(1, "photo_id", pa.array(["ghost"] * 7))
-    pq.write_table(t, folder / "sketches.parquet")
-    with pytest.raises(DataError, match=r"sketches\.parquet: 1 photo ids of sketches are not among"):
+@pytest.mark.parametrize("file, column, values, message", [
+    ("photos", "embedding", lambda t: pa.array([None if i == 1 else v for i, v in enumerate(t.column("embedding").to_pylist())],
+                                               pa.list_(pa.float32(), D)), r"photos\.parquet: .*1 nulls"),
+    ("photos", "photo_id", lambda t: pa.array(["photo_0"] * 5), r"photos\.parquet: photo ids must be distinct"),
+    ("sketches", "photo_id", lambda t: pa.array(["ghost"] * 7), r"sketches\.parquet: 1 photo ids of sketches are not among"),
+], ids=["null-embedding", "duplicate-photo-ids", "unknown-photo"])
+def test_a_bad_column_names_its_file(tmp_path, file, column, values, message):
+    """A null embedding, duplicate photo ids, a sketch of an unknown photo: each names the file it is in."""
+    path = saved(tmp_path) / f"{file}.parquet"
+    t = pq.read_table(path)
+    pq.write_table(t.set_column(t.column_names.index(column), column, values(t)), path)
+    with pytest.raises(DataError, match=message):
         load_embedding_export(tmp_path)

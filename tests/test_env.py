@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import gymnasium
 import numpy as np
@@ -12,68 +11,14 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 import sketch_env  # noqa: F401  (registers SketchRetrieval-v0)
-from sketch_env.data import DataError, PhotoSet, SketchSet, encode_png, save_dataset
-from sketch_env.embeddings import EmbeddingExport, save_embedding_export
+from sketch_env.data import DataError
+from sketch_env.embeddings import load_embedding_export, save_embedding_export
 from sketch_env.env import EnvConfig, SketchRetrievalEnv
 from sketch_env.episodes import load_episode_data
 from sketch_env.glimpse import extract_glimpses
 from sketch_env.render import N_LEVELS
 from sketch_env.rewards import best_rank_reward, eta, rank_gain_reward, threshold_reward
-
-DIM = 8
-N_PHOTOS = 10
-SKETCHES_PER_PHOTO = 2
-G = 2  # glimpses per level in most tests: 34-step episodes
-
-
-def build_fixture(root: Path, seed: int = 0) -> tuple[str, str]:
-    """A data set of 10 photos with 2 random-walk sketches each (all split "train") and an embedding
-    export whose partial-sketch embeddings approach their photo's as the level grows.
-    Returns (data directory, embedding run directory)."""
-    rng = np.random.default_rng(seed)
-    photo_ids = [f"chair{i:02d}" for i in range(N_PHOTOS)]
-    images = [encode_png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in photo_ids]
-    photos = PhotoSet(np.array(photo_ids, dtype=object), np.array(["train"] * N_PHOTOS, dtype=object), images)
-    strokes, sketch_ids, sketch_photos = [], [], []
-    for p in photo_ids:
-        for k in range(SKETCHES_PER_PHOTO):
-            n = int(rng.integers(20, 40))
-            xy = np.clip(0.5 + np.cumsum(rng.normal(0, 0.06, (n, 2)), axis=0), 0.05, 0.95)
-            pen = np.zeros(n)
-            pen[7::8] = 1.0
-            pen[-1] = 1.0
-            strokes.append(np.column_stack([xy, pen]).astype(np.float32))
-            sketch_ids.append(f"/train/{p}_{k + 1}")
-            sketch_photos.append(p)
-    s = len(strokes)
-    sketches = SketchSet.from_list(strokes, sketch_ids, sketch_photos, ["train"] * s, np.arange(s))
-    data_dir = save_dataset(root / "data", sketches, photos, name="synthetic", source="test")
-
-    photo_emb = _normalise(rng.normal(size=(N_PHOTOS, DIM)))
-    owner = np.array([photo_ids.index(p) for p in sketch_photos])
-    noise = rng.normal(size=(s, N_LEVELS, DIM)) * np.linspace(2.0, 0.3, N_LEVELS)[None, :, None]
-    sketch_emb = _normalise(photo_emb[owner][:, None, :] + noise)
-    export = EmbeddingExport(
-        photo_ids, ["train"] * N_PHOTOS, photo_emb, sketch_ids, sketch_photos, ["train"] * s, sketch_emb, {"test": True}
-    )
-    run_dir = root / "pretrain"
-    save_embedding_export(run_dir, export)
-    return str(data_dir), str(run_dir)
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-@pytest.fixture(scope="session")
-def synthetic(tmp_path_factory) -> tuple[str, str]:
-    return build_fixture(tmp_path_factory.mktemp("synthetic"))
-
-
-@pytest.fixture(scope="session")
-def episodes(synthetic):
-    data, run = synthetic
-    return load_episode_data(data, run, split="train", thumbnails=True)
+from tests.synthetic_data import DIM, G, SKETCHES_PER_PHOTO
 
 
 def random_action(env, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -105,8 +50,6 @@ def test_episode_data_matches_the_split(episodes, synthetic):
 
 
 def test_missing_sketch_embedding_is_a_data_error(synthetic, tmp_path):
-    from sketch_env.embeddings import load_embedding_export
-
     data, run = synthetic
     export = load_embedding_export(run)
     save_embedding_export(tmp_path / "partial", export.subset_sketches(np.arange(len(export.sketch_id)) != 0))

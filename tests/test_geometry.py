@@ -11,6 +11,7 @@ from sketch_env.geometry import (
     join_strokes,
     location_to_pixel,
     location_to_unit,
+    pixel_to_location,
     split_strokes,
     stroke_ends,
     unit_to_canvas,
@@ -58,17 +59,34 @@ def test_strokes_round_trip_and_the_last_point_ends_a_stroke():
         join_strokes([np.zeros((0, 2))])
 
 
-def test_glimpse_overlay_uses_the_sensor_convention(tmp_path, monkeypatch):
-    """plots.plot_glimpses draws each glimpse square centred where the sensor looked (it used H - 1)."""
+def test_pixel_to_location_inverts_location_to_pixel_for_numpy_and_torch():
+    pixels = np.array([[0.0, 63.0], [31.5, 10.25]])
+    np.testing.assert_allclose(location_to_pixel(pixel_to_location(pixels, 64), 64), pixels)
+    np.testing.assert_allclose(pixel_to_location([[0, 0], [3, 1]], (4, 2)), [[-0.75, -0.5], [0.75, 0.5]])
+    back = pixel_to_location(torch.tensor([[3, 1]]), (4, 2))
+    assert back.dtype == torch.float32 and torch.equal(back, torch.tensor([[0.75, 0.5]]))
+    assert location_to_pixel(torch.zeros(2, dtype=torch.float64), 8).dtype == torch.float64
+
+
+def test_glimpse_overlay_is_centred_where_the_sensor_sees(tmp_path, monkeypatch):
+    """plots.plot_glimpses draws each glimpse square centred on the pixel the sensor read there (it used
+    H - 1): one-pixel dots, found by the sensor at their locations, lie at the squares' centres as
+    imshow draws them (pixel (col, row) centred at (col, row))."""
     import tune_runs.plots as plots
+
+    dots = [(0, 0), (63, 40), (17, 5)]  # (col, row)
+    images = np.zeros((1, 17, 64, 64))
+    for col, row in dots:
+        images[0, :, row, col] = 1.0
+    locations = np.zeros((1, 17, len(dots), 2), np.float32)
+    locations[0, :] = pixel_to_location(np.array(dots), 64)
+    seen = extract_glimpses(torch.as_tensor(images[0, 3], dtype=torch.float32).expand(len(dots), 64, 64),
+                            torch.as_tensor(locations[0, 3]), size=1, n_patches=1)
+    np.testing.assert_allclose(seen.flatten().numpy(), 1.0, atol=1e-5)  # each location reads its dot, exactly
 
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, out: figures.append(fig))
-    locations = np.zeros((1, 17, 2, 2), np.float32)
-    locations[0, :, 0] = [-1.0, -1.0]
-    locations[0, :, 1] = [1.0, 0.5]
-    plots.plot_glimpses(np.zeros((1, 17, 64, 64)), locations, np.ones((1, 17)), tmp_path / "g.png",
-                        patch_pixels=8, levels=(3,))
+    plots.plot_glimpses(images, locations, np.ones((1, 17)), tmp_path / "g.png", patch_pixels=8, levels=(3,))
     squares = figures[0].axes[0].patches
     centres = [(p.get_x() + p.get_width() / 2, p.get_y() + p.get_height() / 2) for p in squares]
-    np.testing.assert_allclose(centres, location_to_pixel(locations[0, 3], 64))
+    np.testing.assert_allclose(centres, dots, atol=1e-5)

@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,29 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.rl_fixtures import make_tiny_setup
+from tests.processes import kill_session
+from tests.rl_fixtures import free_port, make_tiny_setup
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def kill_session(sid: int) -> None:
-    """SIGKILL every process left in session `sid` (the head node's Ray processes)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == sid:
-                    os.kill(int(entry.name), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 def wait_for_job_server(address: str, headers: dict, head: subprocess.Popen, timeout_s: float = 90):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sketch_env.glimpse import extract_glimpses, location_pixel, pixel_location
+from sketch_env.geometry import location_to_pixel, pixel_to_location
+from sketch_env.glimpse import extract_glimpses
 from sketch_env.locators import fixed_locations
 
 
@@ -20,13 +21,18 @@ def _maps() -> torch.Tensor:
     return maps
 
 
-def test_pixel_location_puts_the_glimpse_on_that_pixel():
-    image = torch.zeros(1, 16, 16)
+def pixel(col: int, row: int, size: int = 8) -> torch.Tensor:
+    """The location of the centre of pixel (col, row) of a size x size image."""
+    return pixel_to_location(torch.tensor([col, row]), size)
+
+
+def test_pixel_to_location_puts_the_glimpse_on_that_pixel():
+    image = torch.zeros(1, 16, 12)  # 12 wide, 16 high: x and y scale apart
     image[0, 9, 4] = 1.0
-    loc = pixel_location(torch.tensor([4]), torch.tensor([9]), 16, 16)
+    loc = pixel_to_location(torch.tensor([[4, 9]]), (12, 16))
     patch = extract_glimpses(image, loc, size=1, n_patches=1)
     assert patch.item() == pytest.approx(1.0)
-    torch.testing.assert_close(location_pixel(loc, 16, 16), torch.tensor([[4.5, 9.5]]))
+    torch.testing.assert_close(location_to_pixel(loc, (12, 16)), torch.tensor([[4.0, 9.0]]))
 
 
 def test_ink_rules_pick_inked_pixels_of_the_given_level():
@@ -34,13 +40,13 @@ def test_ink_rules_pick_inked_pixels_of_the_given_level():
     maps = _maps()
     for _ in range(10):
         at_0 = fixed_locations("ink", maps, torch.tensor([0, 0]), gen)
-        torch.testing.assert_close(at_0[0], pixel_location(torch.tensor(1), torch.tensor(2), 8, 8))
+        torch.testing.assert_close(at_0[0], pixel(1, 2))
         torch.testing.assert_close(at_0[1], torch.zeros(2))  # no ink yet: the centre
         at_9 = fixed_locations("ink", maps, torch.tensor([9, 16]), gen)
-        assert any(torch.allclose(at_9[0], pixel_location(torch.tensor(c), torch.tensor(r), 8, 8)) for c, r in ((1, 2), (6, 5)))
-        torch.testing.assert_close(at_9[1], pixel_location(torch.tensor(3), torch.tensor(3), 8, 8))
+        assert any(torch.allclose(at_9[0], pixel(c, r)) for c, r in ((1, 2), (6, 5)))
+        torch.testing.assert_close(at_9[1], pixel(3, 3))
         newest = fixed_locations("newest-ink", maps, torch.tensor([9, 16]), gen)
-        torch.testing.assert_close(newest[0], pixel_location(torch.tensor(6), torch.tensor(5), 8, 8))
+        torch.testing.assert_close(newest[0], pixel(6, 5))
 
 
 def test_ink_draws_uniformly_among_inked_pixels():
@@ -48,9 +54,9 @@ def test_ink_draws_uniformly_among_inked_pixels():
     maps[0, 0, :] = 0  # four inked pixels in the top row
     gen = torch.Generator().manual_seed(1)
     picks = torch.cat([fixed_locations("ink", maps, torch.tensor([0]), gen) for _ in range(400)])
-    cols = location_pixel(picks, 4, 4)[:, 0].floor().long()
+    cols = location_to_pixel(picks, 4)[:, 0].round().long()
     counts = np.bincount(cols.numpy(), minlength=4)
-    assert counts.min() > 60 and torch.all(location_pixel(picks, 4, 4)[:, 1] == 0.5)
+    assert counts.min() > 60 and torch.all(location_to_pixel(picks, 4)[:, 1] == 0.0)
 
 
 def test_centre_random_and_seeding():
@@ -72,6 +78,6 @@ def test_nearest_ink_snaps_to_the_closest_inked_pixel_centre():
     images[1, 7, 0] = 1
     wanted = torch.tensor([[0.9, 0.9], [0.9, -0.9], [0.3, 0.2]])
     snapped = nearest_ink(images, wanted)
-    torch.testing.assert_close(snapped[0], pixel_location(torch.tensor(6), torch.tensor(6), 8, 8))
-    torch.testing.assert_close(snapped[1], pixel_location(torch.tensor(0), torch.tensor(7), 8, 8))
+    torch.testing.assert_close(snapped[0], pixel(6, 6))
+    torch.testing.assert_close(snapped[1], pixel(0, 7))
     torch.testing.assert_close(snapped[2], wanted[2])  # no ink: the location stays

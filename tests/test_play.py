@@ -13,7 +13,6 @@ from PIL import Image
 from sketch_env.data import DataError
 from tune_runs.cli import main
 from tune_runs.play import PlayConfig, run
-from tests.test_env import synthetic  # noqa: F401  (fixture)
 
 
 def play(monkeypatch, capsys, stdin: str, **options) -> str:
@@ -102,7 +101,9 @@ def test_a_trained_run_acts_with_its_module_and_carries_its_state(synthetic, tmp
     np.testing.assert_allclose(printed, expected, atol=0.006)  # printed with two decimals
     assert len(set(printed)) == 4, "the policy must not look at one place only (the state must move)"
     with pytest.raises(DataError, match="not 'random', 'center' or an existing run directory"):
-        play(monkeypatch, capsys, "", data=data, embedding=run_dir, policy=str(tmp_path / "missing"))
+        play(monkeypatch, capsys, "", data=data, embedding=run_dir, policy=str(tmp_path / "missing"),
+             out=str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists(), "a refused policy leaves no output folder behind"
 
 
 def test_darp_play_command_line(synthetic, tmp_path, monkeypatch, capsys):

@@ -132,7 +132,7 @@ def test_shutdown_kills_ray_processes_that_ignore_sigterm():
 def test_building_a_module_logs_no_rlmoduleconfig_deprecation():
     """RLlib's RLModule.__init__ logs it for every module (its own RLModuleConfig); ours use the current
     constructor, so policies filters that one message. A fresh process: RLlib logs it once per process."""
-    code = ("from tests.test_darp_module import make_module; make_module(); "
+    code = ("from tests.module_batches import make_module; make_module(); "
             "import logging; logging.getLogger('ray._common.deprecation').warning('another deprecation')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -17,19 +17,8 @@ import torch
 import sketch_env  # noqa: F401  (registers SketchRetrieval-v0)
 from policies.embedding import EmbeddingConfig, EmbeddingNet, embed_photos, embed_sketches, reembedders, save_embedding_net
 from sketch_env.atomic import atomic_write_json
-from sketch_env.data import (
-    DataError,
-    Dataset,
-    PhotoSet,
-    SketchSet,
-    data_fingerprint,
-    encode_png,
-    load_dataset,
-    photo_digests,
-    save_dataset,
-    select_split,
-    sketch_digests,
-)
+from sketch_env.data import (DataError, Dataset, PhotoSet, SketchSet, data_fingerprint, encode_png, load_dataset,
+                             photo_digests, save_dataset, select_split, sketch_digests)
 from sketch_env.data.generate import generate_dataset
 from sketch_env.embeddings import EmbeddingExport, gallery_for, load_embedding_export, save_embedding_export
 from sketch_env.episodes import episode_data, load_episode_data, load_supervised_targets
@@ -131,19 +120,49 @@ def test_an_export_without_digests_is_checked_by_its_data_fingerprint(setup, tmp
     np.testing.assert_allclose(everything.gallery.embeddings, fresh.gallery.embeddings, atol=1e-5)
 
 
-def test_a_changed_photo_is_refused_or_re_embedded(setup, tmp_path):
-    data, phase1, _, net, _ = setup
+def with_blank_photo(data: Path, out: Path, row: int = 2) -> tuple[PhotoSet, Path]:
+    """A copy of data set `data` at `out` whose photo `row` is a blank image: (its photos, its path)."""
     ds = load_dataset(data)
     images = list(ds.photos.image_bytes)
-    images[2] = encode_png(np.full((64, 64, 3), 255, np.uint8))
+    images[row] = encode_png(np.full((64, 64, 3), 255, np.uint8))
     photos = PhotoSet(ds.photos.photo_id, ds.photos.split, images)
-    changed = save_dataset(tmp_path / "photo", ds.sketches, photos, name="photo", source="test")
-    name = ds.photos.photo_id[2]
+    return photos, save_dataset(out, ds.sketches, photos, name="photo", source="test")
+
+
+def test_a_changed_photo_is_refused_or_re_embedded(setup, tmp_path):
+    data, phase1, _, net, _ = setup
+    photos, changed = with_blank_photo(data, tmp_path / "photo")
+    name = photos.photo_id[2]
     with pytest.raises(DataError, match=rf"1 photo\(s\) of {changed} have another image .*\['{name}'\]"):
         load_episode_data(changed, phase1, "all")
     episodes = load_episode_data(changed, phase1, "all", **reembedders(phase1))
     row = list(episodes.gallery.photo_ids).index(name)
     np.testing.assert_allclose(episodes.gallery.embeddings[row], embed_photos(net, photos.subset([2]))[0], atol=1e-5)
+
+
+def test_the_served_gallery_follows_the_photos_served(setup, tmp_path):
+    """`darp serve`'s gallery is looked up by id like the episodes' (gallery_for): a photo whose image
+    changed is re-embedded by the phase-1 network, a photo the export lacks is refused by name."""
+    from tests.rl_fixtures import save_untrained_run
+    from tune_runs.rl_eval import live_retrieval
+
+    data, phase1, _, net, _ = setup
+    ds = load_dataset(data)
+    photos, changed = with_blank_photo(data, tmp_path / "photo")
+    run = save_untrained_run(tmp_path / "darp", data, phase1, n_glimpses=2)
+    gallery = live_retrieval(run, select_split(load_dataset(changed), "all")).gallery
+    stale = load_embedding_export(phase1).photo_embedding
+    assert list(gallery.photo_ids) == list(ds.photos.photo_id)
+    np.testing.assert_allclose(gallery.embeddings[2], embed_photos(net, photos.subset([2]))[0], atol=1e-5)
+    assert np.abs(gallery.embeddings[2].numpy() - stale[2]).max() > 1e-2
+    keep = np.arange(len(stale)) != 2
+    np.testing.assert_array_equal(gallery.embeddings[keep].numpy(), stale[keep])
+
+    extra = PhotoSet(np.append(ds.photos.photo_id, "new_chair"), np.append(ds.photos.split, "train"),
+                     list(ds.photos.image_bytes) + [ds.photos.image_bytes[0]])
+    more = save_dataset(tmp_path / "more", ds.sketches, extra, name="more", source="test")
+    with pytest.raises(DataError, match=r"no photo embedding for 1 photo\(s\), e\.g\. \['new_chair'\]"):
+        live_retrieval(run, select_split(load_dataset(more), "all"))
 
 
 def test_episodes_take_embeddings_computed_elsewhere(setup):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from ray.tune.search.sample import Categorical, Float, Integer
 
+from tests.processes import kill_session
 from tests.rl_fixtures import make_tiny_setup
 from tune_runs.cli import build_config
 from tune_runs.sweep import SweepConfig, check_config, default_point, experiment_location, param_space
@@ -106,17 +107,6 @@ def result_lines(experiment: Path) -> dict[str, int]:
         lines = path.read_text().splitlines()
         out[json.loads(lines[0])["trial_id"]] = len(lines)
     return out
-
-
-def kill_session(sid: int) -> None:
-    """SIGKILL every process left in session `sid` (the killed driver's Ray processes)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == sid:
-                    os.kill(int(entry.name), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 @pytest.mark.slow

@@ -37,11 +37,12 @@ from policies.embedding import (
 )
 from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, prepare_output_dir
 from sketch_env.data import DataError, Dataset, data_fingerprint, load_dataset, select_split
-from sketch_env.embeddings import EXPORT_DIR, EmbeddingExport, load_embedding_export
-from sketch_env.gallery import Gallery, ranks_from_embeddings
+from sketch_env.embeddings import EXPORT_DIR, EmbeddingExport, gallery_for, load_embedding_export, sketch_embeddings_for
+from sketch_env.gallery import ranks_from_embeddings
 from sketch_env.metrics import retrieval_metrics
-from sketch_env.render import N_LEVELS, first_ink_level
+from sketch_env.render import first_ink_level
 from tune_runs.cli import arg
+from tune_runs.plots import format_percentiles, format_table, plot_curves, plot_glimpses
 
 METRIC_KEYS = ("auir", "m_at_a", "acc@1", "acc@5", "acc@10", "percentile_curve", "n_sketches", "n_photos")
 EVAL_KIND = OutputKind("evaluation", ("metrics.json", "glimpses.png"))
@@ -74,22 +75,20 @@ def export_covers(export: EmbeddingExport, ds: Dataset) -> bool:
     return set(ds.sketches.sketch_id) <= set(export.sketch_id) and set(ds.photos.photo_id) <= set(export.photo_id)
 
 
-def ranks_for_triplet(export_or_net: EmbeddingExport | EmbeddingNet, split: Dataset, batch: int = 1024) -> np.ndarray:
+def ranks_for_triplet(export_or_net: EmbeddingExport | EmbeddingNet, split: Dataset, batch: int = 1024,
+                      export_dir: str | Path = "the phase-1 run") -> np.ndarray:
     """Ranks (S, 17) of every sketch of `split` at every level, the gallery being the split's photos.
 
-    export_or_net: an export holding the split's ids (looked up by id), or a network (the split's
-    sketches are rendered and its photos decoded and embedded here). Rows follow split.sketches.
+    export_or_net: an export holding the split's ids (looked up by id and checked item by item:
+    `sketch_env.embeddings.gallery_for`, `sketch_embeddings_for`; export_dir names it in errors), or a
+    network (the split's sketches are rendered and its photos decoded and embedded here). Rows follow
+    split.sketches.
     """
     if len(split.sketches) == 0 or len(split.photos) == 0:
         raise DataError(f"{split.path}: the split has {len(split.sketches)} sketches and {len(split.photos)} photos; need both")
     if isinstance(export_or_net, EmbeddingExport):
-        export = export_or_net
-        photo_rows, sketch_rows = export.photo_index(), export.sketch_index()
-        missing = [p for p in split.photos.photo_id if p not in photo_rows] + [s for s in split.sketches.sketch_id if s not in sketch_rows]
-        if missing:
-            raise DataError(f"{split.path}: {len(missing)} ids are not in the embedding export, e.g. {missing[:3]}")
-        photo_emb = export.photo_embedding[[photo_rows[p] for p in split.photos.photo_id]]
-        sketch_emb = export.sketch_embedding[[sketch_rows[s] for s in split.sketches.sketch_id]]
+        photo_emb = gallery_for(export_or_net, split.photos, export_dir, split.path).embeddings
+        sketch_emb = sketch_embeddings_for(export_or_net, split.sketches, export_dir, split.path)
     else:
         net = export_or_net
         cfg = net.config
@@ -103,26 +102,9 @@ def _triplet_ranks(run_dir: Path, split: Dataset, batch: int) -> tuple[np.ndarra
     if (run_dir / EXPORT_DIR).is_dir():
         export = load_embedding_export(run_dir)
         if export_covers(export, split):
-            return ranks_for_triplet(export, split, batch), "embedding export"
+            return ranks_for_triplet(export, split, batch, run_dir), "embedding export"
     net, _ = load_embedding_net(run_dir)
     return ranks_for_triplet(net, split, batch), "saved network"
-
-
-def plot_curve(path: Path, curve, title: str) -> None:
-    """Ranking percentile (x100) vs completion level, written atomically as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    completion = 100.0 * np.arange(1, N_LEVELS + 1) / N_LEVELS
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    ax.plot(completion, curve, marker="o", markersize=3)
-    ax.set(xlabel="sketch completion (%)", ylabel="mean ranking percentile (%)", title=title, ylim=(0, 100.5))
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
 
 
 def write_ranks(path: Path, sketch_id, ranks: np.ndarray) -> None:
@@ -138,25 +120,8 @@ def write_ranks(path: Path, sketch_id, ranks: np.ndarray) -> None:
     atomic_write(path, lambda p: pq.write_table(table, p))
 
 
-def format_table(metrics: dict, title: str) -> str:
-    head = f"{title}: {metrics['n_sketches']} sketches, gallery of {metrics['n_photos']} photos"
-    cols = ("acc@1", "acc@5", "acc@10", "auir", "m_at_a")
-    names = ("acc@1", "acc@5", "acc@10", "AUIR", "m@A")
-    row = "  ".join(f"{metrics[c]:>7.2f}" for c in cols)
-    curve = metrics["percentile_curve"]
-    levels = (0, 4, 8, 12, 16)
-    return "\n".join([
-        head,
-        "  ".join(f"{n:>7}" for n in names),
-        row,
-        "percentile at completion " + ", ".join(f"{100 * (l + 1) / N_LEVELS:.0f}%: {curve[l]:.1f}" for l in levels),
-    ])
-
-
 def write_glimpses(path: Path, extras: dict) -> None:
     """Where the policy looks on the first few sketches, level by level (RL runs with a locator)."""
-    from tune_runs.plots import plot_glimpses
-
     trace, episodes = extras["trace"], extras["episodes"]
     rows = torch.as_tensor(trace.sketch_index)
     images = episodes.images.index_select(0, rows).float().numpy()
@@ -214,7 +179,9 @@ def run(cfg: EvaluateConfig) -> dict:
     atomic_write_json(out / "metrics.json", record)
     write_ranks(out / "ranks.parquet", sketch_id, np.asarray(ranks))
     title = f"{kind} on {cfg.split}"
-    plot_curve(out / "curve.png", metrics["percentile_curve"], title)
-    print(format_table(metrics, title))
+    plot_curves({kind: metrics["percentile_curve"]}, out / "curve.png", title=title)
+    print(f"{title}: {metrics['n_sketches']} sketches, gallery of {metrics['n_photos']} photos")
+    print(format_table({kind: metrics}))
+    print(format_percentiles(metrics["percentile_curve"]))
     print(f"wrote {out / 'metrics.json'}, {out / 'curve.png'}, {out / 'ranks.parquet'}")
     return metrics

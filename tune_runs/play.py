@@ -155,7 +155,6 @@ FRAMES_KIND = OutputKind("play frames folder", ("episode.gif", "frame_[0-9][0-9]
 
 def run(cfg: PlayConfig) -> int:
     """Play one episode (see the module docstring); frames of an earlier play in `out` are replaced."""
-    out = prepare_output_dir(cfg.out, FRAMES_KIND, inputs=(cfg.data, cfg.embedding, cfg.policy), force=cfg.force)
     env_options = {}
     if cfg.policy not in ("random", "center"):
         if not Path(cfg.policy).is_dir():
@@ -163,6 +162,7 @@ def run(cfg: PlayConfig) -> int:
         from tune_runs.rl_eval import env_options as trained_env, read_run
 
         env_options = trained_env(read_run(cfg.policy))  # act in the env the policy was trained in
+    out = prepare_output_dir(cfg.out, FRAMES_KIND, inputs=(cfg.data, cfg.embedding, cfg.policy), force=cfg.force)
     episodes = load_episode_data(cfg.data, cfg.embedding, cfg.split, env_options.get("image_size", 64), thumbnails=True)
     env = SketchRetrievalEnv(
         EnvConfig(data=cfg.data, embedding=cfg.embedding, split=cfg.split, **env_options), episodes,

@@ -1,4 +1,8 @@
-"""Figures shared by evaluate, demo and report: percentile curves, glimpse overlays, result tables."""
+"""Figures shared by evaluate, demo and report: percentile curves, glimpse overlays, result tables.
+
+One of each: `plot_curves` (any number of models), `plot_glimpses`, `format_table` (one row per model)
+and `format_percentiles` (a curve at a few completion levels, one line).
+"""
 
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ def plot_curves(curves: dict[str, list[float]], out: str | Path, title: str = ""
         ax.plot(x, curve, marker="o", ms=3, label=name)
     ax.set_xlabel("sketch completion (%)")
     ax.set_ylabel("ranking percentile of the true photo (%)")
+    ax.set_ylim(0, 100.5)
     ax.set_title(title or "on-the-fly retrieval")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -87,3 +92,9 @@ def format_table(rows: dict[str, dict], spread: dict[str, dict] | None = None) -
                 cells.append(f"{v:.2f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_percentiles(curve, levels=(0, 4, 8, 12, 16)) -> str:
+    """One line: the percentile curve (17 floats) at a few completion levels (indices into it)."""
+    n = len(curve)
+    return "percentile at completion " + ", ".join(f"{100 * (l + 1) / n:.0f}%: {curve[l]:.1f}" for l in levels)

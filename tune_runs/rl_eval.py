@@ -12,6 +12,7 @@ Acting goes through `policies.rollout` (`run_episodes`, `policy_step`, `LivePoli
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -233,28 +234,21 @@ def read_darp_run(run_dir: str | Path) -> dict:
 def live_retrieval(run_dir: str | Path, split, cache_size: int = 4096):
     """The `LiveRetrieval` of DARP run `run_dir` over the photos of `split` (a `select_split` result).
 
-    The gallery holds the phase-1 export's embeddings of the split's photos, as in `darp evaluate`;
-    partial sketches are embedded by the run's phase-1 network.
+    The gallery holds the phase-1 export's embeddings of the split's photos, looked up by id as in
+    `darp evaluate` (`sketch_env.embeddings.gallery_for`: photos whose image changed since the export are
+    re-embedded); partial sketches are embedded by the run's phase-1 network.
     """
-    from policies.embedding import load_embedding_net
+    from policies.embedding import embed_photos, load_embedding_net
     from policies.rollout import LivePolicy, LiveRetrieval
-    from sketch_env.embeddings import load_embedding_export
+    from sketch_env.embeddings import gallery_for, load_embedding_export
     from sketch_env.env import EnvConfig, action_space, observation_space
-    from sketch_env.gallery import Gallery
 
     run = read_darp_run(run_dir)
     if len(split.photos) == 0:
         raise DataError(f"{split.path}: the chosen split has no photos to retrieve")
     export = load_embedding_export(run["embedding"])
-    rows = export.photo_index()
-    missing = [p for p in split.photos.photo_id if p not in rows]
-    if missing:
-        raise DataError(
-            f"{run['embedding']}: the embedding export has no embedding for {len(missing)} photo(s) of "
-            f"{split.path}, e.g. {missing[:3]}; serve the data set the run was trained on"
-        )
-    gallery = Gallery(export.photo_embedding[[rows[p] for p in split.photos.photo_id]], split.photos.photo_id)
     net, _ = load_embedding_net(run["embedding"])
+    gallery = gallery_for(export, split.photos, run["embedding"], split.path, functools.partial(embed_photos, net))
     env_config = EnvConfig(**env_options(run))  # the glimpse geometry of make_env
     module = load_module(run_dir, observation_space(env_config, export.dim), action_space(export.dim))
     return LiveRetrieval(LivePolicy(module, net, env_config), gallery, cache_size)

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sketch_env.atomic import OutputKind, replace_dir
+from sketch_env.atomic import OutputKind, read_json_object, replace_dir
 from sketch_env.errors import DataError
 
 SCHEMA_VERSION = 2
@@ -271,14 +271,8 @@ def save_dataset(
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     mf = path / "manifest.json"
-    if not mf.is_file():
-        raise DataError(f"{path}: not a data set directory (no manifest.json); create one with `darp data generate` or `darp data import-qmul`")
-    try:
-        manifest = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{mf}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise DataError(f"{mf}: expected a JSON object, got {type(manifest).__name__}")
+    manifest = read_json_object(mf, f"{path}: not a data set directory (no manifest.json); create one with "
+                                    "`darp data generate` or `darp data import-qmul`")
     if manifest.get("schema_version") not in READABLE_SCHEMAS:
         raise DataError(f"{mf}: schema_version {manifest.get('schema_version')!r}, this code reads {READABLE_SCHEMAS}")
     return manifest
@@ -423,13 +417,3 @@ def select_split(ds: Dataset, name: str, val_fraction: float = VAL_FRACTION, see
     if name == "test":
         return ds.split("test")
     raise DataError(f"unknown split {name!r}: use train, val, test, train+val or all")
-
-
-def data_fingerprint(data_dir: str | Path) -> str:
-    """sha256 over a data set directory's three files: tells whether an export was made from it."""
-    h = hashlib.sha256()
-    for name in ("manifest.json", "sketches.parquet", "photos.parquet"):
-        with open(Path(data_dir) / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()

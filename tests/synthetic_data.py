@@ -1,0 +1,63 @@
+"""The synthetic data set and embedding export of the environment tests (no pretraining needed).
+
+Shared by every test of the env, the vector env and `darp play` through conftest's `synthetic` fixture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sketch_env.data import PhotoSet, SketchSet, encode_png, save_dataset
+from sketch_env.embeddings import EmbeddingExport, save_embedding_export
+from sketch_env.render import N_LEVELS
+
+DIM = 8
+N_PHOTOS = 10
+SKETCHES_PER_PHOTO = 2
+G = 2  # glimpses per level in most tests: 34-step episodes
+
+
+def random_walk_sketch(rng: np.random.Generator, n: int, step: float, margin: float, stroke_points: int) -> np.ndarray:
+    """(n, 3) float64 points: a random walk from the centre (steps N(0, step) per axis), clipped to
+    [margin, 1 - margin], the pen lifted every `stroke_points` points and at the end."""
+    xy = np.clip(0.5 + np.cumsum(rng.normal(0, step, (n, 2)), axis=0), margin, 1 - margin)
+    pen = np.zeros(n)
+    pen[stroke_points - 1 :: stroke_points] = 1.0
+    pen[-1] = 1.0
+    return np.column_stack([xy, pen])
+
+
+def build_fixture(root: Path, seed: int = 0) -> tuple[str, str]:
+    """A data set of 10 photos with 2 random-walk sketches each (all split "train") and an embedding
+    export whose partial-sketch embeddings approach their photo's as the level grows.
+    Returns (data directory, embedding run directory)."""
+    rng = np.random.default_rng(seed)
+    photo_ids = [f"chair{i:02d}" for i in range(N_PHOTOS)]
+    images = [encode_png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in photo_ids]
+    photos = PhotoSet(np.array(photo_ids, dtype=object), np.array(["train"] * N_PHOTOS, dtype=object), images)
+    strokes, sketch_ids, sketch_photos = [], [], []
+    for p in photo_ids:
+        for k in range(SKETCHES_PER_PHOTO):
+            strokes.append(random_walk_sketch(rng, int(rng.integers(20, 40)), 0.06, 0.05, 8).astype(np.float32))
+            sketch_ids.append(f"/train/{p}_{k + 1}")
+            sketch_photos.append(p)
+    s = len(strokes)
+    sketches = SketchSet.from_list(strokes, sketch_ids, sketch_photos, ["train"] * s, np.arange(s))
+    data_dir = save_dataset(root / "data", sketches, photos, name="synthetic", source="test")
+
+    photo_emb = _normalise(rng.normal(size=(N_PHOTOS, DIM)))
+    owner = np.array([photo_ids.index(p) for p in sketch_photos])
+    noise = rng.normal(size=(s, N_LEVELS, DIM)) * np.linspace(2.0, 0.3, N_LEVELS)[None, :, None]
+    sketch_emb = _normalise(photo_emb[owner][:, None, :] + noise)
+    export = EmbeddingExport(
+        photo_ids, ["train"] * N_PHOTOS, photo_emb, sketch_ids, sketch_photos, ["train"] * s, sketch_emb, {"test": True}
+    )
+    run_dir = root / "pretrain"
+    save_embedding_export(run_dir, export)
+    return str(data_dir), str(run_dir)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
