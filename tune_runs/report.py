@@ -118,7 +118,6 @@ def _write_metrics(out: Path, metrics: dict) -> None:
 
 def _write_glimpses(out: Path, extras: dict) -> None:
     """The traced sketches' partial images, glimpse centres and ranks, for glimpses.png."""
-    from sketch_env.env import EnvConfig
 
     trace = extras["trace"]
     images = extras["episodes"].images[trace.sketch_index].numpy().astype(np.uint8)
@@ -127,7 +126,7 @@ def _write_glimpses(out: Path, extras: dict) -> None:
         with open(path, "wb") as f:
             np.savez(f, images=images, locations=trace.locations, ranks=trace.ranks,
                      sketch_id=np.asarray(extras["episodes"].sketch_id)[trace.sketch_index].astype(str),
-                     patch_pixels=np.float32(EnvConfig().glimpse_size))
+                     patch_pixels=np.float32(extras["env_config"].glimpse_size))
 
     atomic_write(out / "glimpses.npz", write)
 
