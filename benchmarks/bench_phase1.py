@@ -8,7 +8,7 @@ machine. Results are appended to a JSON-lines file, so an interrupted comparison
 can be printed again without training (`--table-only`).
 
     .venv/bin/python benchmarks/bench_phase1.py --data data/chairv2 --out runs/bench_phase1.jsonl \
-        --recipes complete uniform mixture multilevel --seeds 0 1 2
+        --recipes default paper triplet hed-multi --seeds 0 1 2
 
 `--speed` instead measures the cost per backbone: training pairs/s, embedded images/s and edge maps/s.
 """
@@ -32,27 +32,24 @@ from policies.phase1 import Phase1Config, fit, new_state, prepare_data, validate
 from policies.triplet import batch_triplet_loss, random_affine  # noqa: E402
 from sketch_env.data import load_dataset  # noqa: E402
 
-# name -> Phase1Config overrides. "complete" is the paper's recipe; the rest train for partial sketches.
+# name -> Phase1Config overrides of the defaults (partial sketches, InfoNCE, weight average).
 RECIPES: dict[str, dict] = {
-    "complete": dict(train_on_partial=False),
-    "uniform": dict(),
-    "uniform-constant-lr": dict(lr_schedule="constant"),
+    "default": dict(),
+    "paper": dict(train_on_partial=False, loss="triplet", ema_decay=0.0),  # complete sketches, triplet (issue 14's row 1)
+    "triplet": dict(loss="triplet", ema_decay=0.0),  # partial sketches, batch-hard triplet (issue 14's best row)
+    "triplet-ema": dict(loss="triplet"),
+    "no-ema": dict(ema_decay=0.0),
+    "constant-lr": dict(lr_schedule="constant"),
     "mixture": dict(complete_fraction=0.3),
     "multilevel": dict(levels_per_sketch=3, complete_fraction=0.3),
     "multilevel-late": dict(levels_per_sketch=3, complete_fraction=0.3, late_weight=1.0),
     "strokes": dict(stroke_augment=True, pen_widths=(1, 2, 3)),
     "hed": dict(photo_input="hed"),
+    "hed-multi": dict(photo_input="hed", levels_per_sketch=2, complete_fraction=0.3),
     "tta": dict(tta_flip=True),
     "wide": dict(width=24),
     "size96": dict(image_size=96),
     "batch64": dict(batch_size=64),
-    "ema": dict(ema_decay=0.999),
-    "long": dict(epochs=400),
-    "long-ema": dict(epochs=400, ema_decay=0.999),
-    "hed-multi-ema": dict(photo_input="hed", levels_per_sketch=2, complete_fraction=0.3, ema_decay=0.999, epochs=300),
-    "nce-ema": dict(loss="infonce", ema_decay=0.999, epochs=300),
-    "nce-hed-multi-ema": dict(loss="infonce", photo_input="hed", levels_per_sketch=2, complete_fraction=0.3,
-                              ema_decay=0.999, epochs=300),
 }
 FIGURES = ("auir", "m_at_a", "acc@1", "acc@5", "acc@10")
 
@@ -82,6 +79,15 @@ def train_recipe(ds, name: str, overrides: dict, seed: int, base: dict, cache: d
             "curve": [(h["epoch"], h.get("auir"), h.get("acc@5"), round(h["loss"], 4)) for h in state["history"] if "auir" in h]}
 
 
+def row_of_run(run_dir: str, name: str, base: dict) -> dict:
+    """A table row from a finished `darp pretrain` run (the same engine, trained by the command)."""
+    record = json.loads((Path(run_dir) / "run.json").read_text())
+    cfg = record["config"]
+    return {"recipe": name, "seed": cfg["seed"], "run_dir": str(run_dir), "base": base, "config": cfg,
+            **{k: record["val_metrics"][k] for k in FIGURES}, "best_epoch": record["best_epoch"],
+            "epochs": record["epochs"], "train_seconds": record["train_seconds"]}
+
+
 def table(rows: list[dict]) -> str:
     by_recipe: dict[str, list[dict]] = {}
     for r in rows:
@@ -92,7 +98,7 @@ def table(rows: list[dict]) -> str:
         cells = []
         for k in FIGURES:
             v = np.array([r[k] for r in rs])
-            cells.append(f"{v.mean():.2f} ± {v.std():.2f}")
+            cells.append(f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}")
         kept = f"{np.mean([r['best_epoch'] for r in rs]):.0f} / {np.mean([r['epochs'] for r in rs]):.0f}"
         lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + f" | {kept} | {np.mean([r['train_seconds'] for r in rs]):.0f} |")
     return "\n".join(lines)
@@ -144,11 +150,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="data set directory (e.g. an import of Chair-V2)")
     parser.add_argument("--out", default="runs/bench_phase1.jsonl", help="JSON-lines results file (appended; resumes)")
-    parser.add_argument("--recipes", nargs="+", default=["complete", "uniform", "mixture", "multilevel"], choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=["default", "paper", "triplet", "hed-multi"], choices=list(RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--base", default="{}", help="JSON of options every recipe shares, e.g. '{\"epochs\": 300}'")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--table-only", action="store_true", help="print the table of what --out holds")
+    parser.add_argument("--add-run", nargs=2, action="append", default=[], metavar=("RECIPE", "RUN_DIR"),
+                        help="add a finished darp pretrain run trained with RECIPE's options and --base as a row")
     parser.add_argument("--speed", action="store_true", help="measure the cost per backbone instead")
     parser.add_argument("--backbones", nargs="+", default=["compact", "mobilenet_v3_small", "resnet18"])
     parser.add_argument("--seconds", type=float, default=3.0, help="--speed: time per measurement")
@@ -159,6 +167,13 @@ def main() -> None:
         return
     out = Path(args.out)
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.is_file() else []
+    for name, run_dir in args.add_run:
+        row = row_of_run(run_dir, name, json.loads(args.base))
+        if not any(r["recipe"] == name and r["seed"] == row["seed"] and r["base"] == row["base"] for r in rows):
+            rows.append(row)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
     if not args.table_only:
         if not args.data:
             parser.error("--data is required to train recipes")
