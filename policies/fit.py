@@ -196,8 +196,10 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     Returns the validation figures of the checkpoint evaluation uses (policies.runs.best_checkpoint)
     and writes run.json. SystemExit with a one-line reason when the run failed or was interrupted.
     """
-    cfg = with_algo_defaults(cfg)
     run_dir = Path(cfg.run_dir).resolve()
+    # Tune runs the trial in a working directory of its own: relative paths are read from here
+    cfg = dataclasses.replace(with_algo_defaults(cfg), data=str(Path(cfg.data).resolve()),
+                              embedding=str(Path(cfg.embedding).resolve()), run_dir=str(run_dir))
     if runs.legacy_checkpoint(run_dir) is not None and runs.experiment_dir(run_dir) is None:
         raise SystemExit(f"darp train: {run_dir} holds a run trained before darp train ran on Tune (its checkpoint/ "
                          "cannot be resumed); evaluate it as it is, or train into a new --run-dir")

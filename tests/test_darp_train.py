@@ -34,6 +34,18 @@ def iterations_logged(run_dir) -> list[int]:
     return [r["training_iteration"] for r in runs.results(run_dir)]
 
 
+def test_relative_paths_are_read_from_where_darp_train_was_started(ray_local, tiny, tmp_path, monkeypatch):
+    """Tune runs the trial in a working directory of its own: `make demo` passes runs/demo/... paths."""
+    import os
+
+    data, phase1 = tiny
+    monkeypatch.chdir(tmp_path)
+    val = train(tiny_config(os.path.relpath(data), os.path.relpath(phase1), "relative/darp", iterations=1))
+    assert val["auir"] > 0
+    run = runs.read_run(tmp_path / "relative" / "darp")
+    assert run["status"] == "finished" and Path(run["config"]["data"]) == Path(data).resolve()
+
+
 def test_train_is_one_tune_trial_that_tensorboard_reads(ray_local, tiny, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
