@@ -271,8 +271,10 @@ def test_darp_serve_shuts_ray_down_on_sigterm_and_sigint(setup, stop):
     """Every process `darp serve` started (Ray's agents too, which ignore SIGTERM) is gone after it stops."""
     data, darp, _ = setup
     port = free_port()
+    # its own Ray instance, whatever else runs on the machine (ray.init() joins a `ray start` cluster it finds)
     server = subprocess.Popen([sys.executable, "-m", "tune_runs.cli", "serve", "--data", str(data), "--run", str(darp),
-                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=os.environ | {"RAY_ADDRESS": "local"})
     family: dict[int, str] = {}
     try:
         deadline = time.time() + 300
