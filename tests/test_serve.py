@@ -274,7 +274,9 @@ def test_darp_serve_shuts_ray_down_on_sigterm_and_sigint(setup, stop):
     # its own Ray instance, whatever else runs on the machine (ray.init() joins a `ray start` cluster it finds)
     server = subprocess.Popen([sys.executable, "-m", "tune_runs.cli", "serve", "--data", str(data), "--run", str(darp),
                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=os.environ | {"RAY_ADDRESS": "local"})
+                              env=os.environ | {"RAY_ADDRESS": "local"},
+                              # a suite started in the background inherits SIGINT ignored; a person's Ctrl-C is not
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     family: dict[int, str] = {}
     try:
         deadline = time.time() + 300
