@@ -205,7 +205,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
                          "cannot be resumed); evaluate it as it is, or train into a new --run-dir")
     prepare_output_dir(run_dir, runs.RL_RUN_KIND, inputs=(cfg.data, cfg.embedding), force=cfg.force)
     record = {"kind": cfg.algo, "status": "running", "config": dataclasses.asdict(cfg),
-              "data": str(Path(cfg.data).resolve()), "embedding": str(Path(cfg.embedding).resolve())}
+              "data": cfg.data, "embedding": cfg.embedding}
     # Checkpointing every iteration with num_to_keep=1 makes Tune snapshot its state after every
     # checkpoint (so a resume restarts from the last one); Tune warns about that when iterations are short.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
