@@ -52,7 +52,11 @@ class TrainTrial(tune.Trainable):
         self._validation: dict = {}
 
     def step(self) -> dict:
+        warm = self._warm_start() if self.iteration == 0 and self.cfg.warm_start_updates else {}
         result = self.algo.train()
+        if warm:  # the warm start is training time: it counts in this iteration and in the budget
+            result["time_this_iter_s"] += warm["warm_start_s"]
+            result.update(warm)
         elapsed = self._time_total + result["time_this_iter_s"]
         last = result["training_iteration"] >= self.cfg.iterations or (
             bool(self.cfg.time_budget_s) and elapsed >= self.cfg.time_budget_s
@@ -62,6 +66,16 @@ class TrainTrial(tune.Trainable):
         self._validation = validation_of(result)
         result["done"] = last
         return result
+
+    def _warm_start(self) -> dict:
+        """The supervised warm start (policies.warm_start) of a fresh run; a restored run (iteration > 0) has its weights."""
+        from policies.warm_start import WarmStartConfig, warm_start_algo
+
+        config = WarmStartConfig(updates=self.cfg.warm_start_updates, locator=self.cfg.warm_start_locator,
+                                 episodes_per_update=self.cfg.minibatch_episodes or 16, lr=self.cfg.lr, seed=self.cfg.seed,
+                                 noise_copies=self.cfg.warm_start_noise_copies,
+                                 noise_strokes=self.cfg.warm_start_noise_strokes)
+        return warm_start_algo(self.algo, config, self.cfg.val_split)
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         self.algo.save_to_path(checkpoint_dir)

@@ -117,6 +117,17 @@ class TrainConfig:
     eval_heads: Literal["mean", "first"] = _arg("mean", "deterministic location: mean of all heads or head 0")
     retina_encoder: Literal["linear", "conv"] = _arg("linear", "what the glimpse network reads a retina with: one linear "
                                                       "layer (the paper's), or a small CNN (for sharp glimpses)")
+    # supervised warm start (policies.warm_start)
+    warm_start_updates: int = _arg(0, "before RL, train the glimpse network, core and action network with the supervised "
+                                      "term alone for this many updates on whole episodes of glimpses taken by "
+                                      "--warm-start-locator, keeping the best validation AUIR (0: no warm start; its time "
+                                      "counts in the first iteration and in --time-budget-s)")
+    warm_start_locator: Literal["ink", "newest-ink", "centre", "random"] = _arg(
+        "ink", "the fixed rule the warm start's glimpses are taken by (sketch_env.locators)")
+    warm_start_noise_copies: int = _arg(0, "the warm start also trains on this many copies of the training sketches with "
+                                           "unnecessary strokes added (copy c of n: --warm-start-noise-strokes x (c + 1) / n "
+                                           "strokes), re-embedded by the phase-1 network")
+    warm_start_noise_strokes: int = _arg(4, "noise strokes in the noisiest copy of --warm-start-noise-copies")
     # validation
     val_interval: int = _arg(DEFAULT_VAL_INTERVAL, "validate every this many iterations (0: only at the end)")
     val_split: str = _arg("val", "split to validate on")
@@ -145,6 +156,8 @@ def with_algo_defaults(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with the model's defaults for the fields left at None, and darp-no-exploration's preset."""
     if cfg.algo not in ALGOS:
         raise ValueError(f"unknown model {cfg.algo!r}; choose from {ALGOS}")
+    if cfg.warm_start_updates and cfg.algo in ("vanilla-pg", "ppo"):
+        raise ValueError(f"--warm-start-updates trains DARP's networks; {cfg.algo} has none (use darp, its ablations or bdqn)")
     values = {}
     if cfg.n_glimpses is None:
         values["n_glimpses"] = 12 if cfg.algo in GLIMPSING else 1

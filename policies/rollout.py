@@ -30,7 +30,7 @@ from sketch_env.env import EnvConfig, build_observation
 from sketch_env.gallery import Gallery
 from sketch_env.geometry import location_to_unit, stroke_ends, unit_length
 from sketch_env.glimpse import GlimpseSensor, integral_image
-from sketch_env.locators import LOCATORS, fixed_locations
+from sketch_env.locators import LOCATORS, InkTable
 from sketch_env.metrics import retrieval_metrics
 from sketch_env.render import N_LEVELS, render_points
 
@@ -79,12 +79,12 @@ class FixedLocator:
             raise ValueError(f"unknown locator {rule!r}: choose from policy, {', '.join(LOCATORS)}")
         self.rule = rule
         # level maps from the nested partial renders: pixel p is inked at level L iff map[p] <= L
-        self.level_maps = (N_LEVELS - episodes.images.sum(1, dtype=torch.int16)).to(torch.uint8)
+        self.table = InkTable((N_LEVELS - episodes.images.sum(1, dtype=torch.int16)).to(torch.uint8))
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, sketch_index: np.ndarray, level: np.ndarray) -> np.ndarray:
-        maps = self.level_maps.index_select(0, torch.as_tensor(sketch_index, dtype=torch.long))
-        return fixed_locations(self.rule, maps, torch.as_tensor(level), self.generator).numpy()
+        sketch = torch.as_tensor(np.asarray(sketch_index), dtype=torch.long)
+        return self.table(self.rule, sketch, torch.as_tensor(np.asarray(level)), self.generator).numpy()
 
 
 @torch.no_grad()

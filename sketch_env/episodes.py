@@ -131,6 +131,22 @@ def episode_data(
     )
 
 
+def concat_episode_data(parts: list[EpisodeData]) -> EpisodeData:
+    """One EpisodeData of the sketches of `parts`, which must share one gallery (e.g. a split and noisy
+    copies of it): rows in the order of the parts."""
+    gallery = parts[0].gallery
+    if any(p.gallery is not gallery for p in parts[1:]):
+        raise ValueError("episode data can only be joined over one gallery")
+    return EpisodeData(
+        images=torch.cat([p.images for p in parts]),
+        sketch_embedding=torch.cat([p.sketch_embedding for p in parts]),
+        target_index=torch.cat([p.target_index for p in parts]),
+        gallery=gallery,
+        sketch_id=np.concatenate([p.sketch_id for p in parts]),
+        photo_id=np.concatenate([p.photo_id for p in parts]),
+    )
+
+
 def load_supervised_targets(
     data_dir: str | Path, embedding_run: str | Path, split: str = "train"
 ) -> tuple[Gallery, torch.Tensor]:
