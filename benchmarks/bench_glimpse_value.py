@@ -166,6 +166,8 @@ def main() -> None:
         if args.noise_copies:
             train = with_noisy_copies(train, data, "train", embedding, args.noise_copies, args.noise_strokes, 0, size)
         noisy_val = noisy_episode_data(val, data, "val", embedding, args.noise_eval, 0, size) if args.noise_eval else None
+        noisy_select = (noisy_episode_data(val, data, "val", embedding, args.noise_strokes, 1000, size)
+                        if args.noise_copies else None)
         objective = SupervisedObjective("infonce", train.gallery.embeddings.float(), 0.2)
         rules = ["centre"] if name == "no-attention" else args.rules
         for rule in rules:
@@ -175,8 +177,10 @@ def main() -> None:
                 config = WarmStartConfig(updates=args.updates, locator=rule, episodes_per_update=args.episodes_per_update,
                                          lr=args.lr, eval_every=args.eval_every, seed=seed, time_budget_s=args.time_budget_s)
                 start = time.perf_counter()
-                history = warm_start(module, FixedRuleEpisodes(train, env_config, rule, seed),
-                                     FixedRuleEpisodes(val, env_config, rule, 1000 + seed), objective, config)
+                val_sets = [FixedRuleEpisodes(val, env_config, rule, 1000 + seed)]
+                if args.noise_copies:  # selected on clean and noisy validation sketches, as darp train does
+                    val_sets.append(FixedRuleEpisodes(noisy_select, env_config, rule, 1000 + seed))
+                history = warm_start(module, FixedRuleEpisodes(train, env_config, rule, seed), val_sets, objective, config)
                 seconds = time.perf_counter() - start
                 step, best = best_of(history)
                 cross = {}

@@ -52,7 +52,9 @@ class WarmStartConfig:
     episodes_per_update: whole episodes per step; eval_every: validate every this many steps;
     time_budget_s: stop after this many seconds (0: no limit); noise_copies: train also on this many
     copies of the training sketches with unnecessary strokes added (copy c: noise_strokes x (c + 1) /
-    noise_copies strokes, `with_noisy_copies`), so the networks learn to discount them."""
+    noise_copies strokes, `with_noisy_copies`), so the networks learn to discount them; the weights kept
+    are then those of the best mean AUIR over the clean validation sketches and a copy with noise_strokes
+    strokes (its own seed, not evaluation's)."""
 
     updates: int = 0
     locator: str = "ink"
@@ -167,17 +169,23 @@ def validation_ranks(module, episodes: FixedRuleEpisodes) -> np.ndarray:
     return torch.cat(ranks).numpy()
 
 
-def warm_start(module, train: FixedRuleEpisodes, val: FixedRuleEpisodes, objective: SupervisedObjective,
-               config: WarmStartConfig, log=None) -> list[tuple[int, float]]:
+def warm_start(module, train: FixedRuleEpisodes, val: FixedRuleEpisodes | list[FixedRuleEpisodes],
+               objective: SupervisedObjective, config: WarmStartConfig, log=None) -> list[tuple[int, float]]:
     """Train `module` (in place) on `train`'s episodes with `objective`; keep the best validation AUIR.
 
+    val: one validation set, or several (e.g. clean and noisy sketches): then the mean of their AUIRs.
     Returns [(update, val AUIR)], update 0 being the untrained module. `log(line)` gets one line per validation.
     """
+    sets = val if isinstance(val, list) else [val]
+
+    def validate() -> float:
+        return float(np.mean([validation_auir(module, v) for v in sets]))
+
     torch.manual_seed(config.seed)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     module.train()
-    history = [(0, validation_auir(module, val))]
+    history = [(0, validate())]
     best_auir, best_state = history[0][1], copy.deepcopy(module.state_dict())
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
@@ -190,7 +198,7 @@ def warm_start(module, train: FixedRuleEpisodes, val: FixedRuleEpisodes, objecti
         optimizer.step()
         out_of_time = bool(config.time_budget_s) and time.perf_counter() - start >= config.time_budget_s
         if update % config.eval_every == 0 or update == config.updates or out_of_time:
-            history.append((update, validation_auir(module, val)))
+            history.append((update, validate()))
             if history[-1][1] > best_auir:
                 best_auir, best_state = history[-1][1], copy.deepcopy(module.state_dict())
             if log is not None:
@@ -247,8 +255,12 @@ def warm_start_learner(learner, config: WarmStartConfig, val_split: str = "val")
                               config.seed, env.image_size)
     val = load_episode_data(env.data, env.embedding, val_split, env.image_size)
     module = learner.module[DEFAULT_MODULE_ID].unwrapped()
-    return warm_start(module, FixedRuleEpisodes(train, env, config.locator, config.seed),
-                      FixedRuleEpisodes(val, env, config.locator, VAL_SEED + config.seed),
+    val_sets = [FixedRuleEpisodes(val, env, config.locator, VAL_SEED + config.seed)]
+    if config.noise_copies:  # trained to discount unnecessary strokes: kept by clean and noisy validation alike
+        noisy = noisy_episode_data(val, env.data, val_split, env.embedding, config.noise_strokes, VAL_SEED + config.seed,
+                                   env.image_size)
+        val_sets.append(FixedRuleEpisodes(noisy, env, config.locator, VAL_SEED + config.seed))
+    return warm_start(module, FixedRuleEpisodes(train, env, config.locator, config.seed), val_sets,
                       learner.supervised_objective, config, log=lambda line: print(line, flush=True))
 
 

@@ -78,6 +78,19 @@ def test_warm_start_learns_and_keeps_the_best_validation(episodes):
     assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
 
 
+def test_several_validation_sets_are_averaged(episodes):
+    """With clean and noisy validation sets the kept weights are those of the best mean AUIR."""
+    config = EnvConfig(n_glimpses=1)
+    objective = SupervisedObjective("infonce", episodes.gallery.embeddings.float(), 0.2)
+    train = FixedRuleEpisodes(episodes, config, "ink", seed=0)
+    first, second = FixedRuleEpisodes(episodes, config, "ink", seed=1), FixedRuleEpisodes(episodes, config, "centre", seed=1)
+    torch.manual_seed(0)
+    module = _module(config, episodes.dim, dropout=0.0)
+    history = warm_start(module, train, [first, second], objective, WarmStartConfig(updates=30, eval_every=10, lr=3e-3))
+    best = max(a for _, a in history)
+    assert (validation_auir(module, first) + validation_auir(module, second)) / 2 == pytest.approx(best)
+
+
 def test_warm_start_config_is_checked():
     with pytest.raises(ValueError, match="locator"):
         WarmStartConfig(locator="corner")
