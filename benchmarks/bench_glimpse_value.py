@@ -30,11 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from policies.embedding import noisy_episode_data  # noqa: E402
 from policies.supervised import SupervisedObjective  # noqa: E402
 from policies.warm_start import (  # noqa: E402
     FixedRuleEpisodes, WarmStartConfig, best_of, validation_auir, validation_ranks, warm_start, with_noisy_copies,
-    noisy_episode_data,
+    VAL_SEED,
 )
+from sketch_env.data import load_dataset, select_split  # noqa: E402
 from sketch_env.env import EnvConfig, action_space, observation_space  # noqa: E402
 from sketch_env.episodes import load_episode_data  # noqa: E402
 from sketch_env.locators import LOCATORS  # noqa: E402
@@ -165,8 +167,9 @@ def main() -> None:
         train, val = loaded[size]
         if args.noise_copies:
             train = with_noisy_copies(train, data, "train", embedding, args.noise_copies, args.noise_strokes, 0, size)
-        noisy_val = noisy_episode_data(val, data, "val", embedding, args.noise_eval, 0, size) if args.noise_eval else None
-        noisy_select = (noisy_episode_data(val, data, "val", embedding, args.noise_strokes, 1000, size)
+        val_split = select_split(load_dataset(data), "val")
+        noisy_val = noisy_episode_data(val_split, val.gallery, embedding, args.noise_eval, 0, size) if args.noise_eval else None
+        noisy_select = (noisy_episode_data(val_split, val.gallery, embedding, args.noise_strokes, VAL_SEED, size)
                         if args.noise_copies else None)
         objective = SupervisedObjective("infonce", train.gallery.embeddings.float(), 0.2)
         rules = ["centre"] if name == "no-attention" else args.rules
@@ -177,9 +180,9 @@ def main() -> None:
                 config = WarmStartConfig(updates=args.updates, locator=rule, episodes_per_update=args.episodes_per_update,
                                          lr=args.lr, eval_every=args.eval_every, seed=seed, time_budget_s=args.time_budget_s)
                 start = time.perf_counter()
-                val_sets = [FixedRuleEpisodes(val, env_config, rule, 1000 + seed)]
+                val_sets = [FixedRuleEpisodes(val, env_config, rule, VAL_SEED + seed)]
                 if args.noise_copies:  # selected on clean and noisy validation sketches, as darp train does
-                    val_sets.append(FixedRuleEpisodes(noisy_select, env_config, rule, 1000 + seed))
+                    val_sets.append(FixedRuleEpisodes(noisy_select, env_config, rule, VAL_SEED + seed))
                 history = warm_start(module, FixedRuleEpisodes(train, env_config, rule, seed), val_sets, objective, config)
                 seconds = time.perf_counter() - start
                 step, best = best_of(history)
@@ -192,8 +195,8 @@ def main() -> None:
                            triplet_auir=auir(val.phase1_rank.numpy()))
                 if noisy_val is not None:
                     n_photos = len(val.gallery)
-                    clean = retrieval_metrics(validation_ranks(module, FixedRuleEpisodes(val, env_config, rule, 1000 + seed)), n_photos)
-                    noisy = retrieval_metrics(validation_ranks(module, FixedRuleEpisodes(noisy_val, env_config, rule, 1000 + seed)), n_photos)
+                    clean = retrieval_metrics(validation_ranks(module, FixedRuleEpisodes(val, env_config, rule, VAL_SEED + seed)), n_photos)
+                    noisy = retrieval_metrics(validation_ranks(module, FixedRuleEpisodes(noisy_val, env_config, rule, VAL_SEED + seed)), n_photos)
                     t_clean = retrieval_metrics(val.phase1_rank.numpy(), n_photos)
                     t_noisy = retrieval_metrics(noisy_val.phase1_rank.numpy(), n_photos)
                     row["noise"] = dict(clean=clean, noisy=noisy, triplet_clean=t_clean, triplet_noisy=t_noisy)

@@ -369,6 +369,17 @@ def embed_sketches(net_or_run: EmbeddingNet | str | Path, sketches: SketchSet, b
     return embed_sketch_levels(net, first_ink_level(sketches, net.config.image_size), batch)
 
 
+def noisy_episode_data(split, gallery, net_or_run: EmbeddingNet | str | Path, strokes: int, seed: int, image_size: int):
+    """Episodes of the Dataset `split` with `strokes` unnecessary strokes added to every sketch
+    (sketch_env.strokes.with_noise_strokes: what `darp evaluate --noise-strokes N --noise-seed S` ranks),
+    ranked in `gallery`, their partial sketches embedded by the phase-1 network (they are not in the export)."""
+    from sketch_env.episodes import episode_data
+    from sketch_env.strokes import with_noise_strokes
+
+    noisy = with_noise_strokes(split, strokes, seed)
+    return episode_data(noisy, gallery, embed_sketches(net_or_run, noisy.sketches), image_size)
+
+
 def embed_photos(net_or_run: EmbeddingNet | str | Path, photos: PhotoSet, batch: int = 512) -> torch.Tensor:
     """(N, D) phase-1 embeddings of `photos`, by a network or the one saved in a phase-1 run directory."""
     net = net_or_run if isinstance(net_or_run, EmbeddingNet) else load_embedding_net(net_or_run)[0]

@@ -78,8 +78,7 @@ class FixedLocator:
         if rule not in LOCATORS:
             raise ValueError(f"unknown locator {rule!r}: choose from policy, {', '.join(LOCATORS)}")
         self.rule = rule
-        # level maps from the nested partial renders: pixel p is inked at level L iff map[p] <= L
-        self.table = InkTable((N_LEVELS - episodes.images.sum(1, dtype=torch.int16)).to(torch.uint8))
+        self.table = InkTable.from_renders(episodes.images)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, sketch_index: np.ndarray, level: np.ndarray) -> np.ndarray:

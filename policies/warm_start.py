@@ -34,6 +34,8 @@ import torch
 import tree
 from ray.rllib.core.columns import Columns
 
+from policies.embedding import load_embedding_net, noisy_episode_data
+from policies.rollout import initial_state
 from policies.supervised import TARGET_EMBEDDING, TARGET_INDEX, SupervisedObjective
 from sketch_env.env import EnvConfig
 from sketch_env.episodes import EpisodeData, load_episode_data
@@ -92,8 +94,7 @@ class FixedRuleEpisodes:
         self.G = env_config.n_glimpses
         self.snap = env_config.snap_to_ink
         self.sensor = GlimpseSensor(env_config.glimpse_size, env_config.n_patches, env_config.patch_scale)
-        # pixel p is inked at level L iff map[p] <= L (the nested partial renders, as FixedLocator)
-        self.table = InkTable((N_LEVELS - episodes.images.sum(1, dtype=torch.int16)).to(torch.uint8))
+        self.table = InkTable.from_renders(episodes.images)
         self.level = torch.arange(N_LEVELS).repeat_interleave(self.G)
         self.glimpse_index = torch.arange(self.G).repeat(N_LEVELS)
         self.reseed()
@@ -109,8 +110,7 @@ class FixedRuleEpisodes:
         onto its ink if the env snaps), the episode's first glimpse at the centre."""
         B = len(rows)
         sketch = rows.repeat_interleave(N_LEVELS * self.G)
-        levels = torch.arange(N_LEVELS).repeat_interleave(self.G).repeat(B)
-        loc = self.table(self.rule, sketch, levels, self.generator).reshape(B, N_LEVELS, self.G, 2)
+        loc = self.table(self.rule, sketch, self.level.repeat(B), self.generator).reshape(B, N_LEVELS, self.G, 2)
         if self.snap and self.rule in ("centre", "random"):  # the ink rules' draws are inked pixels already
             images = self.episodes.images.index_select(0, rows).flatten(0, 1)  # (B * 17, H, W)
             snapped = [nearest_ink(images, loc[:, :, g].reshape(-1, 2)) for g in range(self.G)]
@@ -136,8 +136,7 @@ class FixedRuleEpisodes:
             "glimpse_index": self.glimpse_index.expand(B, T),
             "sketch_embedding": embedding.repeat_interleave(self.G, 1),
         }
-        state = {k: torch.as_tensor(np.asarray(v)).expand(B, *np.shape(v)).clone()
-                 for k, v in module.get_initial_state().items()}
+        state = initial_state(module, B)
         target = self.episodes.target_index.index_select(0, rows)[:, None].expand(B, T)
         gallery = self.episodes.gallery.embeddings.float()
         batch = {Columns.OBS: obs, Columns.STATE_IN: state, TARGET_INDEX: target, TARGET_EMBEDDING: gallery[target]}
@@ -210,35 +209,21 @@ def warm_start(module, train: FixedRuleEpisodes, val: FixedRuleEpisodes | list[F
     return history
 
 
-def noisy_episode_data(episodes: EpisodeData, data_dir, split: str, embedding_run, strokes: int, seed: int,
-                       image_size: int, net=None) -> EpisodeData:
-    """The sketches of `episodes` (those of `split`, in load_episode_data's order) with `strokes` unnecessary
-    strokes inserted (sketch_env.strokes.add_noise_strokes, as `darp evaluate --noise-strokes` adds them for
-    a seed), in the same gallery, their partial sketches embedded by the phase-1 network of `embedding_run`."""
-    from policies.embedding import embed_sketches, load_embedding_net
-    from sketch_env.data import load_dataset, select_split
-    from sketch_env.episodes import episode_data
-    from sketch_env.strokes import add_noise_strokes
-
-    split_data = select_split(load_dataset(data_dir), split)
-    noisy = dataclasses.replace(split_data, sketches=add_noise_strokes(split_data.sketches, strokes, seed))
-    return episode_data(noisy, episodes.gallery, embed_sketches(net or load_embedding_net(embedding_run)[0], noisy.sketches),
-                        image_size)
-
-
 def with_noisy_copies(episodes: EpisodeData, data_dir, split: str, embedding_run, copies: int, strokes: int,
                       seed: int, image_size: int) -> EpisodeData:
-    """`episodes` and `copies` noisy copies of them (`noisy_episode_data`: copy c gets strokes x (c + 1) //
-    copies strokes, seeded by 10_000 + seed + c, apart from evaluation's noise seeds)."""
+    """`episodes` (the sketches of `split`, in load_episode_data's order) and `copies` noisy copies of them
+    (policies.embedding.noisy_episode_data: copy c gets strokes x (c + 1) // copies strokes, seeded by
+    10_000 + seed + c, apart from evaluation's noise seeds)."""
     if not copies:
         return episodes
-    from policies.embedding import load_embedding_net
+    from sketch_env.data import load_dataset, select_split
     from sketch_env.episodes import concat_episode_data
 
+    split_data = select_split(load_dataset(data_dir), split)
     net = load_embedding_net(embedding_run)[0]
     return concat_episode_data([episodes] + [
-        noisy_episode_data(episodes, data_dir, split, embedding_run, max(1, strokes * (c + 1) // copies),
-                           10_000 + seed + c, image_size, net)
+        noisy_episode_data(split_data, episodes.gallery, net, max(1, strokes * (c + 1) // copies), 10_000 + seed + c,
+                           image_size)
         for c in range(copies)
     ])
 
@@ -257,8 +242,10 @@ def warm_start_learner(learner, config: WarmStartConfig, val_split: str = "val")
     module = learner.module[DEFAULT_MODULE_ID].unwrapped()
     val_sets = [FixedRuleEpisodes(val, env, config.locator, VAL_SEED + config.seed)]
     if config.noise_copies:  # trained to discount unnecessary strokes: kept by clean and noisy validation alike
-        noisy = noisy_episode_data(val, env.data, val_split, env.embedding, config.noise_strokes, VAL_SEED + config.seed,
-                                   env.image_size)
+        from sketch_env.data import load_dataset, select_split
+
+        noisy = noisy_episode_data(select_split(load_dataset(env.data), val_split), val.gallery, env.embedding,
+                                   config.noise_strokes, VAL_SEED + config.seed, env.image_size)
         val_sets.append(FixedRuleEpisodes(noisy, env, config.locator, VAL_SEED + config.seed))
     return warm_start(module, FixedRuleEpisodes(train, env, config.locator, config.seed), val_sets,
                       learner.supervised_objective, config, log=lambda line: print(line, flush=True))
@@ -282,4 +269,4 @@ def best_of(history: list[tuple[int, float]]) -> tuple[int, float]:
 
 
 __all__ = ["FixedRuleEpisodes", "WarmStartConfig", "best_of", "queries", "validation_auir", "validation_ranks", "warm_start",
-           "noisy_episode_data", "warm_start_algo", "warm_start_learner", "with_noisy_copies"]
+           "warm_start_algo", "warm_start_learner", "with_noisy_copies"]

@@ -57,6 +57,12 @@ class InkTable:
             newest[:, lvl] = torch.where(added, self.inked[:, lvl - 1], newest[:, lvl - 1])
         self.newest = newest
 
+    @classmethod
+    def from_renders(cls, images: torch.Tensor) -> "InkTable":
+        """The table of nested partial renders images (S, 17, H, W) (ink > 0): pixel p is inked at level L
+        iff it is inked in render L and every later one, so its first-ink level is 17 minus its count."""
+        return cls((N_LEVELS - (images > 0).sum(1, dtype=torch.int16)).to(torch.uint8))
+
     def __call__(self, rule: str, sketch: torch.Tensor, level: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Locations (N, 2) chosen by `rule` for sketches `sketch` (N,) (rows of the table) at `level` (N,).
         A sketch with no ink at that level gets the centre."""

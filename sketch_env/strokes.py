@@ -150,3 +150,8 @@ def add_noise_strokes(sketches: SketchSet, n: int, seed: int = 0) -> SketchSet:
     all_slot = np.concatenate(new_slot)
     order = np.lexsort((np.arange(len(all_points)), all_slot, all_sketch))
     return _with_points(sketches, all_points[order], all_sketch[order])
+
+
+def with_noise_strokes(dataset, n: int, seed: int):
+    """The Dataset `dataset` with `n` noise strokes added to every sketch (`add_noise_strokes`, deterministic for `seed`)."""
+    return replace(dataset, sketches=add_noise_strokes(dataset.sketches, n, seed))

@@ -131,7 +131,9 @@ def test_warm_start_is_refused_for_models_without_darp_networks():
 def test_noisy_copies_are_the_evaluated_noise_re_embedded(tiny, tmp_path):
     """with_noisy_copies adds copies with more ink, embedded by the phase-1 network; noisy_episode_data with
     a seed gives what `darp evaluate --noise-strokes N --noise-seed S` ranks (rl_eval.load_run_episodes)."""
-    from policies.warm_start import noisy_episode_data, with_noisy_copies
+    from policies.embedding import noisy_episode_data
+    from policies.warm_start import with_noisy_copies
+    from sketch_env.data import load_dataset, select_split
     from sketch_env.episodes import load_episode_data
     from tests.rl_fixtures import make_phase1_run
     from tune_runs.rl_eval import load_run_episodes
@@ -151,6 +153,6 @@ def test_noisy_copies_are_the_evaluated_noise_re_embedded(tiny, tmp_path):
            "config": {"data": str(data), "embedding": str(phase1), "run_dir": "unused", "glimpse_image_size": 32}}
     evaluated = load_run_episodes(run, data, "val", noise_strokes=3, noise_seed=5)
     val = load_episode_data(data, phase1, "val", 32)
-    ours = noisy_episode_data(val, data, "val", phase1, 3, 5, 32)
+    ours = noisy_episode_data(select_split(load_dataset(data), "val"), val.gallery, phase1, 3, 5, 32)
     assert torch.equal(ours.images, evaluated.images)
     torch.testing.assert_close(ours.sketch_embedding, evaluated.sketch_embedding)

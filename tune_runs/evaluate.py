@@ -147,7 +147,7 @@ def run(cfg: EvaluateConfig) -> dict:
     if cfg.noise_strokes < 0:
         raise DataError(f"--noise-strokes must be >= 0, got {cfg.noise_strokes}")
     if kind == "triplet":
-        from tune_runs.rl_eval import with_noise_strokes
+        from sketch_env.strokes import with_noise_strokes
 
         split = select_split(load_dataset(data_dir), cfg.split)
         if cfg.noise_strokes:

@@ -118,31 +118,22 @@ def load_run_episodes(run: dict, data_dir: str | Path, split: str, noise_strokes
     """The episodes of `split` for an RL run: phase-1 embeddings from the run's export, with the
     sketches and photos that changed since it was made re-embedded by its phase-1 network.
 
-    noise_strokes: add this many noise strokes to every sketch (`sketch_env.strokes.add_noise_strokes`,
+    noise_strokes: add this many noise strokes to every sketch (`sketch_env.strokes.with_noise_strokes`,
     seeded by noise_seed); their partial sketches are embedded by the phase-1 network.
     """
-    from policies.embedding import embed_sketches, reembedders
+    from policies.embedding import noisy_episode_data, reembedders
     from sketch_env.data import load_dataset, select_split
     from sketch_env.embeddings import gallery_for, load_embedding_export
-    from sketch_env.episodes import episode_data, load_episode_data
+    from sketch_env.episodes import load_episode_data
 
     image_size = env_options(run)["image_size"]
     if not noise_strokes:
         return load_episode_data(data_dir, run["embedding"], split, image_size,
                                  **reembedders(run["embedding"], log=print))
-    noisy = with_noise_strokes(select_split(load_dataset(data_dir), split), noise_strokes, noise_seed)
-    gallery = gallery_for(load_embedding_export(run["embedding"]), noisy.photos, run["embedding"], data_dir,
+    split_data = select_split(load_dataset(data_dir), split)
+    gallery = gallery_for(load_embedding_export(run["embedding"]), split_data.photos, run["embedding"], data_dir,
                           reembedders(run["embedding"], log=print)["embed_photos"])
-    return episode_data(noisy, gallery, embed_sketches(run["embedding"], noisy.sketches), image_size)
-
-
-def with_noise_strokes(split, n: int, seed: int):
-    """The Dataset `split` with `n` noise strokes added to every sketch (deterministic for `seed`)."""
-    import dataclasses
-
-    from sketch_env.strokes import add_noise_strokes
-
-    return dataclasses.replace(split, sketches=add_noise_strokes(split.sketches, n, seed))
+    return noisy_episode_data(split_data, gallery, run["embedding"], noise_strokes, noise_seed, image_size)
 
 
 def make_env(run: dict, data_dir: str | Path, split: str, num_envs: int, render_mode: str | None = None, episodes=None):
