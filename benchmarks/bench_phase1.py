@@ -10,14 +10,17 @@ can be printed again without training (`--table-only`).
     .venv/bin/python benchmarks/bench_phase1.py --data data/chairv2 --out runs/bench_phase1.jsonl \
         --recipes default paper triplet hed-multi --seeds 0 1 2
 
-`--speed` instead measures the cost per backbone: training pairs/s, embedded images/s and edge maps/s.
+`--speed` instead measures what each network choice costs (backbone, frozen stages, input size): the
+stem cache per image and for Chair-V2, a training step per pair and an epoch.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -28,8 +31,19 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from policies.embedding import EmbeddingConfig, EmbeddingNet, photo_edges  # noqa: E402
-from policies.phase1 import Phase1Config, fit, new_state, prepare_data, validate, weight_average  # noqa: E402
-from policies.triplet import batch_triplet_loss, random_affine  # noqa: E402
+from policies.phase1 import (  # noqa: E402
+    Phase1Config,
+    StemCache,
+    fit,
+    make_optimizer,
+    new_state,
+    prepare_data,
+    stem_cache,
+    validate,
+    weight_average,
+)
+from policies.triplet import batch_infonce_loss  # noqa: E402
+from sketch_env.atomic import atomic_write  # noqa: E402
 from sketch_env.data import load_dataset  # noqa: E402
 
 # name -> Phase1Config overrides of the defaults (partial sketches, InfoNCE, weight average).
@@ -54,7 +68,26 @@ RECIPES: dict[str, dict] = {
 FIGURES = ("auir", "m_at_a", "acc@1", "acc@5", "acc@10")
 
 
-def train_recipe(ds, name: str, overrides: dict, seed: int, base: dict, cache: dict) -> dict:
+def cached_stems(net: EmbeddingNet, cfg: Phase1Config, d, cache_dir: Path | None) -> tuple[StemCache, float]:
+    """The frozen stages' outputs for `net` (policies.phase1.stem_cache), read from `cache_dir` when an
+    earlier run computed them (same data, network and frozen weights), and the seconds computing them took."""
+    emb = cfg.embedding_config()
+    key = [str(Path(cfg.data).resolve()), emb.backbone, emb.backbone_weights, emb.frozen_stages, emb.image_size,
+           emb.photo_input, None if emb.backbone_weights else cfg.seed]  # random frozen stages differ per seed
+    path = cache_dir / (hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16] + ".pt") if cache_dir else None
+    if path is not None and path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return StemCache(sketch=saved["sketch"], photo=saved["photo"]), saved["seconds"]
+    start = time.monotonic()
+    stems = stem_cache(net, d, limit_gib=cfg.stem_cache_gib)
+    seconds = time.monotonic() - start
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda p: torch.save({"key": key, "sketch": stems.sketch, "photo": stems.photo, "seconds": seconds}, p))
+    return stems, seconds
+
+
+def train_recipe(ds, name: str, overrides: dict, seed: int, base: dict, cache: dict, cache_dir: Path | None = None) -> dict:
     """Train one recipe for one seed in memory; the kept network's validation figures."""
     cfg = Phase1Config(data=str(ds.path), run_dir="", seed=seed, **{**base, **overrides})
     cfg.check()
@@ -65,17 +98,25 @@ def train_recipe(ds, name: str, overrides: dict, seed: int, base: dict, cache: d
     d = cache[key]
     torch.manual_seed(seed)
     net = EmbeddingNet(emb_cfg)
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    cache_seconds = 0.0
+    if emb_cfg.frozen_stages:
+        stems, cache_seconds = cached_stems(net, cfg, d, cache_dir)
+        d = dataclasses.replace(d, stems=stems)
+    optimizer = make_optimizer(cfg, net)
     state = new_state()
     start = time.monotonic()
     fit(cfg, net, optimizer, d, state, run_dir=None, quiet=True, ema=weight_average(cfg, net))
     net.load_state_dict(state["best_state"])
     metrics = validate(net, d, cfg.eval_batch)
-    net.config = dataclasses.replace(net.config, tta_flip=not cfg.tta_flip)
-    other = validate(net, d, cfg.eval_batch)  # the same network with test-time flips switched
-    return {"other_tta": {k: other[k] for k in FIGURES},"recipe": name, "seed": seed, "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
+    other_tta = {}
+    if d.stems is None:
+        net.config = dataclasses.replace(net.config, tta_flip=not cfg.tta_flip)
+        other = validate(net, d, cfg.eval_batch)  # the same network with test-time flips switched
+        other_tta = {k: other[k] for k in FIGURES}
+    return {"other_tta": other_tta, "recipe": name, "seed": seed, "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
             "base": base, **{k: metrics[k] for k in FIGURES}, "best_epoch": state["best_epoch"], "epochs": state["epoch"],
-            "train_seconds": round(state["train_seconds"], 1), "wall_seconds": round(time.monotonic() - start, 1),
+            "train_seconds": round(state["train_seconds"], 1), "cache_seconds": round(cache_seconds, 1),
+            "wall_seconds": round(time.monotonic() - start, 1),
             "curve": [(h["epoch"], h.get("auir"), h.get("acc@5"), round(h["loss"], 4)) for h in state["history"] if "auir" in h]}
 
 
@@ -117,33 +158,43 @@ def best_rate(call, items: int, seconds: float) -> float:
             return items / best
 
 
-def speed(backbones: list[str], seconds: float, batch: int = 32, size: int = 64) -> None:
-    """Training pairs/s and embedded images/s per backbone, edge maps/s (fastest of repeated calls)."""
+def speed(setups: list[str], seconds: float, batch: int = 32, n_images: int = 952 * 17 + 300, n_train: int = 760) -> None:
+    """What each network choice costs on this machine (fastest of repeated calls, torch threads as set).
+
+    A setup is BACKBONE:FROZEN@SIZE (e.g. vgg16:4@64). Per setup: the frozen stages' output per image,
+    their cost per image (paid once, by the stem cache), a training step from the cached output per
+    (sketch, photo) pair, and what these add up to on Chair-V2's training split: the cache (every
+    sketch at 17 levels and every photo) and one epoch (760 sketches, one photo each).
+    """
     photos = np.random.default_rng(0).integers(0, 256, (64, 256, 256, 3), dtype=np.uint8)
     print(f"photo_edges 256 -> 64: {best_rate(lambda: photo_edges(photos, 64), len(photos), seconds):,.0f} photos/s")
-    print(f"{'backbone':<20} {'train pairs/s':>14} {'embed images/s':>15}")
-    for backbone in backbones:
+    print("| setup | stem output | stem ms/image | train ms/pair | cache s (Chair-V2) | epoch s (760 pairs) |")
+    print("|---|---|---|---|---|---|")
+    for setup in setups:
+        backbone, rest = setup.split(":") if ":" in setup else (setup, "0@64")
+        frozen, size = (int(v) for v in rest.split("@"))
         torch.manual_seed(0)
-        net = EmbeddingNet(EmbeddingConfig(backbone=backbone, image_size=size))
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+        net = EmbeddingNet(EmbeddingConfig(backbone=backbone, image_size=size, frozen_stages=frozen, photo_input="rgb"))
+        optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
         sketches = (torch.rand(batch, 1, size, size) > 0.9).float()
-        photo = (torch.rand(batch, 1, size, size) > 0.9).float()
+        photo = torch.rand(batch, 3, size, size)
+        with torch.no_grad():
+            stem_rate = best_rate(lambda: net.stem_sketches(sketches), batch, seconds) if frozen else math.inf
+            s_stem, p_stem = net.stem_sketches(sketches).half(), net.stem_photos(photo).half()
         labels = torch.arange(batch)
 
         def step() -> None:
-            s, p = net(random_affine(sketches), random_affine(photo))
-            loss = batch_triplet_loss(s, p, labels, margin=0.2)
+            s, p = net.forward_stems(s_stem, p_stem)
+            loss = batch_infonce_loss(s, p, labels, 0.1)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
 
         net.train()
         train_rate = best_rate(step, batch, seconds)
-        net.eval()
-        images = (torch.rand(256, 1, size, size) > 0.9).float()
-        with torch.no_grad():
-            embed_rate = best_rate(lambda: net.embed_sketches(images), len(images), seconds)
-        print(f"{backbone:<20} {train_rate:>14,.0f} {embed_rate:>15,.0f}")
+        stem_ms = 1e3 / stem_rate
+        print(f"| {setup} | {tuple(s_stem.shape[1:])} | {stem_ms:.2f} | {1e3 / train_rate:.2f} | "
+              f"{n_images * stem_ms / 1e3:.0f} | {n_train / train_rate:.1f} |", flush=True)
 
 
 def main() -> None:
@@ -157,13 +208,15 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="print the table of what --out holds")
     parser.add_argument("--add-run", nargs=2, action="append", default=[], metavar=("RECIPE", "RUN_DIR"),
                         help="add a finished darp pretrain run trained with RECIPE's options and --base as a row")
+    parser.add_argument("--stem-cache-dir", help="keep the frozen stages' outputs here and reuse them across runs")
     parser.add_argument("--speed", action="store_true", help="measure the cost per backbone instead")
-    parser.add_argument("--backbones", nargs="+", default=["compact", "mobilenet_v3_small", "resnet18"])
+    parser.add_argument("--setups", nargs="+", default=["compact", "vgg16:4@64", "vgg16:3@64", "vgg16:4@96", "vgg16:4@128"],
+                        help="--speed: BACKBONE:FROZEN_STAGES@IMAGE_SIZE to measure")
     parser.add_argument("--seconds", type=float, default=3.0, help="--speed: time per measurement")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.speed:
-        speed(args.backbones, args.seconds)
+        speed(args.setups, args.seconds)
         return
     out = Path(args.out)
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.is_file() else []
@@ -188,7 +241,7 @@ def main() -> None:
             for seed in args.seeds:
                 if any(r["recipe"] == name and r["seed"] == seed and r["base"] == base for r in rows):
                     continue
-                row = train_recipe(ds, name, RECIPES[name], seed, base, cache)
+                row = train_recipe(ds, name, RECIPES[name], seed, base, cache, Path(args.stem_cache_dir) if args.stem_cache_dir else None)
                 rows.append(row)
                 with open(out, "a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -1,9 +1,10 @@
 """The phase-1 embedding network: sketches and photos -> L2-normalised D-dim embeddings.
 
-Backbones: a compact 4-block CNN that trains from scratch on a couple of CPU cores, or a
-torchvision model (resnet18, resnet50, inception_v3, mobilenet_v3_small) built with
-``weights=None``: nothing is ever downloaded, pretrained weights only come from a state-dict file
-the user gives (``backbone_weights``). Sketch and photo branches share one backbone by default.
+Backbones (`policies.backbones`): a compact 4-block CNN that trains from scratch on a couple of CPU
+cores, or a torchvision classifier built with ``weights=None``: nothing is ever downloaded, pretrained
+weights only come from a state-dict file the user gives, or HED's VGG16 (``backbone_weights``). Its
+first ``frozen_stages`` stages can stay fixed (`stem_*`), so phase 1 computes them once per image and
+trains the rest (`embed_*_stems`). Sketch and photo branches share one backbone by default.
 
 Without pretrained weights the sketch/photo domain gap is the main obstacle, so photos are fed as
 edge maps by default (``photo_edges``): line drawings on the same ink = 1 / paper = 0 scale as the
@@ -23,27 +24,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
+from policies.backbones import Backbone, Trunk, compact_trunk, normalise_input, torchvision_trunk
 from sketch_env.atomic import atomic_write
 from sketch_env.data import DataError, PhotoSet, SketchSet
 from sketch_env.render import N_LEVELS, default_thickness, first_ink_level
 
-Backbone = Literal["compact", "resnet18", "resnet50", "inception_v3", "mobilenet_v3_small"]
 PhotoInput = Literal["edges", "hed", "rgb"]
 NET_FILE = "embedding_net.pt"
-
-# Head layers of the torchvision classifiers: present in their ImageNet state dicts, dropped here.
-_HEAD_PREFIXES = ("fc.", "classifier.", "AuxLogits.")
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-_INCEPTION_MIN_SIZE = 75
 
 
 @dataclass
 class EmbeddingConfig:
     """Architecture of the embedding network (saved next to its weights).
 
+    backbone: `policies.backbones` (compact, or a torchvision classifier). backbone_weights: a state
+    dict in torchvision's layout, or "hed" for vgg16 (None: random initialisation). frozen_stages:
+    how many of the backbone's first stages keep their weights (phase 1 caches their output).
     photo_input: how photos enter: `photo_edges` (gradient edges), `policies.hed.hed_edges` (learned
     HED edges) or RGB. width: channels of the compact trunk's first block (doubling per block).
     tta_flip: in eval mode, embed every image and its mirror image and average (queries and gallery).
@@ -55,79 +52,9 @@ class EmbeddingConfig:
     shared_branches: bool = True
     photo_input: PhotoInput = "edges"
     backbone_weights: str | None = None
+    frozen_stages: int = 0
     width: int = 16
     tta_flip: bool = False
-
-
-def _compact_trunk(in_channels: int, width: int = 16) -> tuple[nn.Module, int]:
-    """Four conv blocks + global average pool: (B, C, H, W) -> (B, widths[-1]).
-
-    Block 1 is a strided 5x5 conv-BN-ReLU (halves the resolution without a full-resolution feature
-    map, the costliest part of a conv-pool block on CPU); blocks 2-4 are conv3x3-BN-ReLU-maxpool2.
-    About 15 M multiply-adds per 64 x 64 image: on 2 CPU cores it trains ~2x faster per epoch than
-    widths (32, 64, 128, 256) and reaches a better validation acc@5 for the same time.
-    Widths are (width, 2 width, 4 width, 8 width).
-    """
-    widths = (width, 2 * width, 4 * width, 8 * width)
-    c0 = widths[0]
-    layers: list[nn.Module] = [nn.Conv2d(in_channels, c0, 5, stride=2, padding=2, bias=False), nn.BatchNorm2d(c0), nn.ReLU(inplace=True)]
-    c = c0
-    for w in widths[1:]:
-        layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-        c = w
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return nn.Sequential(*layers), c
-
-
-def _torchvision_trunk(name: str) -> tuple[nn.Module, int]:
-    """A torchvision classifier with its head replaced by Identity: (B, 3, H, W) -> (B, F)."""
-    if name == "resnet18":
-        model = torchvision.models.resnet18(weights=None)
-    elif name == "resnet50":
-        model = torchvision.models.resnet50(weights=None)
-    elif name == "inception_v3":
-        model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True)
-    elif name == "mobilenet_v3_small":
-        model = torchvision.models.mobilenet_v3_small(weights=None)
-    else:
-        raise ValueError(f"unknown backbone {name!r}: use compact, resnet18, resnet50, inception_v3 or mobilenet_v3_small")
-    if name == "mobilenet_v3_small":
-        features = model.classifier[0].in_features
-        model.classifier = nn.Identity()
-    else:
-        features = model.fc.in_features
-        model.fc = nn.Identity()
-    return model, features
-
-
-def load_backbone_weights(trunk: nn.Module, path: str | Path, backbone: str) -> None:
-    """Load a backbone state dict from `path` into `trunk` (torch.load with weights_only=True).
-
-    The file may hold the full classifier (e.g. torchvision's ImageNet file): its head keys
-    (fc., classifier., AuxLogits.) are ignored. Any other missing, unexpected or mis-shaped key is
-    an error naming the file, so a wrong architecture never loads half-way.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: backbone weights file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for non-checkpoint files
-        raise DataError(f"{path}: cannot read a state dict ({str(e).splitlines()[0]})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DataError(f"{path}: expected a state dict (name -> tensor) for a {backbone} backbone, got {type(state).__name__}")
-    state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
-    own = trunk.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise DataError(
-            f"{path}: not a {backbone} backbone state dict: {len(missing)} missing keys {missing[:3]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:2]}"
-        )
-    trunk.load_state_dict(state)
 
 
 class EmbeddingNet(nn.Module):
@@ -135,6 +62,8 @@ class EmbeddingNet(nn.Module):
 
     embed_sketches: (B, 1, H, W) ink images in [0, 1] -> (B, D)
     embed_photos:   (B, C, H, W) edge maps (C = 1) or RGB in [0, 1] (C = 3) -> (B, D)
+    Each is `stem` (the frozen stages, a fixed function of the image) then the trained rest:
+    embed_sketches(x) == embed_sketch_stems(stem_sketches(x)), likewise for photos.
     """
 
     def __init__(self, config: EmbeddingConfig):
@@ -142,7 +71,8 @@ class EmbeddingNet(nn.Module):
         self.config = config
         photo_channels = 3 if config.photo_input == "rgb" else 1
         self.in_channels = photo_channels if config.backbone == "compact" else 3
-        self.sketch_trunk, features = self._make_trunk()
+        self.sketch_trunk = self._make_trunk()
+        features = self.sketch_trunk.features
         self.sketch_head = nn.Linear(features, config.embedding_dim)
         if config.shared_branches:
             self.photo_trunk, self.photo_head = self.sketch_trunk, self.sketch_head
@@ -150,60 +80,76 @@ class EmbeddingNet(nn.Module):
             self.photo_trunk = copy.deepcopy(self.sketch_trunk)
             self.photo_head = nn.Linear(features, config.embedding_dim)
 
-    def _make_trunk(self) -> tuple[nn.Module, int]:
+    def _make_trunk(self) -> Trunk:
         c = self.config
-        trunk, features = _compact_trunk(self.in_channels, c.width) if c.backbone == "compact" else _torchvision_trunk(c.backbone)
-        if c.backbone_weights:
-            load_backbone_weights(trunk, c.backbone_weights, c.backbone)
-        return trunk, features
+        if c.backbone == "compact":
+            if c.backbone_weights:
+                raise DataError("the compact backbone trains from scratch: --backbone-weights needs a torchvision backbone")
+            trunk = compact_trunk(self.in_channels, c.width)
+            if c.frozen_stages:
+                trunk = Trunk(list(trunk.stages), trunk.features, c.frozen_stages)
+            return trunk
+        return torchvision_trunk(c.backbone, c.backbone_weights, c.frozen_stages)
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The trained parameters of the trunk(s) (not the heads): what a lower learning rate fine-tunes."""
+        trunks = {id(t): t for t in (self.sketch_trunk, self.photo_trunk)}.values()
+        return [p for t in trunks for p in t.parameters() if p.requires_grad]
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Match the trunk's input: channel count, and for torchvision trunks the ImageNet look.
-
-        Line drawings (1 channel, ink = 1) go to torchvision trunks as dark ink on white paper,
-        normalised with ImageNet statistics, so a user's ImageNet weights see familiar inputs.
-        Inception needs at least 75 x 75 pixels: smaller inputs are resized.
-        """
+        """Match the trunk's input: channel count, and for torchvision trunks the look of their weights'
+        training data (`backbones.normalise_input`: line drawings as dark ink on white, normalised)."""
         if x.shape[1] not in (1, self.in_channels):
             raise ValueError(f"expected images with 1 or {self.in_channels} channels, got shape {tuple(x.shape)}")
         if self.config.backbone == "compact":
             return x.expand(-1, self.in_channels, -1, -1)
-        if x.shape[1] == 1:
-            x = (1.0 - x).expand(-1, 3, -1, -1)
-        mean = x.new_tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = x.new_tensor(_IMAGENET_STD).view(1, 3, 1, 1)
-        x = (x - mean) / std
-        if self.config.backbone == "inception_v3" and min(x.shape[-2:]) < _INCEPTION_MIN_SIZE:
-            x = F.interpolate(x, size=(_INCEPTION_MIN_SIZE, _INCEPTION_MIN_SIZE), mode="bilinear", align_corners=False)
-        return x
+        return normalise_input(x, self.config.backbone)
 
-    def _embed(self, trunk: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def stem_sketches(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) -> the sketch trunk's frozen stages' output (no gradient)."""
+        return self.sketch_trunk.stem(self._prepare(x))
+
+    def stem_photos(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> the photo trunk's frozen stages' output (no gradient)."""
+        return self.photo_trunk.stem(self._prepare(x))
+
+    def embed_sketch_stems(self, f: torch.Tensor) -> torch.Tensor:
+        """`stem_sketches` output -> (B, D), unit L2 norm."""
+        return F.normalize(self.sketch_head(self.sketch_trunk.tail(f.float())), dim=1)
+
+    def embed_photo_stems(self, f: torch.Tensor) -> torch.Tensor:
+        """`stem_photos` output -> (B, D), unit L2 norm."""
+        return F.normalize(self.photo_head(self.photo_trunk.tail(f.float())), dim=1)
+
+    def _embed(self, stem, embed_stems, x: torch.Tensor) -> torch.Tensor:
         """Unit embeddings; with `tta_flip` in eval mode, of the image and its mirror image averaged."""
-        x = self._prepare(x)
         if self.config.tta_flip and not self.training:
-            both = head(trunk(torch.cat([x, x.flip(-1)])))
-            return F.normalize(F.normalize(both[: len(x)], dim=1) + F.normalize(both[len(x) :], dim=1), dim=1)
-        return F.normalize(head(trunk(x)), dim=1)
+            both = embed_stems(stem(torch.cat([x, x.flip(-1)])))
+            return F.normalize(both[: len(x)] + both[len(x) :], dim=1)
+        return embed_stems(stem(x))
 
     def embed_sketches(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) -> (B, D), unit L2 norm."""
-        return self._embed(self.sketch_trunk, self.sketch_head, x)
+        return self._embed(self.stem_sketches, self.embed_sketch_stems, x)
 
     def embed_photos(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, D), unit L2 norm."""
-        return self._embed(self.photo_trunk, self.photo_head, x)
+        return self._embed(self.stem_photos, self.embed_photo_stems, x)
 
     def forward(self, sketches: torch.Tensor, photos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embed a batch of sketches (B, 1, H, W) and photos (M, C, H, W): ((B, D), (M, D)).
+        """Embed a batch of sketches (B, 1, H, W) and photos (M, C, H, W): ((B, D), (M, D))."""
+        return self.forward_stems(self.stem_sketches(sketches), self.stem_photos(photos))
+
+    def forward_stems(self, sketch_stems: torch.Tensor, photo_stems: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` from the stems' outputs (phase 1's cache): ((B, D), (M, D)).
 
         Shared branches run both through the trunk in one pass, so batch norm sees the same mix
         of sketches and photos in training as its running statistics hold at evaluation.
         """
         if not self.config.shared_branches:
-            return self.embed_sketches(sketches), self.embed_photos(photos)
-        both = torch.cat([self._prepare(sketches), self._prepare(photos)])
-        emb = F.normalize(self.sketch_head(self.sketch_trunk(both)), dim=1)
-        return emb[: len(sketches)], emb[len(sketches) :]
+            return self.embed_sketch_stems(sketch_stems), self.embed_photo_stems(photo_stems)
+        both = self.embed_sketch_stems(torch.cat([sketch_stems.float(), photo_stems.float()]))
+        return both[: len(sketch_stems)], both[len(sketch_stems) :]
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from policies.backbones import IMAGENET_MEAN, IMAGENET_STD
 from policies.embedding import drawn_with_pen, non_maximum_suppression
 
 # VGG16 convolutions per block (HED drops the last pooling and the classifier)
@@ -92,6 +93,33 @@ def load_hed(path: str | Path | None = None) -> HED:
     except (OSError, KeyError, ValueError) as e:
         raise ValueError(f"{path}: not the HED weights file this network expects ({e})") from None
     return net.eval()
+
+
+# torchvision's vgg16().features: the index of each of the 13 convolutions
+_TORCHVISION_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+
+
+def hed_vgg16_state_dict(path: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """HED's 13 VGG16 convolutions as a state dict of torchvision's `vgg16().features` layout.
+
+    HED reads BGR pixels in 0..255 minus Caffe's mean; torchvision's VGG16 reads RGB in [0, 1]
+    normalised by ImageNet's mean and std. The first convolution absorbs the difference (channel
+    order, scale, and the mean shift into its bias), so the converted network, fed the way every
+    torchvision VGG16 is fed, computes HED's block outputs. The only difference is at the image border,
+    where zero padding stands for ImageNet's mean colour instead of Caffe's (1/255 apart).
+    """
+    hed = load_hed(path)
+    convs = [conv for block in hed.blocks for conv in block]
+    state: dict[str, torch.Tensor] = {}
+    for index, conv in zip(_TORCHVISION_CONVS, convs):
+        state[f"features.{index}.weight"] = conv.weight.detach().clone()
+        state[f"features.{index}.bias"] = conv.bias.detach().clone()
+    rgb_weight = convs[0].weight.detach().flip(1)  # input channels BGR -> RGB
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    shift = 255.0 * torch.tensor(IMAGENET_MEAN) - torch.tensor(_BGR_MEAN).flip(0)  # per RGB channel
+    state["features.0.weight"] = rgb_weight * 255.0 * std
+    state["features.0.bias"] = convs[0].bias.detach() + (rgb_weight * shift.view(1, 3, 1, 1)).sum((1, 2, 3))
+    return state
 
 
 def _load_conv(conv: nn.Conv2d, kernel: np.ndarray, bias: np.ndarray) -> None:

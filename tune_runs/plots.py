@@ -80,7 +80,8 @@ def plot_glimpses(images: np.ndarray, locations: np.ndarray, ranks: np.ndarray, 
 
 
 def format_table(rows: dict[str, dict], spread: dict[str, dict] | None = None) -> str:
-    """A Markdown table: one row per model, AUIR, acc@1/5/10, m@A (mean +- spread when given)."""
+    """A Markdown table: one row per model, AUIR, acc@1/5/10, m@A (mean +- spread when given), and a
+    line saying what each figure is taken on."""
     lines = ["| model | " + " | ".join(TABLE_HEAD) + " |", "|---|" + "---|" * len(TABLE_HEAD)]
     for name, metrics in rows.items():
         cells = []
@@ -91,6 +92,7 @@ def format_table(rows: dict[str, dict], spread: dict[str, dict] | None = None) -
             else:
                 cells.append(f"{v:.2f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("\nAUIR and m@A: over the 17 completion levels; acc@1/5/10: complete sketches.")
     return "\n".join(lines)
 
 
