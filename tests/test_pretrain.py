@@ -122,7 +122,7 @@ def test_evaluate_writes_metrics_curve_and_ranks(trained, data_dir, tmp_path):
     out = tmp_path / "eval"
     assert main(["evaluate", "--data", str(data_dir), "--run", str(run_dir), "--split", "test", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics) == list(METRIC_KEYS)
+    assert list(metrics) == list(METRIC_KEYS) + ["confidence"]
     assert metrics["n_sketches"] == 6 and metrics["n_photos"] == 3
     assert len(metrics["percentile_curve"]) == 17
     for key in ("auir", "m_at_a", "acc@1", "acc@5", "acc@10"):
@@ -160,13 +160,19 @@ def test_evaluate_hands_other_runs_to_rl_eval(data_dir, tmp_path, monkeypatch):
     run_dir = tmp_path / "rl"
     run_dir.mkdir()
     (run_dir / "run.json").write_text(json.dumps({"kind": "darp", "config": {}}))
+    from sketch_env.confidence import Calibrator, Confidence
+
+    Confidence(Calibrator("constant", 1, 0.25), Calibrator("constant", 5, 0.75), {}).save(run_dir / "calibration.json")
     calls = []
 
     def fake(run, data, split, locator, seed, episodes):
+        from sketch_env.gallery import Gallery
+
         calls.append((run, data, split, locator, seed, episodes))
         ranks = np.tile(np.arange(1, 18)[::-1] % 4 + 1, (5, 1))
         return {"ranks": ranks, "sketch_id": [f"s{i}" for i in range(5)], "n_photos": 4, "fovea_on_ink": 0.75,
-                "extras": {}}
+                "photo_id": ["a", "b", "c", "d", "a"], "gallery": Gallery(np.eye(4, dtype=np.float32), list("abcd")),
+                "queries": np.random.default_rng(0).normal(size=(5, 17, 4)).astype(np.float32), "extras": {}}
 
     monkeypatch.setattr(rl_eval, "evaluate_policy_run", fake)
     monkeypatch.setattr(rl_eval, "load_run_episodes", lambda run, data, split, n, seed: ("episodes", split, n, seed))
@@ -179,6 +185,8 @@ def test_evaluate_hands_other_runs_to_rl_eval(data_dir, tmp_path, monkeypatch):
     assert metrics["n_sketches"] == 5 and metrics["n_photos"] == 4
     assert (metrics["locator"], metrics["locator_seed"], metrics["fovea_on_ink"]) == ("newest-ink", 3, 0.75)
     assert metrics["acc@1"] == 0.0 and metrics["acc@5"] == 100.0  # the complete sketch ranks 2
+    assert metrics["confidence"]["source"].startswith("calibrator of the run (constant / constant)")
+    assert metrics["confidence"]["mean_top1"] == pytest.approx(0.25)
 
 
 def test_weight_average_is_the_network_kept_and_resumes(data_dir, tmp_path):
