@@ -19,7 +19,8 @@ ECE alone would pick "constant"). `Confidence` is the pair of fitted calibrators
 
 What it is judged by, as pure functions: `expected_calibration_error` and `reliability_bins` (the
 diagram), and `early_stop_table`: stopping each sketch at the first completion level whose
-confidence reaches p, how often that fires, how often its top-1 is right and how much drawing it saved.
+confidence reaches p, how often that fires, how often its top-1 is right (or the right photo in the
+top 5) then and how much drawing it saved.
 """
 
 from __future__ import annotations
@@ -412,25 +413,26 @@ def completion_of_levels(n_levels: int) -> np.ndarray:
     return (np.arange(n_levels) + 1.0) / n_levels
 
 
-def early_stop_table(confidence, top1_right, thresholds=STOP_THRESHOLDS, top5_right=None, completion=None) -> list[dict]:
+def early_stop_table(confidence, outcomes: dict, thresholds=STOP_THRESHOLDS, completion=None) -> list[dict]:
     """What stopping at the first level whose confidence reaches p would give, for each p.
 
-    confidence: (S, L) P(top-1 right) of S sketches at L completion levels; top1_right (S, L) and
-    top5_right (S, L) booleans; completion (L,) the share of the drawing each level holds (default
-    `completion_of_levels`). A sketch whose confidence never reaches p is drawn to the end.
-    Per p: fires (share of sketches that stop early, %), top1_right / top5_right (% of those that fire),
-    completion_median (median share drawn at the stop, of those that fire), saved_median (1 minus it),
-    saved_mean_all (mean share saved over all sketches, 0 where it does not fire) and acc1_at_stop
-    (% top-1 right at the stop, or at the complete sketch where it never fires). Percentages are NaN
-    where nothing fires.
+    confidence: (S, L) probabilities of S sketches at L completion levels (P(top-1 right), or P(in the
+    top 5)); outcomes: {name: (S, L) booleans}, e.g. {"top1": rank == 1, "top5": rank <= 5};
+    completion (L,): the share of the drawing each level holds (default `completion_of_levels`). A sketch
+    whose confidence never reaches p is drawn to the end.
+    Per p: fires (share of sketches that stop early, %), n_fired, NAME_right (% of those that fire
+    where NAME holds at the stop, NaN if none fires), completion_median (median share drawn at the stop,
+    of those that fire), saved_median (1 minus it), saved_mean_all (mean share saved over all sketches,
+    0 where it does not fire) and NAME_at_stop (% of all sketches where NAME holds at the stop, or at the
+    complete sketch where it never fires).
     """
     conf = np.asarray(confidence, np.float64)
-    right = np.asarray(top1_right, bool)
-    if conf.ndim != 2 or right.shape != conf.shape or conf.size == 0:
-        raise ValueError(f"confidence and top1_right must be equal non-empty (S, L) arrays, got {conf.shape} and {right.shape}")
-    top5 = None if top5_right is None else np.asarray(top5_right, bool)
-    if top5 is not None and top5.shape != conf.shape:
-        raise ValueError(f"top5_right must have shape {conf.shape}, got {top5.shape}")
+    if conf.ndim != 2 or conf.size == 0:
+        raise ValueError(f"confidence must be a non-empty (S, L) array, got {conf.shape}")
+    events = {name: np.asarray(v, bool) for name, v in outcomes.items()}
+    for name, v in events.items():
+        if v.shape != conf.shape:
+            raise ValueError(f"outcome {name!r} must have the confidence's shape (S, L) = {conf.shape}, got {v.shape}")
     s, levels = conf.shape
     share = completion_of_levels(levels) if completion is None else np.asarray(completion, np.float64)
     if share.shape != (levels,):
@@ -440,21 +442,17 @@ def early_stop_table(confidence, top1_right, thresholds=STOP_THRESHOLDS, top5_ri
         reached = conf >= p
         fired = reached.any(1)
         stop = np.where(fired, reached.argmax(1), levels - 1)
-        at_stop = right[np.arange(s), stop]
         drawn = share[stop]
         n = int(fired.sum())
-        pct = lambda v: float(100.0 * v[fired].mean()) if n else math.nan  # noqa: E731
-        rows.append({
-            "threshold": float(p),
-            "fires": float(100.0 * fired.mean()),
-            "n_fired": n,
-            "top1_right": pct(at_stop),
-            "top5_right": pct(top5[np.arange(s), stop]) if top5 is not None else None,
-            "completion_median": float(np.median(drawn[fired])) if n else math.nan,
-            "saved_median": float(1.0 - np.median(drawn[fired])) if n else math.nan,
-            "saved_mean_all": float(np.mean(np.where(fired, 1.0 - drawn, 0.0))),
-            "acc1_at_stop": float(100.0 * at_stop.mean()),
-        })
+        row = {"threshold": float(p), "fires": float(100.0 * fired.mean()), "n_fired": n}
+        for name, v in events.items():
+            at_stop = v[np.arange(s), stop]
+            row[f"{name}_right"] = float(100.0 * at_stop[fired].mean()) if n else math.nan
+            row[f"{name}_at_stop"] = float(100.0 * at_stop.mean())
+        row |= {"completion_median": float(np.median(drawn[fired])) if n else math.nan,
+                "saved_median": float(1.0 - np.median(drawn[fired])) if n else math.nan,
+                "saved_mean_all": float(np.mean(np.where(fired, 1.0 - drawn, 0.0)))}
+        rows.append(row)
     return rows
 
 

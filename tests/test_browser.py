@@ -190,6 +190,7 @@ def test_drawing_a_chair_v2_sketch_shows_the_served_ranks(served, val_split, ret
         percent = math.floor(100 * p + 0.5)  # as the page's Math.round
         assert text.startswith(f"{percent}% sure")
         assert (state == "stop") == (p >= retriever.stop_at) == text.startswith(f"{percent}% sure: you can stop")
+        assert state in ("stop", "pick", "draw")
     plotted_confidence = browser.execute_script("return document.querySelector('#plot polyline.confidence').dataset.confidences")
     np.testing.assert_allclose([float(v) for v in plotted_confidence.split(",")], served_answer["confidences"], atol=1e-4)
     stop = browser.execute_script("const l = document.querySelector('#plot line.stop'); return l ? +l.dataset.stroke : null")
@@ -263,24 +264,27 @@ def test_the_page_says_when_to_stop_in_plain_words_and_marks_the_stroke(served, 
     browser.get(url)
     wait_for(browser, "return document.body.dataset.ready === '1'")
     shown = browser.execute_script("""
-        const answer = (confidences, stop) => ({
+        const answer = (confidences, top5, stop) => ({
           n_strokes: confidences.length, level: confidences.length - 1, target_rank: null, target_ranks: null,
           gallery_size: 40, end_to_end_ms: 5, latency_ms: 1, top10: [], glimpses: [], glimpse_sides: [],
-          confidence: {top1: confidences[confidences.length - 1], top5: 0.99}, confidences, stop_stroke: stop, stop_at: 0.9});
+          confidence: {top1: confidences[confidences.length - 1], top5}, confidences, stop_stroke: stop, stop_at: 0.9});
         const read = () => {
           const box = document.getElementById('confidence'), stop = document.querySelector('#plot line.stop');
           return [box.textContent, box.dataset.state, stop ? +stop.dataset.stroke : null,
                   [...document.querySelectorAll('#plot text.stop-label')].map(t => t.textContent)];
         };
         const out = [];
-        for (const [c, stop] of [[[0.2, 0.5, 0.934], 3], [[0.2, 0.41], null], [[0.3, 0.95, 0.62], 2]]) {
-          window.darpLive.last = answer(c, stop);
+        for (const [c, top5, stop] of [[[0.2, 0.5, 0.934], 0.99, 3], [[0.2, 0.41], 0.75, null],
+                                        [[0.3, 0.95, 0.62], 0.75, 2], [[0.2, 0.41], 0.93, null]]) {
+          window.darpLive.last = answer(c, top5, stop);
           showAnswer(window.darpLive.last);
           out.push(read());
         }
         return out;""")
     assert shown[0] == ["93% sure: you can stop", "stop", 3, ["stop"]]
-    assert shown[1] == ["41% sure of the first photo (99% that it is in the top 5): keep drawing", "draw", None, []]
+    assert shown[1] == ["41% sure of the first photo (75% that it is in the top 5): keep drawing", "draw", None, []]
     assert shown[2][0].endswith("keep drawing \u00b7 could stop at stroke 2") and shown[2][1:] == ["draw", 2, ["stop"]]
+    assert shown[3] == ["41% sure of the first photo, 93% that it is in the top 5: you could stop and pick it there",
+                        "pick", None, []]
     browser.find_element("id", "clear").click()
     assert browser.find_element("id", "confidence").get_attribute("data-state") == "none"

@@ -137,20 +137,22 @@ def test_early_stop_table_hand_computed():
     right = np.array([[0, 1, 0, 1],
                       [0, 0, 0, 1],
                       [0, 0, 0, 0]], bool)
-    rows = C.early_stop_table(conf, right, (0.8, 0.95), top5_right=np.ones_like(right))
+    rows = C.early_stop_table(conf, {"top1": right, "top5": np.ones_like(right)}, (0.8, 0.95))
     low, high = rows
     assert low["threshold"] == 0.8 and low["n_fired"] == 2 and low["fires"] == pytest.approx(200 / 3)
     assert low["top1_right"] == pytest.approx(50.0)  # sketch 0 right at level 1, sketch 2 wrong at level 0
-    assert low["top5_right"] == 100.0
+    assert low["top5_right"] == 100.0 and low["top5_at_stop"] == 100.0
     assert low["completion_median"] == pytest.approx(np.median([2 / 4, 1 / 4]))
     assert low["saved_median"] == pytest.approx(1 - 3 / 8)
     assert low["saved_mean_all"] == pytest.approx((0.5 + 0.0 + 0.75) / 3)
-    assert low["acc1_at_stop"] == pytest.approx(200 / 3)  # sketch 1 is right at the end
-    assert high["top1_right"] == 0.0 and high["acc1_at_stop"] == pytest.approx(100 / 3)
-    never = C.early_stop_table(conf, right, (1.1,))[0]
+    assert low["top1_at_stop"] == pytest.approx(200 / 3)  # sketch 1 is right at the end
+    assert high["top1_right"] == 0.0 and high["top1_at_stop"] == pytest.approx(100 / 3)
+    never = C.early_stop_table(conf, {"top1": right}, (1.1,))[0]
     assert never["n_fired"] == 0 and math.isnan(never["top1_right"]) and never["saved_mean_all"] == 0.0
     with pytest.raises(ValueError, match=r"\(S, L\)"):
-        C.early_stop_table(conf[0], right[0])
+        C.early_stop_table(conf[0], {"top1": right[0]})
+    with pytest.raises(ValueError, match="top1"):
+        C.early_stop_table(conf, {"top1": right[:2]})
 
 
 def test_photo_folds_keep_each_photo_in_one_fold_and_cross_fit_never_sees_its_fold():

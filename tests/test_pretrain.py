@@ -219,3 +219,56 @@ def test_weight_average_warms_up_then_decays_at_the_asked_rate():
     counter = [torch.tensor(5)]
     update(counter, [torch.tensor(7)], 3)  # integer buffers follow the network
     assert counter[0].item() == 7
+
+
+def test_pretrain_fits_a_confidence_on_val_and_evaluate_reports_it(trained, data_dir, tmp_path, capsys):
+    from sketch_env.confidence import Confidence
+
+    run_dir, _, _ = trained
+    conf = Confidence.load(run_dir / "calibration.json")  # written when darp pretrain finished
+    where, held = conf.info["fitted_on"], conf.info["held_out"]
+    assert (where["split"], where["n_sketches"], where["n_photos"]) == ("val", 4, 2)
+    assert held["folds"] == 2 and set(held["candidates"]["top1"]) == {"constant", "temperature", "logistic", "isotonic"}
+
+    def evaluate(split):
+        out = tmp_path / split
+        assert main(["evaluate", "--data", str(data_dir), "--run", str(run_dir), "--split", split, "--out", str(out)]) == 0
+        return out, json.loads((out / "metrics.json").read_text())["confidence"], capsys.readouterr().out
+
+    # on the sketches it was fitted on: the cross-fitted figures, the ones stored with it
+    out, val, printed = evaluate("val")
+    assert val["source"].startswith("cross-fitted over 2 folds of photos")
+    assert val["ece_top1"] == pytest.approx(held["ece_top1"]) and val["early_stop"] == held["early_stop"]
+    assert "expected calibration error: P(top-1 right)" in printed and "| stop at P(top-1 right) ≥ |" in printed
+    assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # elsewhere: the stored calibrator, query by query (ranks.parquet holds each query's confidence)
+    out, test, _ = evaluate("test")
+    assert test["source"].startswith("calibrator of the run")
+    table = pq.read_table(out / "ranks.parquet").to_pydict()
+    split = select_split(load_dataset(data_dir), "test")
+    export = load_embedding_export(run_dir)
+    from sketch_env.confidence import top_distances
+    from sketch_env.embeddings import gallery_for, sketch_embeddings_for
+
+    gallery = gallery_for(export, split.photos, run_dir, data_dir)
+    p1, p5 = conf.predict(top_distances(gallery, sketch_embeddings_for(export, split.sketches, run_dir, data_dir)).reshape(-1, 3))
+    np.testing.assert_allclose(table["p_top1"], p1, rtol=1e-5)
+    np.testing.assert_allclose(table["p_top5"], p5, rtol=1e-5)
+    assert [r["threshold"] for r in test["early_stop"]] == [0.8, 0.9, 0.95]
+    assert sum(test["reliability_top1"]["count"]) == 6 * 17
+
+
+def test_darp_calibrate_fits_the_method_asked_and_refuses_bad_folds(trained, data_dir, tmp_path, capsys):
+    import shutil
+
+    from sketch_env.confidence import Confidence
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    assert main(["calibrate", "--data", str(data_dir), "--run", str(run_dir), "--method", "temperature"]) == 0
+    printed = capsys.readouterr().out
+    conf = Confidence.load(run_dir / "calibration.json")
+    assert (conf.top1.method, conf.top5.method) == ("temperature", "temperature") and conf.top1.temperature > 0
+    assert "temperature" in printed and "logistic" not in printed and "<- kept" in printed
+    assert main(["calibrate", "--data", str(data_dir), "--run", str(run_dir), "--folds", "1"]) == 1
+    assert "--folds must be >= 2" in capsys.readouterr().err

@@ -143,13 +143,15 @@ def _flat(q: RankedQueries):
 
 def confidence_figures(p1, p5, q: RankedQueries) -> dict:
     """What a confidence (p1, p5: (S, L) probabilities) is worth on queries `q`: ECE and Brier score of
-    both, the early-stop table at STOP_THRESHOLDS and the reliability bins of both."""
+    both, the early-stop tables at STOP_THRESHOLDS (stopping on P(top-1 right): early_stop; on P(in the
+    top 5): early_stop_top5) and the reliability bins of both."""
     p1, p5 = np.asarray(p1), np.asarray(p5)
     figures = {"ece_top1": expected_calibration_error(p1, q.top1), "ece_top5": expected_calibration_error(p5, q.top5),
                "brier_top1": brier_score(p1.reshape(-1), q.top1.reshape(-1)),
                "brier_top5": brier_score(p5.reshape(-1), q.top5.reshape(-1)),
                "mean_top1": float(p1.mean()), "rate_top1": float(q.top1.mean()),
-               "early_stop": early_stop_table(p1, q.top1, STOP_THRESHOLDS, q.top5)}
+               "early_stop": early_stop_table(p1, {"top1": q.top1, "top5": q.top5}, STOP_THRESHOLDS),
+               "early_stop_top5": early_stop_table(p5, {"top1": q.top1, "top5": q.top5}, STOP_THRESHOLDS)}
     for name, p, y in (("top1", p1, q.top1), ("top5", p5, q.top5)):
         bins = reliability_bins(p, y, N_BINS)
         figures[f"reliability_{name}"] = {k: np.asarray(v).tolist() for k, v in bins.items()}
@@ -229,7 +231,8 @@ def describe_fit(conf: Confidence, split: str) -> str:
             mark = " <- kept" if method == held[f"method_{name}"] else ""
             lines.append(f"  {label:<12} {method:<12} {row['log_loss']:8.4f} {row['brier']:8.4f} {row['ece']:7.4f}{mark}")
     lines.append(f"  ECE top-1 {held['ece_top1']:.4f}, top-5 {held['ece_top5']:.4f} (held out)")
-    lines.append(format_early_stop(held["early_stop"]))
+    lines.append(format_early_stop(held["early_stop"], "P(top-1 right)"))
+    lines.append(format_early_stop(held["early_stop_top5"], "P(in the top 5)"))
     return "\n".join(lines)
 
 

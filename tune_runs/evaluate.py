@@ -220,6 +220,7 @@ def format_confidence(confidence: dict) -> str:
         f"confidence: {confidence['source']}",
         f"expected calibration error: P(top-1 right) {confidence['ece_top1']:.4f}, P(in the top 5) {confidence['ece_top5']:.4f} "
         f"(mean P(top-1) {confidence['mean_top1']:.3f}, top-1 right {confidence['rate_top1']:.3f} of all queries)",
-        "early stop: each sketch stops at the first completion level whose P(top-1 right) reaches the threshold",
-        format_early_stop(confidence["early_stop"]),
+        "early stop: each sketch stops at the first completion level whose confidence reaches the threshold",
+        format_early_stop(confidence["early_stop"], "P(top-1 right)"),
+        format_early_stop(confidence["early_stop_top5"], "P(in the top 5)"),
     ])

@@ -120,7 +120,7 @@ def confidence_summary(confidence: dict | None) -> dict | None:
     """What results.md's confidence table reads from `darp evaluate`'s confidence figures (None: none)."""
     if not confidence:
         return None
-    return {"ece_top1": confidence["ece_top1"], "ece_top5": confidence["ece_top5"], "early_stop": confidence["early_stop"]}
+    return {k: confidence[k] for k in ("ece_top1", "ece_top5", "early_stop", "early_stop_top5")}
 
 
 def policy_confidence(cfg: ReportConfig, run_dir: Path, result: dict) -> dict | None:
@@ -396,24 +396,30 @@ def _nan_mean_std(values, scale: float = 1.0) -> str:
     return f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}"
 
 
-def confidence_table(trials: dict[str, list[dict]], thresholds=(0.9, 0.95)) -> str | None:
+# (early-stop table, what its confidence is of, threshold, the outcome reported when it fires)
+CONFIDENCE_STOPS = (("early_stop", "P(top-1)", 0.9, "top1_right", "top-1 right"),
+                    ("early_stop", "P(top-1)", 0.95, "top1_right", "top-1 right"),
+                    ("early_stop_top5", "P(top 5)", 0.9, "top5_right", "in top 5"))
+
+
+def confidence_table(trials: dict[str, list[dict]]) -> str | None:
     """Per model: the confidence's expected calibration error (P(top-1 right), P(in top 5)) and, for
-    each threshold p, stopping each sketch at the first level with P(top-1 right) >= p: how often that
-    fires, how often its top-1 is right then and the median share of the drawing it saves."""
+    each stop rule of CONFIDENCE_STOPS (stop each sketch at the first level whose confidence reaches p),
+    how often that fires, how often it is then right and the median share of the drawing it saves."""
     rows = {m: ts for m, ts in trials.items() if all(t.get("confidence") for t in ts)}
     if not rows:
         return None
     head = ["ECE top-1", "ECE top-5"]
-    for p in thresholds:
-        head += [f"≥ {p:g}: fires %", f"≥ {p:g}: top-1 right %", f"≥ {p:g}: median saved %"]
+    for _, event, p, _, outcome in CONFIDENCE_STOPS:
+        head += [f"{event} ≥ {p:g}: fires %", f"{outcome} %", "median saved %"]
     lines = ["| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for model, ts in rows.items():
         cells = [f"{np.mean([t['confidence'][k] for t in ts]):.3f} ± "
                  f"{np.std([t['confidence'][k] for t in ts], ddof=1) if len(ts) > 1 else 0.0:.3f}" for k in ("ece_top1", "ece_top5")]
-        for p in thresholds:
-            stops = [next((r for r in t["confidence"]["early_stop"] if abs(r["threshold"] - p) < 1e-9), None) for t in ts]
+        for table, _, p, right, _ in CONFIDENCE_STOPS:
+            stops = [next((r for r in t["confidence"].get(table, []) if abs(r["threshold"] - p) < 1e-9), None) for t in ts]
             stops = [r for r in stops if r is not None]
-            cells += [_nan_mean_std((r["fires"] for r in stops)), _nan_mean_std((r["top1_right"] for r in stops)),
+            cells += [_nan_mean_std(r["fires"] for r in stops), _nan_mean_std(r[right] for r in stops),
                       _nan_mean_std((r["saved_median"] for r in stops), 100.0)]
         lines.append(f"| {DISPLAY[model]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -459,8 +465,9 @@ def results_markdown(cfg: ReportConfig, trials: dict[str, list[dict]], manifest:
                   f"The confidence P(top-1 right) of every query on the {cfg.split} split, from the run's calibrator "
                   "(fitted on val; on val itself the figures are cross-fitted over folds of photos). ECE: expected "
                   "calibration error (15 bins). Stopping each sketch at the first completion level whose confidence "
-                  "reaches p: the share of sketches where that happens, how often the top-1 photo is then right, and "
-                  "the median share of the drawing left undrawn (of those that stop).", "", confidence, ""]
+                  "reaches p: the share of sketches where that happens, how often the top-1 photo is then right (or the "
+                  "right photo in the top 5), and the median share of the drawing left undrawn (of those that stop; "
+                  "– where none does).", "", confidence, ""]
     robustness = robustness_table(trials)
     if robustness:
         lines += ["## Robustness to unnecessary strokes", "",

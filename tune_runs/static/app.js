@@ -197,7 +197,10 @@ function confidenceText(answer) {
   if (answer.confidence === null) return "no confidence for this run (fit one with darp calibrate)";
   const top1 = Math.round(100 * answer.confidence.top1), top5 = Math.round(100 * answer.confidence.top5);
   const now = answer.confidence.top1 >= answer.stop_at;
-  let text = now ? top1 + "% sure: you can stop" : top1 + "% sure of the first photo (" + top5 + "% that it is in the top 5): keep drawing";
+  let text = now ? top1 + "% sure: you can stop"
+    : answer.confidence.top5 >= answer.stop_at
+      ? top1 + "% sure of the first photo, " + top5 + "% that it is in the top 5: you could stop and pick it there"
+      : top1 + "% sure of the first photo (" + top5 + "% that it is in the top 5): keep drawing";
   if (answer.stop_stroke !== null && !(now && answer.stop_stroke === answer.n_strokes)) {
     text += " \u00b7 could stop at stroke " + answer.stop_stroke;
   }
@@ -209,7 +212,7 @@ function showConfidence(answer) {
   const text = confidenceText(answer);
   box.textContent = text || "\u00a0";
   box.dataset.state = answer === null || answer.confidence === null ? "none"
-    : answer.confidence.top1 >= answer.stop_at ? "stop" : "draw";
+    : answer.confidence.top1 >= answer.stop_at ? "stop" : answer.confidence.top5 >= answer.stop_at ? "pick" : "draw";
   box.dataset.top1 = answer && answer.confidence ? String(answer.confidence.top1) : "";
   box.dataset.stopStroke = answer && answer.stop_stroke !== null ? String(answer.stop_stroke) : "";
 }
