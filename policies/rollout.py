@@ -375,7 +375,9 @@ class LiveRetrieval:
         k = min(TOP_K, len(self.gallery))
         top, distance, top_rank = self.gallery.ranked_topk(torch.stack([d.levels[-1].query for d in drawings]), k)
         target_ranks = self._target_ranks([d for d in drawings if d.target is not None])
-        confidences = self._level_confidences(drawings) if self.confidence is not None else None
+        confidences = None
+        if self.confidence is not None:  # the last levels' distances are the ones just computed
+            confidences = self._level_confidences(drawings, {d.keys[-1]: distance[i] for i, d in enumerate(drawings)})
         cfg = self.config
         sides = unit_length(cfg.glimpse_size * cfg.patch_scale ** np.arange(cfg.n_patches), cfg.image_size)
         answers = []
@@ -402,10 +404,10 @@ class LiveRetrieval:
         return {"confidence": per_stroke[-1], "confidences": [p1 for p1, _ in per_stroke],
                 "stop_stroke": reached[0] if reached else None}
 
-    def _level_confidences(self, drawings: Sequence[Drawing]) -> dict[bytes, tuple[float, float]]:
+    def _level_confidences(self, drawings: Sequence[Drawing], known: dict[bytes, torch.Tensor]) -> dict[bytes, tuple[float, float]]:
         """{level key: (P(top-1 right), P(in the top 5))} for every level of `drawings`, from the
-        calibrated confidence of the level's top-k distances; cached like the ranks, the new ones in
-        one `Gallery.topk` pass."""
+        calibrated confidence of the level's top-k distances (`known`: those already computed, by level
+        key); cached like the ranks, the other new ones in one `Gallery.topk` pass."""
         found, todo = {}, {}
         with self._lock:
             for d in drawings:
@@ -416,8 +418,11 @@ class LiveRetrieval:
                     else:
                         found[key] = value
         if todo:
-            _, distances = self.gallery.topk(torch.stack(list(todo.values())), min(TOP_K, len(self.gallery)))
-            p1, p5 = self.confidence.predict(distances.cpu().numpy())
+            missing = [key for key in todo if key not in known]
+            if missing:
+                _, distances = self.gallery.topk(torch.stack([todo[key] for key in missing]), min(TOP_K, len(self.gallery)))
+                known = {**known, **dict(zip(missing, distances))}
+            p1, p5 = self.confidence.predict(torch.stack([known[key] for key in todo]).cpu().numpy())
             fresh = {key: (float(a), float(b)) for key, a, b in zip(todo, p1, p5)}
             found.update(fresh)
             with self._lock:

@@ -172,8 +172,11 @@ def test_answers_carry_the_calibrated_confidence_of_every_stroke(policy, gallery
     topk = gallery.topk
     monkeypatch.setattr(gallery, "topk", lambda q, k: topk_rows.append(len(q)) or topk(q, k))
     answers = [retrieval.query(points[:end]) for end in stroke_ends(points)]
-    assert topk_rows == [1] * 6, "each stroke's confidence is computed once, then cached"
+    assert topk_rows == [], "a new stroke's confidence reads the distances its answer ranked; earlier ones are cached"
+    replay = LiveRetrieval(policy, gallery, confidence=confidence, stop_at=stop_at).query(points)
+    assert topk_rows == [5], "a drawing nobody sent before: one pass for all its levels but the last"
     final = answers[-1]
+    np.testing.assert_allclose(replay["confidences"], final["confidences"], atol=1e-5)
     np.testing.assert_allclose(final["confidences"], p1, atol=1e-5)
     np.testing.assert_allclose(final["confidence"], (p1[-1], p5[-1]), atol=1e-5)
     assert [a["confidence"][0] for a in answers] == final["confidences"]
