@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from ray.rllib.core.columns import Columns
 
+from sketch_env.confidence import Confidence
 from sketch_env.env import EnvConfig, build_observation
 from sketch_env.gallery import Gallery
 from sketch_env.geometry import location_to_unit, stroke_ends, unit_length
@@ -35,6 +36,7 @@ from sketch_env.metrics import retrieval_metrics
 from sketch_env.render import N_LEVELS, render_points
 
 TOP_K = 10
+STOP_AT = 0.9  # the live page says "you can stop" from this P(top-1 right) on
 
 
 def initial_state(module, batch_size: int) -> dict[str, torch.Tensor]:
@@ -124,24 +126,29 @@ def run_episodes(module, env, sketch_index: np.ndarray, explore: bool = False,
 
 
 def rollout_ranks(module, env, sketch_index: np.ndarray, locator: FixedLocator | None = None,
-                  with_on_ink: bool = False):
+                  with_on_ink: bool = False, with_queries: bool = False):
     """Ranks (S, 17) for all sketches in `sketch_index`, in chunks of env.num_envs.
 
     with_on_ink: also return the share of chosen glimpses whose finest patch holds ink.
+    with_queries: also return the queries (S, 17, D) after each level's last glimpse, clipped to
+    [-1, 1] as the env clips them (what the ranks were computed from), last.
     """
     B = env.num_envs
-    out, ink = [], []
+    out, ink, queries = [], [], []
     for start in range(0, len(sketch_index), B):
         chunk = np.asarray(sketch_index[start : start + B])
         padded = np.resize(chunk, B)  # repeat sketches to fill the last chunk
         trace = run_episodes(module, env, padded, locator=locator)
         out.append(trace.ranks[: len(chunk)])
         ink.append(trace.on_ink[: len(chunk)])
+        if with_queries:
+            queries.append(np.clip(trace.queries[: len(chunk)], -1.0, 1.0))
     ranks = np.concatenate(out) if out else np.zeros((0, N_LEVELS), np.int64)
+    extra = (np.concatenate(queries) if queries else np.zeros((0, N_LEVELS, 0), np.float32),) if with_queries else ()
     if not with_on_ink:
-        return ranks
+        return (ranks, *extra) if with_queries else ranks
     chosen = (N_LEVELS * env.config.n_glimpses - 1) * len(ranks)
-    return ranks, float(np.concatenate(ink).sum() / max(chosen, 1)) if ink else float("nan")
+    return ranks, float(np.concatenate(ink).sum() / max(chosen, 1)) if ink else float("nan"), *extra
 
 
 class PolicyValidator:
@@ -300,12 +307,16 @@ class LiveRetrieval:
     finished ones) until each has its answer. `start` and `step` may run in different threads.
     """
 
-    def __init__(self, policy: LivePolicy, gallery: Gallery, cache_size: int = 4096):
+    def __init__(self, policy: LivePolicy, gallery: Gallery, cache_size: int = 4096,
+                 confidence: Confidence | None = None, stop_at: float = STOP_AT):
         self.policy = policy
         self.gallery = gallery
         self.cache_size = cache_size
+        self.confidence = confidence
+        self.stop_at = stop_at
         self._cache: OrderedDict[bytes, LevelState] = OrderedDict()
         self._ranks: OrderedDict[tuple[bytes, int], int] = OrderedDict()  # (level key, target row) -> rank
+        self._confidences: OrderedDict[bytes, tuple[float, float]] = OrderedDict()  # level key -> (P(top 1), P(top 5))
         self._lock = threading.Lock()
 
     @property
@@ -353,14 +364,20 @@ class LiveRetrieval:
 
         Each: {"top": [(photo_id, rank, squared distance)] x min(10, N) for the last query,
         "glimpses": (G, 2) centres of the last level's glimpses and "glimpse_sides": (n_patches,)
-        patch sides, both in sketch units, "level", "n_strokes", "target_rank" (int or None) and
-        "target_ranks" (one per stroke, or None)}.
+        patch sides, both in sketch units, "level", "n_strokes", "target_rank" (int or None),
+        "target_ranks" (one per stroke, or None), and with a calibrated `confidence` (else None):
+        "confidence" (P(top-1 right), P(in the top 5)) after the last stroke, "confidences" (P(top-1
+        right) after each stroke) and "stop_stroke" (the first stroke, from 1, where it reached
+        `stop_at`, or None)}.
         """
         if any(d.pending for d in drawings):
             raise ValueError("answer() needs finished drawings: advance() the pending ones first")
         k = min(TOP_K, len(self.gallery))
         top, distance, top_rank = self.gallery.ranked_topk(torch.stack([d.levels[-1].query for d in drawings]), k)
         target_ranks = self._target_ranks([d for d in drawings if d.target is not None])
+        confidences = None
+        if self.confidence is not None:  # the last levels' distances are the ones just computed
+            confidences = self._level_confidences(drawings, {d.keys[-1]: distance[i] for i, d in enumerate(drawings)})
         cfg = self.config
         sides = unit_length(cfg.glimpse_size * cfg.patch_scale ** np.arange(cfg.n_patches), cfg.image_size)
         answers = []
@@ -375,8 +392,44 @@ class LiveRetrieval:
                 "n_strokes": len(d.levels),
                 "target_rank": None if ranks is None else ranks[-1],
                 "target_ranks": ranks,
+                **self._confidence_answer(d, confidences),
             })
         return answers
+
+    def _confidence_answer(self, drawing: Drawing, confidences: dict | None) -> dict:
+        if confidences is None:
+            return {"confidence": None, "confidences": None, "stop_stroke": None}
+        per_stroke = [confidences[key] for key in drawing.keys]
+        reached = [i + 1 for i, (p1, _) in enumerate(per_stroke) if p1 >= self.stop_at]
+        return {"confidence": per_stroke[-1], "confidences": [p1 for p1, _ in per_stroke],
+                "stop_stroke": reached[0] if reached else None}
+
+    def _level_confidences(self, drawings: Sequence[Drawing], known: dict[bytes, torch.Tensor]) -> dict[bytes, tuple[float, float]]:
+        """{level key: (P(top-1 right), P(in the top 5))} for every level of `drawings`, from the
+        calibrated confidence of the level's top-k distances (`known`: those already computed, by level
+        key); cached like the ranks, the other new ones in one `Gallery.topk` pass."""
+        found, todo = {}, {}
+        with self._lock:
+            for d in drawings:
+                for key, level in zip(d.keys, d.levels):
+                    value = self._confidences.get(key)
+                    if value is None:
+                        todo[key] = level.query
+                    else:
+                        found[key] = value
+        if todo:
+            missing = [key for key in todo if key not in known]
+            if missing:
+                _, distances = self.gallery.topk(torch.stack([todo[key] for key in missing]), min(TOP_K, len(self.gallery)))
+                known = {**known, **dict(zip(missing, distances))}
+            p1, p5 = self.confidence.predict(torch.stack([known[key] for key in todo]).cpu().numpy())
+            fresh = {key: (float(a), float(b)) for key, a, b in zip(todo, p1, p5)}
+            found.update(fresh)
+            with self._lock:
+                self._confidences.update(fresh)
+                while len(self._confidences) > self.cache_size:
+                    self._confidences.popitem(last=False)
+        return found
 
     def _target_ranks(self, drawings: Sequence[Drawing]) -> dict[tuple[bytes, int], int]:
         """{(level key, target row): the target's rank after that level} for every level of `drawings`;

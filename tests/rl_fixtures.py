@@ -76,14 +76,17 @@ def make_phase1_run(root: Path, data: Path) -> Path:
 
 
 def make_serve_runs(root: Path, data: Path) -> Path:
-    """Train a tiny phase-1 network and a tiny DARP run on `data`; returns the DARP run."""
+    """Train a tiny phase-1 network and a tiny DARP run on `data`, with its confidence fitted on val
+    (as `darp train` does); returns the DARP run."""
     from policies.fit import train
     from policies.registry import TrainConfig
+    from tune_runs.calibrate import calibrate_run
 
     phase1 = make_phase1_run(root, data)
     darp = root / "darp"
     train(TrainConfig(data=str(data), embedding=str(phase1), run_dir=str(darp), iterations=1,
                       num_envs_per_env_runner=4, episodes_per_batch=8, n_glimpses=2, val_interval=0), quiet=True)
+    calibrate_run(darp, data, "val", quiet=True)
     return darp
 
 

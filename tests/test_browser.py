@@ -11,6 +11,7 @@ completion levels gives exactly `darp evaluate`'s ranks for that sketch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -154,7 +155,7 @@ def test_drawing_a_chair_v2_sketch_shows_the_served_ranks(served, val_split, ret
     wait_for(browser, f"return window.darpLive.target === {json.dumps(photo)}")
     left, top = browser.execute_script("const r = document.getElementById('canvas').getBoundingClientRect(); return [r.left, r.top];")
 
-    shown = []
+    shown, sure = [], []
     ends = np.flatnonzero(points[:, 2] == 1) + 1
     for k, stroke in enumerate(np.split(points, ends[:-1]), start=1):
         xy = stroke[:, :2].astype(np.float64) * SIDE + [left, top]
@@ -165,6 +166,8 @@ def test_drawing_a_chair_v2_sketch_shows_the_served_ranks(served, val_split, ret
         wait_for(browser, f"return document.getElementById('stroke-count').textContent === '{k}' "
                           "&& document.body.dataset.pending === '0'")
         shown.append(int(browser.find_element("id", "target-rank").text))
+        box = browser.find_element("id", "confidence")
+        sure.append((float(box.get_attribute("data-top1")), box.text, box.get_attribute("data-state")))
 
     # the page drew exactly the data-set sketch (repeated points give no pointer events)
     sent = browser.execute_script("return window.darpLive.strokes")
@@ -175,10 +178,23 @@ def test_drawing_a_chair_v2_sketch_shows_the_served_ranks(served, val_split, ret
         np.testing.assert_allclose(page_stroke, xy[keep], atol=1e-3)
 
     # the ranks shown after each stroke are the serving code's for the strokes the page sent
-    expected = retriever.query(strokes_to_points(sent, [SIDE, SIDE], 1000, 100_000), photo)["target_ranks"]
+    served_answer = retriever.query(strokes_to_points(sent, [SIDE, SIDE], 1000, 100_000), photo)
+    expected = served_answer["target_ranks"]
     assert shown == expected
     plotted = browser.execute_script("return [...document.querySelectorAll('#plot circle')].map(c => +c.dataset.rank)")
     assert plotted == expected
+
+    # so is the calibrated confidence after each stroke, said in words, and the stroke where it said "stop"
+    np.testing.assert_allclose([p for p, _, _ in sure], served_answer["confidences"], atol=1e-4)
+    for p, text, state in sure:
+        percent = math.floor(100 * p + 0.5)  # as the page's Math.round
+        assert text.startswith(f"{percent}% sure")
+        assert (state == "stop") == (p >= retriever.stop_at) == text.startswith(f"{percent}% sure: you can stop")
+        assert state in ("stop", "pick", "draw")
+    plotted_confidence = browser.execute_script("return document.querySelector('#plot polyline.confidence').dataset.confidences")
+    np.testing.assert_allclose([float(v) for v in plotted_confidence.split(",")], served_answer["confidences"], atol=1e-4)
+    stop = browser.execute_script("const l = document.querySelector('#plot line.stop'); return l ? +l.dataset.stroke : null")
+    assert stop == served_answer["stop_stroke"]
     assert browser.find_element("id", "level").text == f"{min(len(ends), N_LEVELS)}/17"
     assert browser.execute_script(
         "const imgs = [...document.querySelectorAll('#top10 img')];"
@@ -241,3 +257,34 @@ def test_replay_plays_a_data_set_sketch_stroke_by_stroke(served, val_split, retr
     browser.find_element("id", "find").click()
     assert browser.execute_script("return window.darpLive.photoIds.includes(window.darpLive.target)")
     assert browser.find_element("id", "target-caption").text == browser.execute_script("return window.darpLive.target")
+
+
+def test_the_page_says_when_to_stop_in_plain_words_and_marks_the_stroke(served, browser):
+    url, _, _ = served
+    browser.get(url)
+    wait_for(browser, "return document.body.dataset.ready === '1'")
+    shown = browser.execute_script("""
+        const answer = (confidences, top5, stop) => ({
+          n_strokes: confidences.length, level: confidences.length - 1, target_rank: null, target_ranks: null,
+          gallery_size: 40, end_to_end_ms: 5, latency_ms: 1, top10: [], glimpses: [], glimpse_sides: [],
+          confidence: {top1: confidences[confidences.length - 1], top5}, confidences, stop_stroke: stop, stop_at: 0.9});
+        const read = () => {
+          const box = document.getElementById('confidence'), stop = document.querySelector('#plot line.stop');
+          return [box.textContent, box.dataset.state, stop ? +stop.dataset.stroke : null,
+                  [...document.querySelectorAll('#plot text.stop-label')].map(t => t.textContent)];
+        };
+        const out = [];
+        for (const [c, top5, stop] of [[[0.2, 0.5, 0.934], 0.99, 3], [[0.2, 0.41], 0.75, null],
+                                        [[0.3, 0.95, 0.62], 0.75, 2], [[0.2, 0.41], 0.93, null]]) {
+          window.darpLive.last = answer(c, top5, stop);
+          showAnswer(window.darpLive.last);
+          out.push(read());
+        }
+        return out;""")
+    assert shown[0] == ["93% sure: you can stop", "stop", 3, ["stop"]]
+    assert shown[1] == ["41% sure of the first photo (75% that it is in the top 5): keep drawing", "draw", None, []]
+    assert shown[2][0].endswith("keep drawing \u00b7 could stop at stroke 2") and shown[2][1:] == ["draw", 2, ["stop"]]
+    assert shown[3] == ["41% sure of the first photo, 93% that it is in the top 5: you could stop and pick it there",
+                        "pick", None, []]
+    browser.find_element("id", "clear").click()
+    assert browser.find_element("id", "confidence").get_attribute("data-state") == "none"

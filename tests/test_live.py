@@ -152,3 +152,33 @@ def test_a_level_in_flight_is_computed_once(policy, gallery, monkeypatch, outsid
     answers, _ = run_concurrently(Batcher(retrieval, batch_wait_ms=5), [(points[: ends[1]], "p1"), (points, "p1")])
     assert sum(rows) == 3, f"three levels, each once (batches {rows})"
     assert answers[1]["target_ranks"][:2] == answers[0]["target_ranks"]
+
+
+def test_answers_carry_the_calibrated_confidence_of_every_stroke(policy, gallery, monkeypatch):
+    from sketch_env.confidence import Calibrator, Confidence
+
+    confidence = Confidence(Calibrator("temperature", 1, 0.2, temperature=0.05),
+                            Calibrator("temperature", 5, 0.6, temperature=0.05), {})
+    points = drawing(3, 6)
+    plain = LiveRetrieval(policy, gallery).query(points)
+    assert (plain["confidence"], plain["confidences"], plain["stop_stroke"]) == (None, None, None)
+
+    levels = policy.episode(points, stroke_ends(points))
+    _, distances = gallery.topk(torch.stack([lv.query for lv in levels]), 10)
+    p1, p5 = confidence.predict(distances.numpy())
+    stop_at = float(np.sort(p1)[2:4].mean())  # reached somewhere in the drawing, not at a rounding error's distance
+    retrieval = LiveRetrieval(policy, gallery, confidence=confidence, stop_at=stop_at)
+    topk_rows = []
+    topk = gallery.topk
+    monkeypatch.setattr(gallery, "topk", lambda q, k: topk_rows.append(len(q)) or topk(q, k))
+    answers = [retrieval.query(points[:end]) for end in stroke_ends(points)]
+    assert topk_rows == [], "a new stroke's confidence reads the distances its answer ranked; earlier ones are cached"
+    replay = LiveRetrieval(policy, gallery, confidence=confidence, stop_at=stop_at).query(points)
+    assert topk_rows == [5], "a drawing nobody sent before: one pass for all its levels but the last"
+    final = answers[-1]
+    np.testing.assert_allclose(replay["confidences"], final["confidences"], atol=1e-5)
+    np.testing.assert_allclose(final["confidences"], p1, atol=1e-5)
+    np.testing.assert_allclose(final["confidence"], (p1[-1], p5[-1]), atol=1e-5)
+    assert [a["confidence"][0] for a in answers] == final["confidences"]
+    assert final["stop_stroke"] == 1 + int(np.flatnonzero(p1 >= stop_at)[0])
+    assert all(a["stop_stroke"] is None for a in answers[: final["stop_stroke"] - 1])

@@ -123,7 +123,7 @@ def test_evaluate_writes_metrics_curve_and_ranks(trained, data_dir, tmp_path):
     out = tmp_path / "eval"
     assert main(["evaluate", "--data", str(data_dir), "--run", str(run_dir), "--split", "test", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics) == list(METRIC_KEYS)
+    assert list(metrics) == list(METRIC_KEYS) + ["confidence"]
     assert metrics["n_sketches"] == 6 and metrics["n_photos"] == 3
     assert len(metrics["percentile_curve"]) == 17
     for key in ("auir", "m_at_a", "acc@1", "acc@5", "acc@10"):
@@ -161,13 +161,19 @@ def test_evaluate_hands_other_runs_to_rl_eval(data_dir, tmp_path, monkeypatch):
     run_dir = tmp_path / "rl"
     run_dir.mkdir()
     (run_dir / "run.json").write_text(json.dumps({"kind": "darp", "config": {}}))
+    from sketch_env.confidence import Calibrator, Confidence
+
+    Confidence(Calibrator("constant", 1, 0.25), Calibrator("constant", 5, 0.75), {}).save(run_dir / "calibration.json")
     calls = []
 
     def fake(run, data, split, locator, seed, episodes):
+        from sketch_env.gallery import Gallery
+
         calls.append((run, data, split, locator, seed, episodes))
         ranks = np.tile(np.arange(1, 18)[::-1] % 4 + 1, (5, 1))
         return {"ranks": ranks, "sketch_id": [f"s{i}" for i in range(5)], "n_photos": 4, "fovea_on_ink": 0.75,
-                "extras": {}}
+                "photo_id": ["a", "b", "c", "d", "a"], "gallery": Gallery(np.eye(4, dtype=np.float32), list("abcd")),
+                "queries": np.random.default_rng(0).normal(size=(5, 17, 4)).astype(np.float32), "extras": {}}
 
     monkeypatch.setattr(rl_eval, "evaluate_policy_run", fake)
     monkeypatch.setattr(rl_eval, "load_run_episodes", lambda run, data, split, n, seed: ("episodes", split, n, seed))
@@ -180,6 +186,8 @@ def test_evaluate_hands_other_runs_to_rl_eval(data_dir, tmp_path, monkeypatch):
     assert metrics["n_sketches"] == 5 and metrics["n_photos"] == 4
     assert (metrics["locator"], metrics["locator_seed"], metrics["fovea_on_ink"]) == ("newest-ink", 3, 0.75)
     assert metrics["acc@1"] == 0.0 and metrics["acc@5"] == 100.0  # the complete sketch ranks 2
+    assert metrics["confidence"]["source"].startswith("calibrator of the run (constant / constant)")
+    assert metrics["confidence"]["mean_top1"] == pytest.approx(0.25)
 
 
 def test_weight_average_is_the_network_kept_and_resumes(data_dir, tmp_path):
@@ -269,3 +277,56 @@ def test_pretrain_fine_tunes_hed_vgg16_end_to_end(data_dir, tmp_path):
     # the export comes from the fp16 stem cache, the network from images: equal within fp16 rounding
     np.testing.assert_allclose(embed_sketches(run_dir, ds.sketches).numpy(), export.sketch_embedding, atol=5e-3)
     assert main(["evaluate", "--data", str(data_dir), "--run", str(run_dir), "--split", "val", "--out", str(tmp_path / "e")]) == 0
+
+
+def test_pretrain_fits_a_confidence_on_val_and_evaluate_reports_it(trained, data_dir, tmp_path, capsys):
+    from sketch_env.confidence import Confidence
+
+    run_dir, _, _ = trained
+    conf = Confidence.load(run_dir / "calibration.json")  # written when darp pretrain finished
+    where, held = conf.info["fitted_on"], conf.info["held_out"]
+    assert (where["split"], where["n_sketches"], where["n_photos"]) == ("val", 4, 2)
+    assert held["folds"] == 2 and set(held["candidates"]["top1"]) == {"constant", "temperature", "logistic", "isotonic"}
+
+    def evaluate(split):
+        out = tmp_path / split
+        assert main(["evaluate", "--data", str(data_dir), "--run", str(run_dir), "--split", split, "--out", str(out)]) == 0
+        return out, json.loads((out / "metrics.json").read_text())["confidence"], capsys.readouterr().out
+
+    # on the sketches it was fitted on: the cross-fitted figures, the ones stored with it
+    out, val, printed = evaluate("val")
+    assert val["source"].startswith("cross-fitted over 2 folds of photos")
+    assert val["ece_top1"] == pytest.approx(held["ece_top1"]) and val["early_stop"] == held["early_stop"]
+    assert "expected calibration error: P(top-1 right)" in printed and "| stop at P(top-1 right) ≥ |" in printed
+    assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # elsewhere: the stored calibrator, query by query (ranks.parquet holds each query's confidence)
+    out, test, _ = evaluate("test")
+    assert test["source"].startswith("calibrator of the run")
+    table = pq.read_table(out / "ranks.parquet").to_pydict()
+    split = select_split(load_dataset(data_dir), "test")
+    export = load_embedding_export(run_dir)
+    from sketch_env.confidence import top_distances
+    from sketch_env.embeddings import gallery_for, sketch_embeddings_for
+
+    gallery = gallery_for(export, split.photos, run_dir, data_dir)
+    p1, p5 = conf.predict(top_distances(gallery, sketch_embeddings_for(export, split.sketches, run_dir, data_dir)).reshape(-1, 3))
+    np.testing.assert_allclose(table["p_top1"], p1, rtol=1e-5)
+    np.testing.assert_allclose(table["p_top5"], p5, rtol=1e-5)
+    assert [r["threshold"] for r in test["early_stop"]] == [0.8, 0.9, 0.95]
+    assert sum(test["reliability_top1"]["count"]) == 6 * 17
+
+
+def test_darp_calibrate_fits_the_method_asked_and_refuses_bad_folds(trained, data_dir, tmp_path, capsys):
+    import shutil
+
+    from sketch_env.confidence import Confidence
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    assert main(["calibrate", "--data", str(data_dir), "--run", str(run_dir), "--method", "temperature"]) == 0
+    printed = capsys.readouterr().out
+    conf = Confidence.load(run_dir / "calibration.json")
+    assert (conf.top1.method, conf.top5.method) == ("temperature", "temperature") and conf.top1.temperature > 0
+    assert "temperature" in printed and "logistic" not in printed and "<- kept" in printed
+    assert main(["calibrate", "--data", str(data_dir), "--run", str(run_dir), "--folds", "1"]) == 1
+    assert "--folds must be >= 2" in capsys.readouterr().err

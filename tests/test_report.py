@@ -94,6 +94,30 @@ def test_locator_and_robustness_tables_take_differences_per_seed(tmp_path):
     assert "## Locator value" not in results_markdown(cfg, plain, {"name": "builtin-chairs"}, 1.0, [])
 
 
+def test_confidence_table_averages_over_seeds_and_shows_what_never_fired(tmp_path):
+    from tune_runs.report import confidence_table
+
+    def confident(model, seed, ece, fires, right):
+        stop = lambda p, f, r, r5=100.0: {"threshold": p, "fires": f, "n_fired": int(f > 0), "top1_right": r,  # noqa: E731
+                                          "top5_right": r5, "saved_median": 0.25 if f else float("nan")}
+        return fake_trial(model, seed, 30.0) | {"confidence": {
+            "ece_top1": ece, "ece_top5": 0.02, "early_stop": [stop(0.9, fires, right), stop(0.95, 0.0, float("nan"))],
+            "early_stop_top5": [stop(0.9, 50.0, 20.0, 90.0)]}}
+
+    trials = {"triplet": [confident("triplet", -1, 0.03, 2.0, 100.0)],
+              "darp": [confident("darp", 0, 0.02, 4.0, 50.0), confident("darp", 1, 0.04, 0.0, float("nan"))]}
+    table = confidence_table(trials)
+    head, _, triplet, darp = table.splitlines()
+    assert head.startswith("| model | ECE top-1 | ECE top-5 | P(top-1) ≥ 0.9: fires % | top-1 right % | median saved % |")
+    assert "P(top 5) ≥ 0.9: fires %" in head
+    assert triplet == "| Triplet network | 0.030 ± 0.000 | 0.020 ± 0.000 | 2.0 ± 0.0 | 100.0 ± 0.0 | 25.0 ± 0.0 | 0.0 ± 0.0 | – | – | 50.0 ± 0.0 | 90.0 ± 0.0 | 25.0 ± 0.0 |"
+    # a seed where nothing fired has no "right %" to average: the other seed's figure stands alone
+    assert darp.startswith("| DARP-SBIR | 0.030 ± 0.014 | 0.020 ± 0.000 | 2.0 ± 2.8 | 50.0 ± 0.0 | 25.0 ± 0.0 |")
+    cfg = ReportConfig(train=TrainConfig(data="d", embedding="e", run_dir=str(tmp_path)), seeds=2, models=("triplet", "darp"))
+    assert "## Confidence: when to stop drawing" in results_markdown(cfg, trials, {"name": "x"}, 1.0, [])
+    assert confidence_table({"darp": [fake_trial("darp", 0, 30.0)]}) is None
+
+
 # --- a tiny report through Ray Tune ---
 
 
@@ -141,6 +165,12 @@ def test_report_writes_everything_and_a_rerun_skips_finished_trials(ray_local, t
     assert (trial_dir(out, "darp", 0) / "locator-centre" / "metrics.json").is_file()
     assert "## Locator value" in text and "| DARP-SBIR |" in text.split("## Locator value")[1]
     assert not (trial_dir(out, "vanilla-pg", 0) / "glimpses.npz").exists()
+    # every model's confidence, fitted on val and judged on the evaluated split
+    assert (trial_dir(out, "darp", 0) / "run" / "calibration.json").is_file()
+    for model, seed in (("triplet", -1), ("vanilla-pg", 0), ("darp", 0)):
+        confidence = json.loads((trial_dir(out, model, seed) / "done.json").read_text())["confidence"]
+        assert 0.0 <= confidence["ece_top1"] <= 1.0 and len(confidence["early_stop"]) == 3
+    assert "## Confidence: when to stop drawing" in text and "| DARP-SBIR |" in text.split("## Confidence")[1]
     capsys.readouterr()
 
     # a rerun does nothing but rewrite the outputs

@@ -42,6 +42,7 @@ COMMANDS: dict[str, Any] = {
     "pretrain": ("tune_runs.pretrain:PretrainConfig:run", "phase 1: train the triplet embedding network and export embeddings"),
     "train": ("tune_runs.train:TrainConfig:run", "phase 2: train DARP (or a baseline) with RLlib"),
     "evaluate": ("tune_runs.evaluate:EvaluateConfig:run", "evaluate a run on a split: metrics.json, curve.png"),
+    "calibrate": ("tune_runs.calibrate:CalibrateConfig:run", "fit a run's confidence (when to stop drawing) on the val split"),
     "play": ("tune_runs.play:PlayConfig:run", "step one episode of the environment by hand in the terminal"),
     "sweep": ("tune_runs.sweep:SweepConfig:run", "Ray Tune search over DARP's std schedule"),
     "report": ("tune_runs.report:ReportConfig:run", "train + evaluate all models over seeds: the results table"),

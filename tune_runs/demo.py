@@ -42,11 +42,11 @@ DEMO_KIND = OutputKind("demo", ("data/manifest.json", "phase1", "results.md"))
 
 
 def run(cfg: DemoConfig) -> int:
-    from policies.fit import train
     from policies.registry import TrainConfig
     from sketch_env.data import load_dataset
     from sketch_env.data.generate import generate_dataset
     from tune_runs import data_cmd, evaluate, pretrain
+    from tune_runs import train as train_cmd
     from tune_runs.plots import format_table, plot_curves
 
     root = prepare_output_dir(cfg.run_dir, DEMO_KIND, inputs=(cfg.shared_data,), force=cfg.force)
@@ -84,8 +84,8 @@ def run(cfg: DemoConfig) -> int:
 
     t = _stage("phase 2: DARP on RLlib")
     darp_dir = root / "darp"
-    train(TrainConfig(data=str(data), embedding=str(phase1), run_dir=str(darp_dir),
-                      iterations=cfg.train_iterations, time_budget_s=cfg.train_budget_s, seed=cfg.seed))
+    train_cmd.run(TrainConfig(data=str(data), embedding=str(phase1), run_dir=str(darp_dir),
+                              iterations=cfg.train_iterations, time_budget_s=cfg.train_budget_s, seed=cfg.seed))
     timings["train"] = time.time() - t
 
     t = _stage(f"evaluation on the {cfg.split} split")

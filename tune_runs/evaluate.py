@@ -41,8 +41,9 @@ from sketch_env.embeddings import EXPORT_DIR, EmbeddingExport, gallery_for, load
 from sketch_env.gallery import ranks_from_embeddings
 from sketch_env.metrics import retrieval_metrics
 from sketch_env.render import first_ink_level
+from tune_runs.calibrate import evaluation_confidence, policy_queries, triplet_queries
 from tune_runs.cli import arg
-from tune_runs.plots import format_percentiles, format_table, plot_curves, plot_glimpses
+from tune_runs.plots import format_percentiles, format_table, plot_curves, plot_glimpses, plot_reliability
 
 METRIC_KEYS = ("auir", "m_at_a", "acc@1", "acc@5", "acc@10", "percentile_curve", "n_sketches", "n_photos")
 EVAL_KIND = OutputKind("evaluation", ("metrics.json", "glimpses.png"))
@@ -84,6 +85,13 @@ def ranks_for_triplet(export_or_net: EmbeddingExport | EmbeddingNet, split: Data
     network (the split's sketches are rendered and its photos decoded and embedded here). Rows follow
     split.sketches.
     """
+    photo_emb, sketch_emb = triplet_embeddings(export_or_net, split, batch, export_dir)
+    return ranks_from_embeddings(photo_emb, split.photos.photo_id, sketch_emb, split.sketches.photo_id)
+
+
+def triplet_embeddings(export_or_net: EmbeddingExport | EmbeddingNet, split: Dataset, batch: int = 1024,
+                       export_dir: str | Path = "the phase-1 run"):
+    """(photo embeddings (N, D), sketch embeddings (S, 17, D)) of `split` (see `ranks_for_triplet`)."""
     if len(split.sketches) == 0 or len(split.photos) == 0:
         raise DataError(f"{split.path}: the split has {len(split.sketches)} sketches and {len(split.photos)} photos; need both")
     if isinstance(export_or_net, EmbeddingExport):
@@ -95,26 +103,30 @@ def ranks_for_triplet(export_or_net: EmbeddingExport | EmbeddingNet, split: Data
         photos = photo_inputs(split.photos.decode_all(photo_decode_size(cfg)), cfg)
         photo_emb = embed_photo_inputs(net, photos, batch)
         sketch_emb = embed_sketch_levels(net, first_ink_level(split.sketches, cfg.image_size), batch)
-    return ranks_from_embeddings(photo_emb, split.photos.photo_id, sketch_emb, split.sketches.photo_id)
+    return photo_emb, sketch_emb
 
 
-def _triplet_ranks(run_dir: Path, split: Dataset, batch: int) -> tuple[np.ndarray, str]:
-    if (run_dir / EXPORT_DIR).is_dir():
+def triplet_run_embeddings(run_dir: Path, split: Dataset, batch: int = 1024, fresh: bool = False):
+    """(photo embeddings, sketch embeddings, source) of a triplet run on `split`: from its export when
+    it covers the split (unless `fresh`), else computed by its saved network."""
+    if not fresh and (run_dir / EXPORT_DIR).is_dir():
         export = load_embedding_export(run_dir)
         if export_covers(export, split):
-            return ranks_for_triplet(export, split, batch, run_dir), "embedding export"
+            return (*triplet_embeddings(export, split, batch, run_dir), "embedding export")
     net, _ = load_embedding_net(run_dir)
-    return ranks_for_triplet(net, split, batch), "saved network"
+    return (*triplet_embeddings(net, split, batch), "saved network")
 
 
-def write_ranks(path: Path, sketch_id, ranks: np.ndarray) -> None:
-    """ranks (S, L) as a long table sketch_id, level, rank (S * L rows), written atomically."""
+def write_ranks(path: Path, sketch_id, ranks: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> None:
+    """ranks (S, L) as a long table sketch_id, level, rank (S * L rows), written atomically; `extra`:
+    more (S, L) float columns by name (e.g. the confidence p_top1, p_top5)."""
     s, levels = ranks.shape
     table = pa.table(
         {
             "sketch_id": pa.array(np.repeat(np.asarray(sketch_id, dtype=object), levels), pa.string()),
             "level": pa.array(np.tile(np.arange(levels, dtype=np.int32), s)),
             "rank": pa.array(ranks.reshape(-1).astype(np.int64)),
+            **{name: pa.array(np.asarray(v, np.float32).reshape(-1)) for name, v in (extra or {}).items()},
         }
     )
     atomic_write(path, lambda p: pq.write_table(table, p))
@@ -150,12 +162,13 @@ def run(cfg: EvaluateConfig) -> dict:
         from sketch_env.strokes import with_noise_strokes
 
         split = select_split(load_dataset(data_dir), cfg.split)
+        if len(split.sketches) == 0 or len(split.photos) == 0:
+            raise DataError(f"{split.path}: the split has {len(split.sketches)} sketches and {len(split.photos)} photos; need both")
         if cfg.noise_strokes:
             split = with_noise_strokes(split, cfg.noise_strokes, cfg.noise_seed)
-            ranks, source = ranks_for_triplet(load_embedding_net(run_dir)[0], split, cfg.level_batch), "saved network"
-        else:
-            ranks, source = _triplet_ranks(run_dir, split, cfg.level_batch)
-        sketch_id, n_photos = split.sketches.sketch_id, len(split.photos)
+        photo_emb, sketch_emb, source = triplet_run_embeddings(run_dir, split, cfg.level_batch, fresh=cfg.noise_strokes > 0)
+        queries = triplet_queries(photo_emb, sketch_emb, split)
+        ranks, sketch_id, n_photos = queries.ranks, split.sketches.sketch_id, len(split.photos)
         print(f"triplet run {run_dir}: queries from its {source}")
     else:
         from tune_runs.rl_eval import evaluate_policy_run, load_run_episodes, read_run
@@ -163,25 +176,51 @@ def run(cfg: EvaluateConfig) -> dict:
         episodes = load_run_episodes(read_run(run_dir), data_dir, cfg.split, cfg.noise_strokes, cfg.noise_seed)
         result = evaluate_policy_run(run_dir, data_dir, cfg.split, locator=cfg.locator, seed=cfg.seed, episodes=episodes)
         ranks, sketch_id, n_photos = result["ranks"], result["sketch_id"], result["n_photos"]
+        queries = policy_queries(result)
         looks = result.get("fovea_on_ink") is not None
         if looks:
             out.mkdir(parents=True, exist_ok=True)
             write_glimpses(out / "glimpses.png", result["extras"])
     metrics = retrieval_metrics(ranks, n_photos)
     record = {k: metrics[k] for k in METRIC_KEYS}
+    out.mkdir(parents=True, exist_ok=True)
+    confidence = evaluation_confidence(run_dir, data_dir, cfg.split, queries, out_dir=out, level_batch=cfg.level_batch,
+                                       pristine=not cfg.noise_strokes and cfg.locator == "policy")
+    p1, p5, figures, confidence_source = confidence if confidence is not None else (None, None, None, None)
+    metrics["confidence"] = record["confidence"] = None if figures is None else {"source": confidence_source, **figures}
     if cfg.noise_strokes:
         record.update(noise_strokes=cfg.noise_strokes, noise_seed=cfg.noise_seed)
         print(f"{cfg.noise_strokes} noise strokes added to every sketch (seed {cfg.noise_seed})")
     if looks:
         record.update(locator=cfg.locator, locator_seed=cfg.seed, fovea_on_ink=result["fovea_on_ink"])
         print(f"locator: {cfg.locator}; glimpses with ink in the finest patch: {100 * result['fovea_on_ink']:.1f}%")
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", record)
-    write_ranks(out / "ranks.parquet", sketch_id, np.asarray(ranks))
+    write_ranks(out / "ranks.parquet", sketch_id, np.asarray(ranks),
+                {"p_top1": p1, "p_top5": p5} if figures is not None else None)
     title = f"{kind} on {cfg.split}"
     plot_curves({kind: metrics["percentile_curve"]}, out / "curve.png", title=title)
+    written = [out / "metrics.json", out / "curve.png"]
+    if figures is not None:
+        written.append(plot_reliability({"top-1 right": figures["reliability_top1"], "in the top 5": figures["reliability_top5"]},
+                                        out / "reliability.png", title=f"{title}: confidence (ECE top-1 {figures['ece_top1']:.3f})"))
     print(f"{title}: {metrics['n_sketches']} sketches, gallery of {metrics['n_photos']} photos")
     print(format_table({kind: metrics}))
     print(format_percentiles(metrics["percentile_curve"]))
-    print(f"wrote {out / 'metrics.json'}, {out / 'curve.png'}, {out / 'ranks.parquet'}")
+    if figures is not None:
+        print(format_confidence(metrics["confidence"]))
+    print(f"wrote {', '.join(map(str, written + [out / 'ranks.parquet']))}")
     return metrics
+
+
+def format_confidence(confidence: dict) -> str:
+    """The printed confidence figures: where the calibrator comes from, ECE and the early-stop table."""
+    from tune_runs.plots import format_early_stop
+
+    return "\n".join([
+        f"confidence: {confidence['source']}",
+        f"expected calibration error: P(top-1 right) {confidence['ece_top1']:.4f}, P(in the top 5) {confidence['ece_top5']:.4f} "
+        f"(mean P(top-1) {confidence['mean_top1']:.3f}, top-1 right {confidence['rate_top1']:.3f} of all queries)",
+        "early stop: each sketch stops at the first completion level whose confidence reaches the threshold",
+        format_early_stop(confidence["early_stop"], "P(top-1 right)"),
+        format_early_stop(confidence["early_stop_top5"], "P(in the top 5)"),
+    ])

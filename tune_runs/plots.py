@@ -100,3 +100,51 @@ def format_percentiles(curve, levels=(0, 4, 8, 12, 16)) -> str:
     """One line: the percentile curve (17 floats) at a few completion levels (indices into it)."""
     n = len(curve)
     return "percentile at completion " + ", ".join(f"{100 * (l + 1) / n:.0f}%: {curve[l]:.1f}" for l in levels)
+
+
+def plot_reliability(bins: dict[str, dict], out: str | Path, title: str = "") -> Path:
+    """Reliability diagram: for each event (e.g. "top-1 right", "in top 5") the share of queries where it
+    happened against the mean confidence of their bin (`sketch_env.confidence.reliability_bins`), the
+    diagonal being perfect calibration, and below it how many queries each bin holds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
+    width = None
+    for i, (name, b) in enumerate(bins.items()):
+        edges = np.asarray(b["edges"], float)
+        conf, acc, count = (np.asarray(b[k], float) for k in ("confidence", "accuracy", "count"))
+        used = count > 0
+        top.plot(conf[used], acc[used], marker="o", ms=4, label=name)
+        width = (edges[1] - edges[0]) / (len(bins) + 1)
+        bottom.bar(edges[:-1] + (i + 0.5) * width, count, width=width, label=name, align="edge")
+    top.set_ylabel("share where it happened")
+    top.set_xlim(0, 1), top.set_ylim(0, 1)
+    top.set_title(title or "reliability of the confidence")
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left", fontsize=8)
+    bottom.set_yscale("log")
+    bottom.set_xlabel("confidence (mean of the bin)")
+    bottom.set_ylabel("queries")
+    bottom.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def format_early_stop(rows: list[dict], event: str = "P(top-1 right)") -> str:
+    """An early-stop table (`sketch_env.confidence.early_stop_table`) as Markdown, one row per threshold:
+    each sketch stops at the first completion level whose `event` probability reaches it."""
+    def pct(v):
+        return "–" if v is None or v != v else f"{v:.1f}"
+
+    lines = [f"| stop at {event} ≥ | fires (% of sketches) | top-1 right when it fires (%) | top-5 right when it fires (%) "
+             "| median drawn at the stop (%) | median saved (%) | saved, all sketches (mean %) "
+             "| acc@1 / acc@5 stop-or-finish (%) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['threshold']:.2f} | {pct(r['fires'])} ({r['n_fired']}) | {pct(r['top1_right'])} | "
+                     f"{pct(r['top5_right'])} | {pct(100 * r['completion_median'])} | {pct(100 * r['saved_median'])} | "
+                     f"{pct(100 * r['saved_mean_all'])} | {pct(r['top1_at_stop'])} / {pct(r['top5_at_stop'])} |")
+    return "\n".join(lines)

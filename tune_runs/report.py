@@ -113,7 +113,30 @@ def trial_train_config(cfg: ReportConfig, model: str, seed: int) -> TrainConfig:
 def _write_metrics(out: Path, metrics: dict) -> None:
     from tune_runs.evaluate import METRIC_KEYS
 
-    atomic_write_json(out / "metrics.json", {k: metrics[k] for k in METRIC_KEYS})
+    atomic_write_json(out / "metrics.json", {k: metrics[k] for k in METRIC_KEYS + ("confidence",) if k in metrics})
+
+
+def confidence_summary(confidence: dict | None) -> dict | None:
+    """What results.md's confidence table reads from `darp evaluate`'s confidence figures (None: none)."""
+    if not confidence:
+        return None
+    return {k: confidence[k] for k in ("ece_top1", "ece_top5", "early_stop", "early_stop_top5")}
+
+
+def policy_confidence(cfg: ReportConfig, run_dir: Path, result: dict) -> dict | None:
+    """Fit a trained trial's confidence on val (RUN/calibration.json; on the evaluated queries themselves
+    when cfg.split is val) and judge it on the evaluated queries (cross-fitted by photo when they are the
+    ones it was fitted on): `darp evaluate`'s confidence figures, or None where val cannot fit one."""
+    from tune_runs.calibrate import FIT_SPLIT, calibrate_run, evaluation_confidence, policy_queries
+
+    queries = policy_queries(result)
+    try:
+        calibrate_run(run_dir, cfg.train.data, FIT_SPLIT, queries=queries if cfg.split == FIT_SPLIT else None, quiet=True)
+    except DataError as e:
+        print(f"no confidence for {run_dir}: {e}")
+        return None
+    _, _, figures, source = evaluation_confidence(run_dir, cfg.train.data, cfg.split, queries, pristine=True)
+    return {"source": source, **figures}
 
 
 def _write_glimpses(out: Path, extras: dict) -> None:
@@ -167,6 +190,7 @@ def train_and_evaluate(cfg: ReportConfig, model: str, seed: int) -> dict:
     trained = time.time()
     result = evaluate_policy_run(Path(train_cfg.run_dir), Path(cfg.train.data), cfg.split, n_traces=cfg.n_traces)
     metrics = retrieval_metrics(result["ranks"], result["n_photos"])
+    metrics["confidence"] = policy_confidence(cfg, Path(train_cfg.run_dir), result)
     _write_metrics(out, metrics)
     write_ranks(out / "ranks.parquet", result["sketch_id"], np.asarray(result["ranks"]))
     looks = result["fovea_on_ink"] is not None
@@ -177,7 +201,8 @@ def train_and_evaluate(cfg: ReportConfig, model: str, seed: int) -> dict:
     if looks:
         stress["locators"] = {"policy": {"auir": metrics["auir"], "fovea_on_ink": result["fovea_on_ink"]}} | stress["locators"]
     done = {"model": model, "seed": seed, "train_s": trained - start, "eval_s": evaluated - trained,
-            "stress_s": time.time() - evaluated, "metrics": {k: metrics[k] for k in METRICS}, **stress}
+            "stress_s": time.time() - evaluated, "metrics": {k: metrics[k] for k in METRICS},
+            "confidence": confidence_summary(metrics["confidence"]), **stress}
     atomic_write_json(out / DONE, done)
     return done
 
@@ -197,7 +222,8 @@ def evaluate_triplet(cfg: ReportConfig) -> dict:
     evaluated = time.time()
     stress = stress_evaluations(cfg, Path(cfg.train.embedding), out, looks=False)
     done = {"model": "triplet", "seed": TRIPLET_SEED, "train_s": 0.0, "eval_s": evaluated - start,
-            "stress_s": time.time() - evaluated, "metrics": {k: metrics[k] for k in METRICS}, **stress}
+            "stress_s": time.time() - evaluated, "metrics": {k: metrics[k] for k in METRICS},
+            "confidence": confidence_summary(metrics["confidence"]), **stress}
     atomic_write_json(out / DONE, done)
     return done
 
@@ -362,6 +388,43 @@ def robustness_table(trials: dict[str, list[dict]]) -> str | None:
     return "\n".join(lines)
 
 
+def _nan_mean_std(values, scale: float = 1.0) -> str:
+    v = np.asarray(list(values), float) * scale
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return "–"
+    return f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}"
+
+
+# (early-stop table, what its confidence is of, threshold, the outcome reported when it fires)
+CONFIDENCE_STOPS = (("early_stop", "P(top-1)", 0.9, "top1_right", "top-1 right"),
+                    ("early_stop", "P(top-1)", 0.95, "top1_right", "top-1 right"),
+                    ("early_stop_top5", "P(top 5)", 0.9, "top5_right", "in top 5"))
+
+
+def confidence_table(trials: dict[str, list[dict]]) -> str | None:
+    """Per model: the confidence's expected calibration error (P(top-1 right), P(in top 5)) and, for
+    each stop rule of CONFIDENCE_STOPS (stop each sketch at the first level whose confidence reaches p),
+    how often that fires, how often it is then right and the median share of the drawing it saves."""
+    rows = {m: ts for m, ts in trials.items() if all(t.get("confidence") for t in ts)}
+    if not rows:
+        return None
+    head = ["ECE top-1", "ECE top-5"]
+    for _, event, p, _, outcome in CONFIDENCE_STOPS:
+        head += [f"{event} ≥ {p:g}: fires %", f"{outcome} %", "median saved %"]
+    lines = ["| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for model, ts in rows.items():
+        cells = [f"{np.mean([t['confidence'][k] for t in ts]):.3f} ± "
+                 f"{np.std([t['confidence'][k] for t in ts], ddof=1) if len(ts) > 1 else 0.0:.3f}" for k in ("ece_top1", "ece_top5")]
+        for table, _, p, right, _ in CONFIDENCE_STOPS:
+            stops = [next((r for r in t["confidence"].get(table, []) if abs(r["threshold"] - p) < 1e-9), None) for t in ts]
+            stops = [r for r in stops if r is not None]
+            cells += [_nan_mean_std(r["fires"] for r in stops), _nan_mean_std(r[right] for r in stops),
+                      _nan_mean_std((r["saved_median"] for r in stops), 100.0)]
+        lines.append(f"| {DISPLAY[model]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def results_markdown(cfg: ReportConfig, trials: dict[str, list[dict]], manifest: dict, wall_s: float,
                      failed: list[str]) -> str:
     """results.md: the table (mean ± std over seeds), the paper's Chair-V2 figures, ordering and timings."""
@@ -396,6 +459,15 @@ def results_markdown(cfg: ReportConfig, trials: dict[str, list[dict]], manifest:
                   f"AUIR on the {cfg.split} split of the same trained networks, each glimpse located by the policy "
                   "itself or by a fixed rule in its place (centre; random: uniform; ink: a random inked pixel; "
                   "newest-ink: on the stroke drawn last). Own − best fixed is taken per seed.", "", locators, ""]
+    confidence = confidence_table(trials)
+    if confidence:
+        lines += ["## Confidence: when to stop drawing", "",
+                  f"The confidence P(top-1 right) of every query on the {cfg.split} split, from the run's calibrator "
+                  "(fitted on val; on val itself the figures are cross-fitted over folds of photos). ECE: expected "
+                  "calibration error (15 bins). Stopping each sketch at the first completion level whose confidence "
+                  "reaches p: the share of sketches where that happens, how often the top-1 photo is then right (or the "
+                  "right photo in the top 5), and the median share of the drawing left undrawn (of those that stop; "
+                  "– where none does).", "", confidence, ""]
     robustness = robustness_table(trials)
     if robustness:
         lines += ["## Robustness to unnecessary strokes", "",

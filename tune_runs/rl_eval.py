@@ -161,9 +161,10 @@ def evaluate_policy_run(run_dir: Path, data_dir: Path, split: str, n_traces: int
     locator: "policy" (its own) or a rule of `sketch_env.locators` that chooses every location in
     its place (seeded by `seed`). episodes: the EpisodeData to evaluate on (default:
     `load_run_episodes`, which re-embeds sketches changed since the run's phase-1 export).
-    Returns {"ranks", "sketch_id", "n_photos", "fovea_on_ink" (share of chosen glimpses with ink in
-    the finest patch; None for a policy that does not look), "extras": {"trace": Trace of the first
-    n_traces, ...}}.
+    Returns {"ranks", "sketch_id", "photo_id" (each sketch's true photo), "n_photos", "queries" (S, 17, D:
+    what each rank was computed from, as the env clipped it), "gallery" (they were ranked against),
+    "fovea_on_ink" (share of chosen glimpses with ink in the finest patch; None for a policy that does
+    not look), "extras": {"trace": Trace of the first n_traces, ...}}.
     """
     from policies.rollout import FixedLocator, rollout_ranks, run_episodes
 
@@ -176,14 +177,17 @@ def evaluate_policy_run(run_dir: Path, data_dir: Path, split: str, n_traces: int
         raise DataError(f"{run_dir}: a {run.get('kind')} run does not choose where to look; --locator needs a policy that looks")
     n = len(env.episodes)
     fixed = FixedLocator(locator, env.episodes, seed) if locator != "policy" else None
-    ranks, on_ink = rollout_ranks(module, env, np.arange(n), locator=fixed, with_on_ink=True)
+    ranks, on_ink, queries = rollout_ranks(module, env, np.arange(n), locator=fixed, with_on_ink=True, with_queries=True)
     trace_env = make_env(run, data_dir, split, num_envs=min(n_traces, n), episodes=episodes)
     trace_locator = FixedLocator(locator, trace_env.episodes, seed) if locator != "policy" else None
     trace = run_episodes(module, trace_env, np.arange(min(n_traces, n)), locator=trace_locator)
     return {
         "ranks": ranks,
         "sketch_id": np.asarray(env.episodes.sketch_id),
+        "photo_id": np.asarray(env.episodes.photo_id),
         "n_photos": len(env.episodes.gallery),
+        "queries": queries,
+        "gallery": env.episodes.gallery,
         "fovea_on_ink": on_ink if looks else None,
         "extras": {"trace": trace, "episodes": trace_env.episodes, "env_config": trace_env.config},
     }
@@ -222,15 +226,17 @@ def read_darp_run(run_dir: str | Path) -> dict:
     return run
 
 
-def live_retrieval(run_dir: str | Path, split, cache_size: int = 4096):
+def live_retrieval(run_dir: str | Path, split, cache_size: int = 4096, stop_at: float | None = None):
     """The `LiveRetrieval` of DARP run `run_dir` over the photos of `split` (a `select_split` result).
 
     The gallery holds the phase-1 export's embeddings of the split's photos, looked up by id as in
     `darp evaluate` (`sketch_env.embeddings.gallery_for`: photos whose image changed since the export are
-    re-embedded); partial sketches are embedded by the run's phase-1 network.
+    re-embedded); partial sketches are embedded by the run's phase-1 network. The answers carry the
+    run's calibrated confidence (RUN/calibration.json, `tune_runs.calibrate`) when it has one, "you
+    can stop" from P(top-1 right) >= stop_at (default `policies.rollout.STOP_AT`).
     """
     from policies.embedding import embed_photos, load_embedding_net
-    from policies.rollout import LivePolicy, LiveRetrieval
+    from policies.rollout import STOP_AT, LivePolicy, LiveRetrieval
     from sketch_env.embeddings import gallery_for, load_embedding_export
     from sketch_env.env import EnvConfig, action_space, observation_space
 
@@ -242,4 +248,25 @@ def live_retrieval(run_dir: str | Path, split, cache_size: int = 4096):
     gallery = gallery_for(export, split.photos, run["embedding"], split.path, functools.partial(embed_photos, net))
     env_config = EnvConfig(**env_options(run))  # the glimpse geometry of make_env
     module = load_module(run_dir, observation_space(env_config, export.dim), action_space(export.dim))
-    return LiveRetrieval(LivePolicy(module, net, env_config), gallery, cache_size)
+    confidence = live_confidence(run_dir, len(gallery))
+    return LiveRetrieval(LivePolicy(module, net, env_config), gallery, cache_size, confidence,
+                         STOP_AT if stop_at is None else stop_at)
+
+
+def live_confidence(run_dir: str | Path, gallery_size: int):
+    """The run's calibrator for a live gallery of `gallery_size` photos, or None (said in one line)
+    when the run has none; a gallery far from the size it was fitted on is said too, since more photos
+    (more near misses) make the same distances less sure than they were where it was fitted."""
+    from tune_runs.calibrate import CALIBRATION_FILE, load_run_confidence
+
+    confidence = load_run_confidence(run_dir)
+    if confidence is None:
+        print(f"{Path(run_dir) / CALIBRATION_FILE} does not exist: the page shows no confidence "
+              f"(fit one with `darp calibrate --data DATA --run {run_dir}`)")
+        return None
+    fitted = confidence.info.get("fitted_on", {}).get("n_photos")
+    if isinstance(fitted, int) and fitted > 0 and not 0.5 <= gallery_size / fitted <= 2.0:
+        print(f"note: the confidence of {run_dir} was fitted with a gallery of {fitted} photos; this gallery has "
+              f"{gallery_size}, so its probabilities are not calibrated for it (refit with darp calibrate on a "
+              "split of this size)")
+    return confidence

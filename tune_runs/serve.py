@@ -18,7 +18,8 @@ stroke may then reach a replica that replays the earlier ones).
     darp serve --data runs/data/chairv2 --run runs/darp [--port 8000] [--split val]
 
 Endpoints: GET / (the page), GET /photos/{photo_id} (PNG thumbnail), GET /api/gallery (photo and
-sketch ids), POST /api/query {"strokes": [[[x, y], ...], ...], "canvas": [w, h], "target": id?},
+sketch ids), POST /api/query {"strokes": [[[x, y], ...], ...], "canvas": [w, h], "target": id?} (the answer also
+carries the run's calibrated confidence after each stroke and the stroke where it says "you can stop"),
 POST /api/replay {"sketch_id": id} (a data-set sketch's strokes, x and y in [0, 1]). Bad requests
 get a 4xx with {"error": message}. SIGINT (Ctrl-C) or SIGTERM stops Serve and Ray.
 """
@@ -39,7 +40,7 @@ from typing import Literal
 import numpy as np
 from ray import serve
 
-from policies.rollout import Drawing, LiveRetrieval
+from policies.rollout import STOP_AT, Drawing, LiveRetrieval
 from sketch_env.data import DataError, Dataset, encode_png, load_dataset, read_manifest, select_split
 from sketch_env.data.validate import OUTSIDE_MARGIN, normalise_sketch
 from sketch_env.geometry import join_strokes, split_strokes, unit_to_canvas
@@ -73,6 +74,8 @@ class ServeConfig:
     max_batch: int = arg(64, "most drawers one batched policy level or ranking pass serves")
     batch_wait_ms: float = arg(2.0, "how long a batch waits for more drawers once the first one is in")
     max_ongoing_requests: int = arg(256, "requests a replica takes at once (more wait in the proxy)")
+    stop_confidence: float = arg(STOP_AT, "the page says \"you can stop\" (and marks the stroke) once the run's "
+                                          "calibrated P(top-1 right) reaches this (RUN/calibration.json)")
 
 
 class BadRequest(Exception):
@@ -243,6 +246,11 @@ def build_app(retrieval: LiveRetrieval, split: Dataset, answer: Answer | None = 
             "target_ranks": result["target_ranks"],
             "level": result["level"],
             "n_strokes": result["n_strokes"],
+            "confidence": None if result["confidence"] is None else
+            {"top1": round(result["confidence"][0], 4), "top5": round(result["confidence"][1], 4)},
+            "confidences": None if result["confidences"] is None else [round(p, 4) for p in result["confidences"]],
+            "stop_stroke": result["stop_stroke"],
+            "stop_at": retrieval.stop_at,
             "n_points": len(points),
             "gallery_size": len(retrieval.gallery),
             "latency_ms": round(1000 * (time.perf_counter() - started), 2),
@@ -311,7 +319,7 @@ class LiveDeployment:
 
         torch.set_num_threads(cfg.num_threads)
         split = select_split(load_dataset(cfg.data), cfg.split)
-        retrieval = live_retrieval(cfg.run, split, cfg.cache_size)
+        retrieval = live_retrieval(cfg.run, split, cfg.cache_size, cfg.stop_confidence)
         batcher = Batcher(retrieval, cfg.max_batch, cfg.batch_wait_ms)
         self._app = build_app(retrieval, split, batcher.query, cfg.max_strokes, cfg.max_points)
 
@@ -324,9 +332,14 @@ def check(cfg: ServeConfig) -> None:
     a one-line error naming the file (before Ray starts) rather than inside a replica."""
     from policies.embedding import load_embedding_net
 
+    from tune_runs.calibrate import load_run_confidence
+
+    if not 0.0 < cfg.stop_confidence <= 1.0:
+        raise DataError(f"--stop-confidence must be in (0, 1], got {cfg.stop_confidence}")
     read_manifest(cfg.data)
     run = read_darp_run(cfg.run)
     load_module(cfg.run)
+    load_run_confidence(cfg.run)
     try:
         load_embedding_net(run["embedding"])
     except FileNotFoundError as e:

@@ -4,7 +4,8 @@
 
 The options are policies.registry.TrainConfig's; the training is policies.fit.train (the run
 directory's layout: policies.runs). `tensorboard --logdir RUN` shows the curves; `--resume` (default)
-continues a killed run.
+continues a killed run. When it has finished, the run's confidence is fitted on the validation split
+(RUN/calibration.json, `tune_runs.calibrate`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ __all__ = ["TrainConfig", "run"]
 
 
 def run(cfg: TrainConfig) -> int:
+    """Train (`policies.fit.train`), then fit the run's confidence on its validation split
+    (`tune_runs.calibrate`: RUN/calibration.json)."""
     from policies.fit import train  # Ray is imported when training, not for `darp train --help`
+    from tune_runs.calibrate import calibrate_after_training
 
     train(cfg)
+    calibrate_after_training(cfg.run_dir, cfg.data, cfg.val_split)
     return 0

@@ -1,5 +1,6 @@
 // The live retrieval page: draw with a mouse or pen; after every stroke all strokes so far go to
-// POST /api/query, and the answer (top 10, glimpses, the target's rank after each stroke) is shown.
+// POST /api/query, and the answer (top 10, glimpses, the target's rank after each stroke, the
+// calibrated confidence and whether the person can stop drawing) is shown.
 // `window.darpLive` is the page's state, for the browser console and the browser test.
 "use strict";
 
@@ -114,6 +115,7 @@ function clearDrawing() {
   $("target-rank").textContent = "\u2013";
   $("latency").textContent = "";
   $("top10").replaceChildren();
+  showConfidence(null);
   drawPlot([]);
   showError("");
 }
@@ -184,7 +186,35 @@ function showAnswer(answer) {
     list.append(item);
   }
   drawGlimpses(answer.glimpses, answer.glimpse_sides);
-  drawPlot(answer.target_ranks || []);
+  showConfidence(answer);
+  drawPlot(answer.target_ranks || [], answer.confidences || [], answer.stop_stroke, answer.stop_at);
+}
+
+// The calibrated confidence in plain words: how sure the server is that its first photo is the one
+// being drawn (and that it is among the top 5), and whether the person can stop drawing.
+function confidenceText(answer) {
+  if (answer === null) return "";
+  if (answer.confidence === null) return "no confidence for this run (fit one with darp calibrate)";
+  const top1 = Math.round(100 * answer.confidence.top1), top5 = Math.round(100 * answer.confidence.top5);
+  const now = answer.confidence.top1 >= answer.stop_at;
+  let text = now ? top1 + "% sure: you can stop"
+    : answer.confidence.top5 >= answer.stop_at
+      ? top1 + "% sure of the first photo, " + top5 + "% that it is in the top 5: you could stop and pick it there"
+      : top1 + "% sure of the first photo (" + top5 + "% that it is in the top 5): keep drawing";
+  if (answer.stop_stroke !== null && !(now && answer.stop_stroke === answer.n_strokes)) {
+    text += " \u00b7 could stop at stroke " + answer.stop_stroke;
+  }
+  return text;
+}
+
+function showConfidence(answer) {
+  const box = $("confidence");
+  const text = confidenceText(answer);
+  box.textContent = text || "\u00a0";
+  box.dataset.state = answer === null || answer.confidence === null ? "none"
+    : answer.confidence.top1 >= answer.stop_at ? "stop" : answer.confidence.top5 >= answer.stop_at ? "pick" : "draw";
+  box.dataset.top1 = answer && answer.confidence ? String(answer.confidence.top1) : "";
+  box.dataset.stopStroke = answer && answer.stop_stroke !== null ? String(answer.stop_stroke) : "";
 }
 
 function drawGlimpses(centres, sides) {
@@ -203,13 +233,14 @@ function drawGlimpses(centres, sides) {
   });
 }
 
-// The target's rank after each stroke, on a log scale (rank 1 at the top).
-function drawPlot(ranks) {
+// The target's rank after each stroke, on a log scale (rank 1 at the top), the confidence (dashed,
+// 0-100% on the right axis) and the stroke where it first said "you can stop".
+function drawPlot(ranks, confidences = [], stopStroke = null, stopAt = null) {
   const svg = $("plot");
   const ns = "http://www.w3.org/2000/svg";
-  const W = 512, H = 170, left = 44, right = 12, top = 12, bottom = 30;
+  const W = 512, H = 170, left = 44, right = 34, top = 12, bottom = 30;
   const n = live.last ? live.last.gallery_size : 1;
-  const strokes = Math.max(5, ranks.length);
+  const strokes = Math.max(5, ranks.length, confidences.length);
   const x = (i) => left + (W - left - right) * (strokes === 1 ? 0 : i / (strokes - 1));
   const y = (r) => top + (H - top - bottom) * (n > 1 ? Math.log(r) / Math.log(n) : 0);
   const el = (name, attrs, text) => {
@@ -235,6 +266,18 @@ function drawPlot(ranks) {
   el("text", { x: (W + left) / 2, y: H - 2, "text-anchor": "middle" }, "stroke");
   el("text", { x: 10, y: top + (H - top - bottom) / 2, transform: `rotate(-90 10 ${top + (H - top - bottom) / 2})`,
                "text-anchor": "middle" }, "target rank");
+  if (confidences.length) {
+    const yc = (p) => top + (H - top - bottom) * (1 - p);
+    for (const p of [0, 0.5, 1]) el("text", { x: W - right + 4, y: yc(p) + 4, class: "confidence-axis" }, Math.round(100 * p) + "%");
+    if (stopAt !== null) el("line", { x1: left, x2: W - right, y1: yc(stopAt), y2: yc(stopAt), class: "threshold" });
+    el("polyline", { points: confidences.map((p, i) => `${x(i)},${yc(p)}`).join(" "), class: "confidence",
+                     "data-confidences": confidences.join(",") });
+    if (stopStroke !== null) {
+      el("line", { x1: x(stopStroke - 1), x2: x(stopStroke - 1), y1: top, y2: H - bottom, class: "stop",
+                   "data-stroke": stopStroke });
+      el("text", { x: x(stopStroke - 1) + 3, y: top + 10, class: "stop-label" }, "stop");
+    }
+  }
   if (ranks.length === 0) {
     el("text", { x: (W + left) / 2, y: H / 2 - 10, "text-anchor": "middle" },
        live.target === null ? "pick a target photo to follow its rank" : "draw to see the target's rank");
@@ -307,6 +350,7 @@ async function start() {
     setTarget(live.photoIds[Math.floor(Math.random() * live.photoIds.length)]);
     $("status").textContent = "Find this one: draw the target photo and watch its rank.";
   });
+  showConfidence(null);
   const response = await fetch("/api/gallery");
   const info = await response.json();
   live.photoIds = info.photo_ids;
