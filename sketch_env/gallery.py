@@ -73,6 +73,9 @@ class Gallery:
     def __len__(self) -> int:
         return self.embeddings.shape[0]
 
+    def __contains__(self, photo_id) -> bool:
+        return photo_id in self._index
+
     @property
     def dim(self) -> int:
         return self.embeddings.shape[1]
@@ -113,7 +116,11 @@ class Gallery:
         embeddings, see `sketch_env.gallery_index`), or go back to exact search with None."""
         if index is not None and (index.n, index.dim) != (len(self), self.dim):
             raise ValueError(f"the index covers {index.n} x {index.dim} embeddings, the gallery is {len(self)} x {self.dim}")
+        if index is not None and self.device.type != "cpu":
+            raise ValueError(f"an index serves galleries on the CPU; this one is on {self.device}")
         self.index = index
+        self._numpy_embeddings = self.embeddings.numpy() if index is not None else None
+        self._numpy_norms = self._affine[self.dim].numpy() if index is not None else None
 
     def topk(self, queries: torch.Tensor | np.ndarray, k: int, exact: bool = False) -> tuple[torch.LongTensor, torch.Tensor]:
         """The k nearest photos of each query, nearest first.
@@ -152,23 +159,32 @@ class Gallery:
         return torch.cat(indices), torch.cat(distances), torch.cat(ranks)
 
     def _reranked_topk(self, q: torch.Tensor, k: int):
-        """`ranked_topk` over the index's candidates, scored exactly as `_score_blocks` scores."""
+        """`ranked_topk` over the index's candidates, scored as `_score_blocks` scores (||e||^2 - 2 q.e).
+
+        In numpy, single-threaded: a few hundred candidates per query are too little work to share
+        between threads (handing them out costs more than the work on a busy machine).
+        """
         n_candidates = min(len(self), max(k, self.index.config.candidates))
-        rows = torch.from_numpy(self.index.search(q.cpu().numpy(), n_candidates)).to(self.device)
+        qn = q.numpy()
+        rows = self.index.search(qn, n_candidates)  # (B, R), -1 where the index found fewer
         found = rows >= 0
-        rows = rows.clamp_min(0)
-        d = self.dim
-        scores = self._affine[d][rows] + torch.einsum("bd,brd->br", q, -2.0 * self.embeddings[rows])
-        scores = scores.masked_fill(~found, torch.inf)
-        values, pos = torch.topk(scores, k, dim=1, largest=False, sorted=True)
-        indices = rows.gather(1, pos)
-        distances = (values + (q * q).sum(1, keepdim=True)).clamp_min(0.0)
+        rows = np.where(found, rows, 0)
+        vectors = self._numpy_embeddings[rows]  # (B, R, D)
+        scores = self._numpy_norms[rows] - 2.0 * np.matmul(vectors, qn[:, :, None])[..., 0]
+        scores[~found] = np.inf
+        part = np.argpartition(scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.tile(np.arange(k), (len(q), 1))
+        values = np.take_along_axis(scores, part, 1)
+        order = np.argsort(values, axis=1, kind="stable")
+        values = np.take_along_axis(values, order, 1)
+        indices = np.take_along_axis(np.take_along_axis(rows, part, 1), order, 1)
         ranks = (values[:, None, :] < values[:, :, None]).sum(2) + 1
-        short = torch.isinf(values).any(1)
+        distances = np.maximum(values + (qn * qn).sum(1, keepdims=True), 0.0)
+        indices, distances, ranks = torch.from_numpy(indices), torch.from_numpy(distances.astype(np.float32)), torch.from_numpy(ranks)
+        short = torch.from_numpy(np.isinf(values).any(1))
         if bool(short.any()):  # fewer than k candidates: those queries get the exact answer
             exact_i, exact_d, exact_r = self.ranked_topk(q[short], k, exact=True)
             indices[short], distances[short], ranks[short] = exact_i, exact_d, exact_r
-        return indices, distances, ranks
+        return indices, distances, ranks.long()
 
     def _queries(self, queries) -> torch.Tensor:
         q = torch.as_tensor(queries, device=self.device).detach()

@@ -65,6 +65,8 @@ class EvaluateConfig:
     noise_strokes: int = arg(0, "add this many unnecessary strokes (random lines and scribbles at random places of "
                                 "the drawing order) to every evaluated sketch")
     noise_seed: int = arg(0, "seed of the noise strokes (the same seed gives the same sketches)")
+    gallery: Path | None = arg(None, "rank among the photos of these Parquet shards (darp embed-photos) instead of "
+                                     "the split's photos; they must hold every evaluated sketch's photo")
     force: bool = arg(False, "write into --out even if it holds something other than an evaluation")
 
 
@@ -107,6 +109,25 @@ def _triplet_ranks(run_dir: Path, split: Dataset, batch: int) -> tuple[np.ndarra
     return ranks_for_triplet(net, split, batch), "saved network"
 
 
+def _triplet_ranks_in_shards(run_dir: Path, split: Dataset, batch: int, gallery_dir: Path,
+                             use_export: bool = True) -> tuple[np.ndarray, str, int]:
+    """Ranks (S, 17) of the split's sketches among every photo of the shards in `gallery_dir`
+    (`tune_runs.rl_eval.shards_gallery`), how they were queried, and the gallery's size. Queries: the
+    export's partial-sketch embeddings when it covers the split (and `use_export`), else the saved network's."""
+    from tune_runs.rl_eval import shards_gallery
+
+    gallery = shards_gallery(gallery_dir, run_dir, split)
+    if use_export and (run_dir / EXPORT_DIR).is_dir() and export_covers(export := load_embedding_export(run_dir), split):
+        queries, source = sketch_embeddings_for(export, split.sketches, run_dir, split.path), "embedding export"
+    else:
+        net, _ = load_embedding_net(run_dir)
+        queries, source = embed_sketch_levels(net, first_ink_level(split.sketches, net.config.image_size), batch), "saved network"
+    s, levels, d = queries.shape
+    target = gallery.index_of(list(split.sketches.photo_id)).repeat_interleave(levels)
+    ranks = gallery.rank(torch.as_tensor(queries).reshape(s * levels, d), target).view(s, levels).numpy()
+    return ranks, f"{source}, gallery of {len(gallery)} photos from {gallery_dir}", len(gallery)
+
+
 def write_ranks(path: Path, sketch_id, ranks: np.ndarray) -> None:
     """ranks (S, L) as a long table sketch_id, level, rank (S * L rows), written atomically."""
     s, levels = ranks.shape
@@ -139,7 +160,7 @@ def run(cfg: EvaluateConfig) -> dict:
     run_dir, data_dir = Path(cfg.run), Path(cfg.data)
     record = read_run(run_dir)
     out = prepare_output_dir(cfg.out if cfg.out is not None else run_dir / f"eval-{cfg.split}", EVAL_KIND,
-                             inputs=(cfg.data, cfg.run), force=cfg.force)
+                             inputs=(cfg.data, cfg.run, cfg.gallery), force=cfg.force)
     kind = record.get("kind")
     if kind == "triplet" and cfg.locator != "policy":
         raise DataError(f"{run_dir}: a triplet run does not look anywhere; --locator needs a policy that looks")
@@ -150,17 +171,23 @@ def run(cfg: EvaluateConfig) -> dict:
         from sketch_env.strokes import with_noise_strokes
 
         split = select_split(load_dataset(data_dir), cfg.split)
+        n_photos = len(split.photos)
         if cfg.noise_strokes:
             split = with_noise_strokes(split, cfg.noise_strokes, cfg.noise_seed)
+        if cfg.gallery is not None:
+            ranks, source, n_photos = _triplet_ranks_in_shards(run_dir, split, cfg.level_batch, Path(cfg.gallery),
+                                                               use_export=not cfg.noise_strokes)
+        elif cfg.noise_strokes:
             ranks, source = ranks_for_triplet(load_embedding_net(run_dir)[0], split, cfg.level_batch), "saved network"
         else:
             ranks, source = _triplet_ranks(run_dir, split, cfg.level_batch)
-        sketch_id, n_photos = split.sketches.sketch_id, len(split.photos)
+        sketch_id = split.sketches.sketch_id
         print(f"triplet run {run_dir}: queries from its {source}")
     else:
         from tune_runs.rl_eval import evaluate_policy_run, load_run_episodes, read_run
 
-        episodes = load_run_episodes(read_run(run_dir), data_dir, cfg.split, cfg.noise_strokes, cfg.noise_seed)
+        episodes = load_run_episodes(read_run(run_dir), data_dir, cfg.split, cfg.noise_strokes, cfg.noise_seed,
+                                     gallery_dir=cfg.gallery)
         result = evaluate_policy_run(run_dir, data_dir, cfg.split, locator=cfg.locator, seed=cfg.seed, episodes=episodes)
         ranks, sketch_id, n_photos = result["ranks"], result["sketch_id"], result["n_photos"]
         looks = result.get("fovea_on_ink") is not None
@@ -169,6 +196,8 @@ def run(cfg: EvaluateConfig) -> dict:
             write_glimpses(out / "glimpses.png", result["extras"])
     metrics = retrieval_metrics(ranks, n_photos)
     record = {k: metrics[k] for k in METRIC_KEYS}
+    if cfg.gallery is not None:
+        record["gallery"] = str(cfg.gallery)
     if cfg.noise_strokes:
         record.update(noise_strokes=cfg.noise_strokes, noise_seed=cfg.noise_seed)
         print(f"{cfg.noise_strokes} noise strokes added to every sketch (seed {cfg.noise_seed})")
