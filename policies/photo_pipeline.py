@@ -115,10 +115,16 @@ def source_dataset(source: str | Path):
     if path.is_file() or (path.is_dir() and any(path.glob("*.parquet"))):
         if path.is_file() and path.suffix != ".parquet":
             raise DataError(f"{source}: give a directory of images, a data set directory or Parquet files")
+        import pyarrow.parquet as pq
+
+        first = path if path.is_file() else sorted(path.glob("*.parquet"))[0]
         try:
-            ds = ray.data.read_parquet(str(path.resolve()), columns=["photo_id", "image"])
-        except Exception as e:  # pyarrow/ray raise several types for missing columns or bad files
-            raise DataError(f"{path}: cannot read photo_id and image columns from Parquet ({str(e).splitlines()[0]})") from None
+            names = pq.read_schema(first).names
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise DataError(f"{first}: cannot read a Parquet schema ({str(e).splitlines()[0]})") from None
+        if not {"photo_id", "image"} <= set(names):
+            raise DataError(f"{first}: Parquet of photos needs photo_id and image columns, has {names}")
+        ds = ray.data.read_parquet(str(path.resolve())).select_columns(["photo_id", "image"])
         return ds, None, "parquet"
     root = path.resolve()
     if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*") if p.is_file()):
@@ -156,6 +162,8 @@ def embed_photo_collection(source: str | Path, embedding_run: str | Path, out: s
         raise DataError(f"{num_workers} workers x {cpus_per_worker:g} CPU would leave no CPU of the cluster's {cpus:g} "
                         f"for reading the images; use at most {max(1, int(spare // cpus_per_worker))} workers")
     ds, root, kind = source_dataset(source)
+    if kind == "parquet":  # a file's rows in blocks of a batch, so that every actor gets work
+        ds = ds.repartition(target_num_rows_per_block=batch_size)
     device = "cuda" if gpus_per_worker else "cpu"
     embedded = ds.map_batches(
         PhotoEmbedder,

@@ -126,6 +126,6 @@ def test_config_checks_and_sizes():
         IndexConfig(kind="lsh")
     with pytest.raises(ValueError, match="nprobe must be >= 1"):
         IndexConfig(nprobe=0)
-    assert default_nlist(1_000_000) == 4096 and default_nlist(10_000_000) == 16384 and default_nlist(10) == 16
+    assert default_nlist(1_000_000) == 4096 and default_nlist(10_000_000) == 4096 and default_nlist(10) == 16
     with pytest.raises(ValueError, match="must divide"):
         build_index(clustered(100), IndexConfig(pq_m=5, nlist=4))
