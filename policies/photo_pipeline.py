@@ -133,6 +133,22 @@ def source_dataset(source: str | Path):
     return ds, str(root), "directory"
 
 
+def check_photo_job(source: str | Path, embedding_run: str | Path, out: str | Path, force: bool = False) -> Path:
+    """What `embed_photo_collection` checks before any work (no Ray needed): the source exists, the
+    run has a network, and `out` may be replaced (never other work unless forced, never an input).
+    Returns the network file."""
+    from policies.embedding import NET_FILE
+    from sketch_env.atomic import check_output_dir
+
+    if not Path(source).exists():
+        raise DataError(f"{source}: no such file or directory")
+    check_output_dir(out, SHARDS_KIND, inputs=(source, embedding_run), force=force, replace=True)
+    net_file = Path(embedding_run) / NET_FILE
+    if not net_file.is_file():
+        raise DataError(f"{net_file}: no embedding network here; train one with `darp pretrain --run-dir {embedding_run}`")
+    return net_file
+
+
 def embed_photo_collection(source: str | Path, embedding_run: str | Path, out: str | Path, *, num_workers: int = 0,
                            cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, batch_size: int = 256,
                            shard_rows: int = 1_000_000, on_error: str = "fail", index: str = "auto",
@@ -142,13 +158,9 @@ def embed_photo_collection(source: str | Path, embedding_run: str | Path, out: s
     import ray
     import torch
 
-    from policies.embedding import NET_FILE
-    from sketch_env.atomic import check_output_dir, replace_dir
+    from sketch_env.atomic import replace_dir
 
-    check_output_dir(out, SHARDS_KIND, inputs=(source, embedding_run), force=force, replace=True)
-    net_file = Path(embedding_run) / NET_FILE
-    if not net_file.is_file():
-        raise DataError(f"{net_file}: no embedding network here; train one with `darp pretrain --run-dir {embedding_run}`")
+    net_file = check_photo_job(source, embedding_run, out, force)
     payload = torch.load(net_file, map_location="cpu", weights_only=True)
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)

@@ -57,7 +57,7 @@ class IndexConfig:
 
     kind: IndexKind = "ivfpq"
     nlist: int = 0
-    nprobe: int = 48
+    nprobe: int = 64
     pq_m: int = 16
     candidates: int = 256
     hnsw_m: int = 32

@@ -102,3 +102,26 @@ def test_shards_gallery_checks_targets_digests_and_network(phase1, tmp_path):
     atomic_write_json(folder / SHARDS_META, {**meta, "shards": [{"file": "../x.parquet", "rows": n}]})
     with pytest.raises(DataError, match="missing"):
         load_photo_shards(folder)
+
+
+def test_refusals_come_before_ray_starts(phase1, tmp_path, capsys):
+    import ray
+
+    from tune_runs.cli import main
+
+    data, run = phase1
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    cases = [
+        (["--photos", str(data), "--embedding", str(run), "--out", str(other)], "holds other work"),
+        (["--photos", str(data), "--embedding", str(data), "--out", str(tmp_path / "o1")], "no embedding network"),
+        (["--photos", str(tmp_path / "nowhere"), "--embedding", str(run), "--out", str(tmp_path / "o2")], "no such file"),
+        (["--photos", str(data), "--embedding", str(run), "--out", str(data)], "an input of this command"),
+        (["--photos", str(data), "--embedding", str(run), "--out", str(tmp_path / "o3"), "--batch-size", "0"], "must be > 0"),
+    ]
+    for args, message in cases:
+        assert main(["embed-photos", *args]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not ray.is_initialized() and (other / "notes.txt").read_text() == "mine"

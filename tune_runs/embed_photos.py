@@ -39,7 +39,7 @@ class EmbedPhotosConfig:
 
 
 def run(cfg: EmbedPhotosConfig) -> dict:
-    from policies.photo_pipeline import embed_photo_collection
+    from policies.photo_pipeline import check_photo_job, embed_photo_collection
     from policies.ray_session import ray_session
     from sketch_env.data import DataError
 
@@ -49,6 +49,7 @@ def run(cfg: EmbedPhotosConfig) -> dict:
         problems.append("--num-workers and --gpus-per-worker must be >= 0")
     if problems:
         raise DataError("; ".join(problems))
+    check_photo_job(cfg.photos, cfg.embedding, cfg.out, cfg.force)  # before Ray starts
     with ray_session(**({"address": cfg.address} if cfg.address else {})):
         record = embed_photo_collection(
             cfg.photos, cfg.embedding, cfg.out, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
