@@ -12,6 +12,11 @@ out changes neither the order nor the ties (and saves a pass); `topk` adds it ba
 distances. The target's value is read from the same row it is compared with, so a photo and its
 exact duplicate get the same value and ties are counted consistently. For one query this layout
 makes the rank a single streaming read of the gallery, which is what bounds its speed.
+
+Large galleries: `use_index` attaches an approximate index (`sketch_env.gallery_index`, faiss) that
+`topk` and `ranked_topk` then ask for candidates, re-ranked exactly here (the live server's top 10
+at millions of photos). `rank` never uses it: ranks, and every metric and reward read from them,
+stay exact whatever the gallery's size.
 """
 
 from __future__ import annotations
@@ -54,11 +59,22 @@ class Gallery:
             raise ValueError(f"gallery photo ids must be distinct; repeated: {dup[:5]}")
         self.embeddings = emb
         self.photo_ids = ids
-        # (D + 1, N): rows -2 e^T and ||e||^2, see the module docstring.
-        self._affine = torch.cat([-2.0 * emb.T, (emb * emb).sum(1)[None]]).contiguous()
+        self.index = None  # a sketch_env.gallery_index.GalleryIndex, see `use_index`
+        # (D + 1, N): rows -2 e^T and ||e||^2, see the module docstring; filled in blocks so that a
+        # gallery of millions of photos needs no temporary copy of itself.
+        n, d = emb.shape
+        self._affine = torch.empty(d + 1, n, dtype=torch.float32, device=emb.device)
+        step = max(1, BLOCK_ELEMENTS // d)
+        for start in range(0, n, step):
+            block = emb[start : start + step]
+            torch.mul(block.T, -2.0, out=self._affine[:d, start : start + step])
+            self._affine[d, start : start + step] = (block * block).sum(1)
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
+
+    def __contains__(self, photo_id) -> bool:
+        return photo_id in self._index
 
     @property
     def dim(self) -> int:
@@ -95,25 +111,45 @@ class Gallery:
         """Ranking percentile (N - rank) / (N - 1) of (...) ranks, float32; 1.0 for a gallery of one."""
         return _percentile(torch.as_tensor(ranks, device=self.device), len(self))
 
-    def topk(self, queries: torch.Tensor | np.ndarray, k: int) -> tuple[torch.LongTensor, torch.Tensor]:
+    def use_index(self, index) -> None:
+        """Let `topk` / `ranked_topk` take candidates from `index` (a `GalleryIndex` built for these
+        embeddings, see `sketch_env.gallery_index`), or go back to exact search with None."""
+        if index is not None and (index.n, index.dim) != (len(self), self.dim):
+            raise ValueError(f"the index covers {index.n} x {index.dim} embeddings, the gallery is {len(self)} x {self.dim}")
+        if index is not None and self.device.type != "cpu":
+            raise ValueError(f"an index serves galleries on the CPU; this one is on {self.device}")
+        self.index = index
+        self._numpy_embeddings = self.embeddings.numpy() if index is not None else None
+        self._numpy_norms = self._affine[self.dim].numpy() if index is not None else None
+
+    def topk(self, queries: torch.Tensor | np.ndarray, k: int, exact: bool = False) -> tuple[torch.LongTensor, torch.Tensor]:
         """The k nearest photos of each query, nearest first.
 
         queries: (B, D). Returns indices (B, k) long and squared distances (B, k) float32.
-        Equal distances come in no particular order.
+        Equal distances come in no particular order. With an index attached (`use_index`) and not
+        `exact`, the photos are the k nearest of the index's candidates (see `ranked_topk`).
         """
-        indices, distances, _ = self.ranked_topk(queries, k)
+        indices, distances, _ = self.ranked_topk(queries, k, exact)
         return indices, distances
 
-    def ranked_topk(self, queries: torch.Tensor | np.ndarray, k: int) -> tuple[torch.LongTensor, torch.Tensor, torch.LongTensor]:
+    def ranked_topk(self, queries: torch.Tensor | np.ndarray, k: int,
+                    exact: bool = False) -> tuple[torch.LongTensor, torch.Tensor, torch.LongTensor]:
         """`topk` and the rank each of the k photos would have as the query's target: (B, k) long.
 
         Read from the same k scores: every photo strictly closer than the j-th is among the first j,
         so its rank is 1 + the number of the k scores below its own (ties in the query's favour),
         exactly what `rank` gives, without ranking the k photos against the whole gallery again.
+
+        With an index attached and not `exact`, the index proposes `index.config.candidates` photos
+        per query and they are re-ranked with exact distances: photos, distances and ranks are
+        exact whenever the candidates hold the query's true k nearest (recall, measured by
+        benchmarks/bench_gallery.py); a query with fewer than k candidates is searched exactly.
         """
         if not 1 <= k <= len(self):
             raise ValueError(f"k must be in [1, {len(self)}] (the gallery size), got {k}")
         q = self._queries(queries)
+        if self.index is not None and not exact and len(q):
+            return self._reranked_topk(q, k)
         indices, distances, ranks = [], [], []
         for start, scores in self._score_blocks(q):
             values, idx = torch.topk(scores, k, dim=1, largest=False, sorted=True)
@@ -121,6 +157,34 @@ class Gallery:
             distances.append((values + (q[start : start + len(idx)] ** 2).sum(1, keepdim=True)).clamp_min_(0.0))
             ranks.append((values[:, None, :] < values[:, :, None]).sum(2) + 1)
         return torch.cat(indices), torch.cat(distances), torch.cat(ranks)
+
+    def _reranked_topk(self, q: torch.Tensor, k: int):
+        """`ranked_topk` over the index's candidates, scored as `_score_blocks` scores (||e||^2 - 2 q.e).
+
+        In numpy, single-threaded: a few hundred candidates per query are too little work to share
+        between threads (handing them out costs more than the work on a busy machine).
+        """
+        n_candidates = min(len(self), max(k, self.index.config.candidates))
+        qn = q.numpy()
+        rows = self.index.search(qn, n_candidates)  # (B, R), -1 where the index found fewer
+        found = rows >= 0
+        rows = np.where(found, rows, 0)
+        vectors = self._numpy_embeddings[rows]  # (B, R, D)
+        scores = self._numpy_norms[rows] - 2.0 * np.matmul(vectors, qn[:, :, None])[..., 0]
+        scores[~found] = np.inf
+        part = np.argpartition(scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.tile(np.arange(k), (len(q), 1))
+        values = np.take_along_axis(scores, part, 1)
+        order = np.argsort(values, axis=1, kind="stable")
+        values = np.take_along_axis(values, order, 1)
+        indices = np.take_along_axis(np.take_along_axis(rows, part, 1), order, 1)
+        ranks = (values[:, None, :] < values[:, :, None]).sum(2) + 1
+        distances = np.maximum(values + (qn * qn).sum(1, keepdims=True), 0.0)
+        indices, distances, ranks = torch.from_numpy(indices), torch.from_numpy(distances.astype(np.float32)), torch.from_numpy(ranks)
+        short = torch.from_numpy(np.isinf(values).any(1))
+        if bool(short.any()):  # fewer than k candidates: those queries get the exact answer
+            exact_i, exact_d, exact_r = self.ranked_topk(q[short], k, exact=True)
+            indices[short], distances[short], ranks[short] = exact_i, exact_d, exact_r
+        return indices, distances, ranks.long()
 
     def _queries(self, queries) -> torch.Tensor:
         q = torch.as_tensor(queries, device=self.device).detach()

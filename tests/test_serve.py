@@ -176,6 +176,67 @@ def test_query_over_http_matches_the_retriever(client, setup, retriever):
     assert len(body["glimpse_sides"]) == retriever.config.n_patches and body["latency_ms"] > 0
 
 
+def test_serve_a_gallery_of_shards_with_an_index(setup, retriever, tmp_path, monkeypatch):
+    """`darp serve --gallery`: the data set's photos plus distractors read from a directory of images,
+    the top 10 through an index above the (lowered) crossover, thumbnails from the source directory."""
+    import pyarrow.parquet as pq
+    from starlette.testclient import TestClient
+
+    from policies.embedding import embed_photos, load_embedding_net
+    from sketch_env import gallery_index
+    from sketch_env.atomic import atomic_write_json
+    from sketch_env.data import PhotoSet, encode_png, photo_digests
+    from sketch_env.photo_shards import SHARDS_DIR, SHARDS_META, file_digest, shard_table
+    from tune_runs import serve as serve_module
+    from tune_runs.rl_eval import read_darp_run
+
+    data, darp, split = setup
+    phase1 = read_darp_run(darp)["embedding"]
+    net, _ = load_embedding_net(phase1)
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    images.mkdir()
+    extra_ids = [f"distractor{i:03d}" for i in range(300)]
+    extra = [encode_png(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)) for _ in extra_ids]
+    for pid, image in zip(extra_ids, extra):
+        (images / f"{pid}.png").write_bytes(image)
+    photos = PhotoSet(np.array(list(split.photos.photo_id) + extra_ids, dtype=object), np.array(["x"] * (len(split.photos) + 300), dtype=object),
+                      list(split.photos.image_bytes) + extra)
+    out = tmp_path / "shards"
+    (out / SHARDS_DIR).mkdir(parents=True)
+    pq.write_table(shard_table(photos.photo_id, embed_photos(net, photos).numpy(), photo_digests(photos),
+                               [f"{p}.png" for p in photos.photo_id]), out / SHARDS_DIR / "part-00000.parquet")
+    atomic_write_json(out / SHARDS_META, {
+        "schema_version": 1, "n_photos": len(photos), "dim": net.config.embedding_dim,
+        "shards": [{"file": "part-00000.parquet", "rows": len(photos)}],
+        "network": {"run": str(phase1), "digest": file_digest(Path(phase1) / "embedding_net.pt")},
+        "source": {"kind": "directory", "path": str(images)}})
+    monkeypatch.setattr(gallery_index, "EXACT_UP_TO", 100)
+    monkeypatch.setattr(serve_module, "MAX_LISTED", 50)
+    sharded = live_retrieval(darp, split, gallery_dir=out)
+    assert len(sharded.gallery) == len(split.photos) + 300 and sharded.gallery.index is not None
+    points = split.sketches.sketch(0)
+    answer = sharded.query(points, split.sketches.photo_id[0])
+    sharded.gallery.use_index(None)
+    exact = sharded.query(points, split.sketches.photo_id[0])
+    assert answer["target_ranks"] == exact["target_ranks"]  # ranks never use the index
+    assert len(answer["top"]) == 10 and set(p for p, _, _ in answer["top"]) <= set(photos.photo_id)
+    with TestClient(build_app(sharded, split, images=serve_module.shard_images(out))) as c:
+        info = c.get("/api/gallery").json()
+        assert len(info["photo_ids"]) == 50 and info["photo_ids"][: len(split.photos)] == list(split.photos.photo_id)
+        thumb = c.get("/photos/distractor007")
+        assert thumb.status_code == 200 and thumb.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert c.get("/photos/../../etc/passwd").status_code == 404
+    # darp evaluate --gallery of the RL run: exact ranks among the 306 photos, the split's as the targets
+    from tune_runs.evaluate import EvaluateConfig
+    from tune_runs.evaluate import run as evaluate
+
+    metrics = evaluate(EvaluateConfig(data=data, run=darp, split="val", out=tmp_path / "eval", gallery=out))
+    assert metrics["n_photos"] == len(photos) and metrics["n_sketches"] == len(split.sketches)
+    plain = evaluate(EvaluateConfig(data=data, run=darp, split="val", out=tmp_path / "eval_plain"))
+    assert metrics["auir"] <= plain["auir"] + 1e-6  # 300 more photos can only push the targets down
+
+
 def test_replay_returns_the_data_set_sketch(client, setup):
     _, _, split = setup
     sketch = client.post("/api/replay", json={"sketch_id": split.sketches.sketch_id[0]}).json()

@@ -48,6 +48,8 @@ COMMANDS: dict[str, Any] = {
     "report": ("tune_runs.report:ReportConfig:run", "train + evaluate all models over seeds: the results table"),
     "demo": ("tune_runs.demo:DemoConfig:run", "the whole pipeline on the built-in data set (the README's first command)"),
     "serve": ("tune_runs.serve:ServeConfig:run", "live on-the-fly retrieval in the browser (Ray Serve)"),
+    "embed-photos": ("tune_runs.embed_photos:EmbedPhotosConfig:run",
+                     "embed a photo collection on Ray workers into Parquet shards (a gallery for evaluate/serve)"),
 }
 
 

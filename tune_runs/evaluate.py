@@ -66,6 +66,8 @@ class EvaluateConfig:
     noise_strokes: int = arg(0, "add this many unnecessary strokes (random lines and scribbles at random places of "
                                 "the drawing order) to every evaluated sketch")
     noise_seed: int = arg(0, "seed of the noise strokes (the same seed gives the same sketches)")
+    gallery: Path | None = arg(None, "rank among the photos of these Parquet shards (darp embed-photos) instead of "
+                                     "the split's photos; they must hold every evaluated sketch's photo")
     force: bool = arg(False, "write into --out even if it holds something other than an evaluation")
 
 
@@ -117,6 +119,28 @@ def triplet_run_embeddings(run_dir: Path, split: Dataset, batch: int = 1024, fre
     return (*triplet_embeddings(net, split, batch), "saved network")
 
 
+def triplet_queries_in_shards(run_dir: Path, split: Dataset, batch: int, gallery_dir: Path,
+                              use_export: bool = True):
+    """(queries, how they were made): the split's sketches ranked among every photo of the shards in
+    `gallery_dir` (`tune_runs.rl_eval.shards_gallery`), as `tune_runs.calibrate.RankedQueries`. Queries:
+    the export's partial-sketch embeddings when it covers the split (and `use_export`), else the saved network's."""
+    from tune_runs.calibrate import RankedQueries
+    from tune_runs.rl_eval import shards_gallery
+
+    gallery = shards_gallery(gallery_dir, run_dir, split)
+    if use_export and (run_dir / EXPORT_DIR).is_dir() and export_covers(export := load_embedding_export(run_dir), split):
+        queries, source = sketch_embeddings_for(export, split.sketches, run_dir, split.path), "embedding export"
+    else:
+        net, _ = load_embedding_net(run_dir)
+        queries, source = embed_sketch_levels(net, first_ink_level(split.sketches, net.config.image_size), batch), "saved network"
+    queries = torch.as_tensor(queries)
+    s, levels, d = queries.shape
+    target = gallery.index_of(list(split.sketches.photo_id)).repeat_interleave(levels)
+    ranks = gallery.rank(queries.reshape(s * levels, d), target).view(s, levels).numpy()
+    ranked = RankedQueries.from_queries(gallery, queries, ranks, split.sketches.sketch_id, split.sketches.photo_id)
+    return ranked, f"{source}, gallery of {len(gallery)} photos from {gallery_dir}"
+
+
 def write_ranks(path: Path, sketch_id, ranks: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> None:
     """ranks (S, L) as a long table sketch_id, level, rank (S * L rows), written atomically; `extra`:
     more (S, L) float columns by name (e.g. the confidence p_top1, p_top5)."""
@@ -151,7 +175,7 @@ def run(cfg: EvaluateConfig) -> dict:
     run_dir, data_dir = Path(cfg.run), Path(cfg.data)
     record = read_run(run_dir)
     out = prepare_output_dir(cfg.out if cfg.out is not None else run_dir / f"eval-{cfg.split}", EVAL_KIND,
-                             inputs=(cfg.data, cfg.run), force=cfg.force)
+                             inputs=(cfg.data, cfg.run, cfg.gallery), force=cfg.force)
     kind = record.get("kind")
     if kind == "triplet" and cfg.locator != "policy":
         raise DataError(f"{run_dir}: a triplet run does not look anywhere; --locator needs a policy that looks")
@@ -166,14 +190,19 @@ def run(cfg: EvaluateConfig) -> dict:
             raise DataError(f"{split.path}: the split has {len(split.sketches)} sketches and {len(split.photos)} photos; need both")
         if cfg.noise_strokes:
             split = with_noise_strokes(split, cfg.noise_strokes, cfg.noise_seed)
-        photo_emb, sketch_emb, source = triplet_run_embeddings(run_dir, split, cfg.level_batch, fresh=cfg.noise_strokes > 0)
-        queries = triplet_queries(photo_emb, sketch_emb, split)
-        ranks, sketch_id, n_photos = queries.ranks, split.sketches.sketch_id, len(split.photos)
+        if cfg.gallery is not None:
+            queries, source = triplet_queries_in_shards(run_dir, split, cfg.level_batch, Path(cfg.gallery),
+                                                        use_export=not cfg.noise_strokes)
+        else:
+            photo_emb, sketch_emb, source = triplet_run_embeddings(run_dir, split, cfg.level_batch, fresh=cfg.noise_strokes > 0)
+            queries = triplet_queries(photo_emb, sketch_emb, split)
+        ranks, sketch_id, n_photos = queries.ranks, split.sketches.sketch_id, queries.n_photos
         print(f"triplet run {run_dir}: queries from its {source}")
     else:
         from tune_runs.rl_eval import evaluate_policy_run, load_run_episodes, read_run
 
-        episodes = load_run_episodes(read_run(run_dir), data_dir, cfg.split, cfg.noise_strokes, cfg.noise_seed)
+        episodes = load_run_episodes(read_run(run_dir), data_dir, cfg.split, cfg.noise_strokes, cfg.noise_seed,
+                                     gallery_dir=cfg.gallery)
         result = evaluate_policy_run(run_dir, data_dir, cfg.split, locator=cfg.locator, seed=cfg.seed, episodes=episodes)
         ranks, sketch_id, n_photos = result["ranks"], result["sketch_id"], result["n_photos"]
         queries = policy_queries(result)
@@ -185,9 +214,11 @@ def run(cfg: EvaluateConfig) -> dict:
     record = {k: metrics[k] for k in METRIC_KEYS}
     out.mkdir(parents=True, exist_ok=True)
     confidence = evaluation_confidence(run_dir, data_dir, cfg.split, queries, out_dir=out, level_batch=cfg.level_batch,
-                                       pristine=not cfg.noise_strokes and cfg.locator == "policy")
+                                       pristine=not cfg.noise_strokes and cfg.locator == "policy" and cfg.gallery is None)
     p1, p5, figures, confidence_source = confidence if confidence is not None else (None, None, None, None)
     metrics["confidence"] = record["confidence"] = None if figures is None else {"source": confidence_source, **figures}
+    if cfg.gallery is not None:
+        record["gallery"] = str(cfg.gallery)
     if cfg.noise_strokes:
         record.update(noise_strokes=cfg.noise_strokes, noise_seed=cfg.noise_seed)
         print(f"{cfg.noise_strokes} noise strokes added to every sketch (seed {cfg.noise_seed})")

@@ -114,19 +114,31 @@ def load_module(run_dir: str | Path, observation_space=None, action_space=None):
     return module
 
 
-def load_run_episodes(run: dict, data_dir: str | Path, split: str, noise_strokes: int = 0, noise_seed: int = 0):
+def load_run_episodes(run: dict, data_dir: str | Path, split: str, noise_strokes: int = 0, noise_seed: int = 0,
+                      gallery_dir: str | Path | None = None):
     """The episodes of `split` for an RL run: phase-1 embeddings from the run's export, with the
     sketches and photos that changed since it was made re-embedded by its phase-1 network.
 
     noise_strokes: add this many noise strokes to every sketch (`sketch_env.strokes.with_noise_strokes`,
     seeded by noise_seed); their partial sketches are embedded by the phase-1 network.
+    gallery_dir: rank among the photos of these shards (`darp embed-photos`, see `shards_gallery`)
+    instead of the split's photos.
     """
     from policies.embedding import noisy_episode_data, reembedders
     from sketch_env.data import load_dataset, select_split
-    from sketch_env.embeddings import gallery_for, load_embedding_export
-    from sketch_env.episodes import load_episode_data
+    from sketch_env.embeddings import gallery_for, load_embedding_export, sketch_embeddings_for
+    from sketch_env.episodes import episode_data, load_episode_data
 
     image_size = env_options(run)["image_size"]
+    if gallery_dir is not None:
+        split_data = select_split(load_dataset(data_dir), split)
+        gallery = shards_gallery(gallery_dir, run["embedding"], split_data)
+        if noise_strokes:
+            return noisy_episode_data(split_data, gallery, run["embedding"], noise_strokes, noise_seed, image_size)
+        embed = reembedders(run["embedding"], log=print)["embed_sketches"]
+        sketches = sketch_embeddings_for(load_embedding_export(run["embedding"]), split_data.sketches, run["embedding"],
+                                         data_dir, embed)
+        return episode_data(split_data, gallery, sketches, image_size)
     if not noise_strokes:
         return load_episode_data(data_dir, run["embedding"], split, image_size,
                                  **reembedders(run["embedding"], log=print))
@@ -226,12 +238,42 @@ def read_darp_run(run_dir: str | Path) -> dict:
     return run
 
 
-def live_retrieval(run_dir: str | Path, split, cache_size: int = 4096, stop_at: float | None = None):
+def shards_gallery(gallery_dir: str | Path, embedding_run: str | Path, split=None, log=None, require_targets: bool = True):
+    """The Gallery of every photo in the shards of `darp embed-photos` in `gallery_dir`.
+
+    Checked before use: embedded by the phase-1 network of `embedding_run` (the one that embeds the
+    queries), and, for a `split` (a `select_split` result), holding its sketches' photos (unless not
+    `require_targets`) with the same image bytes as the data set's
+    (`sketch_env.photo_shards.gallery_from_shards`). Above
+    `sketch_env.gallery_index.EXACT_UP_TO` photos the shards' saved index (or, without one, an
+    IVF-PQ index built now) serves `topk`; ranks stay exact.
+    """
+    from sketch_env.gallery_index import EXACT_UP_TO, IndexConfig, build_index, load_index
+    from sketch_env.photo_shards import INDEX_DIR, gallery_from_shards, load_photo_shards
+
+    shards = load_photo_shards(gallery_dir)
+    shards.check_network(embedding_run)
+    gallery = gallery_from_shards(shards, None if split is None else split.photos,
+                                  None if split is None else split.path,
+                                  require=() if split is None or not require_targets else split.sketches.photo_id)
+    if len(gallery) > EXACT_UP_TO:
+        if (Path(gallery_dir) / INDEX_DIR).is_dir():
+            gallery.use_index(load_index(Path(gallery_dir) / INDEX_DIR, shards.embedding))
+        else:
+            (log or print)(f"{gallery_dir}: no saved index for {len(gallery)} photos; building one in memory "
+                           "(darp embed-photos --index ivfpq saves it with the shards)")
+            gallery.use_index(build_index(shards.embedding, IndexConfig()))
+    return gallery
+
+
+def live_retrieval(run_dir: str | Path, split, cache_size: int = 4096, stop_at: float | None = None,
+                   gallery_dir: str | Path | None = None):
     """The `LiveRetrieval` of DARP run `run_dir` over the photos of `split` (a `select_split` result).
 
     The gallery holds the phase-1 export's embeddings of the split's photos, looked up by id as in
     `darp evaluate` (`sketch_env.embeddings.gallery_for`: photos whose image changed since the export are
-    re-embedded); partial sketches are embedded by the run's phase-1 network. The answers carry the
+    re-embedded); partial sketches are embedded by the run's phase-1 network. With `gallery_dir`, the
+    gallery is every photo of those shards instead (`shards_gallery`). The answers carry the
     run's calibrated confidence (RUN/calibration.json, `tune_runs.calibrate`) when it has one, "you
     can stop" from P(top-1 right) >= stop_at (default `policies.rollout.STOP_AT`).
     """
@@ -245,7 +287,10 @@ def live_retrieval(run_dir: str | Path, split, cache_size: int = 4096, stop_at: 
         raise DataError(f"{split.path}: the chosen split has no photos to retrieve")
     export = load_embedding_export(run["embedding"])
     net, _ = load_embedding_net(run["embedding"])
-    gallery = gallery_for(export, split.photos, run["embedding"], split.path, functools.partial(embed_photos, net))
+    if gallery_dir is not None:
+        gallery = shards_gallery(gallery_dir, run["embedding"], split, require_targets=False)
+    else:
+        gallery = gallery_for(export, split.photos, run["embedding"], split.path, functools.partial(embed_photos, net))
     env_config = EnvConfig(**env_options(run))  # the glimpse geometry of make_env
     module = load_module(run_dir, observation_space(env_config, export.dim), action_space(export.dim))
     confidence = live_confidence(run_dir, len(gallery))

@@ -52,6 +52,7 @@ MAX_BODY_BYTES = 1 << 20
 MAX_CANVAS = 10_000.0  # largest canvas side in pixels a request may claim
 THUMBNAIL_SIZE = 128
 THUMBNAIL_CACHE = 1024  # PNG thumbnails kept in memory (about 20 KB each)
+MAX_LISTED = 2000  # gallery photos /api/gallery lists (the page's picker) for a gallery of shards
 APP_NAME = "darp-live"
 
 Answer = Callable[[np.ndarray, "str | None"], Awaitable[dict]]
@@ -76,6 +77,8 @@ class ServeConfig:
     max_ongoing_requests: int = arg(256, "requests a replica takes at once (more wait in the proxy)")
     stop_confidence: float = arg(STOP_AT, "the page says \"you can stop\" (and marks the stroke) once the run's "
                                           "calibrated P(top-1 right) reaches this (RUN/calibration.json)")
+    gallery: Path | None = arg(None, "serve the photos of these Parquet shards (darp embed-photos) instead of the split's; "
+                                     "above the exact-search crossover their saved index serves the top 10")
 
 
 class BadRequest(Exception):
@@ -185,11 +188,13 @@ class Batcher:
 
 
 def build_app(retrieval: LiveRetrieval, split: Dataset, answer: Answer | None = None,
-              max_strokes: int = 200, max_points: int = 5000):
+              max_strokes: int = 200, max_points: int = 5000, images: Callable[[str], bytes | None] | None = None):
     """The Starlette app of the page and the API over the sketches/photos of `split`.
 
     answer: how a checked drawing is answered, (points (P, 3), target or None) -> `LiveRetrieval.answer`'s
     dict; default `retrieval.query` in a worker thread (`Batcher.query` batches concurrent requests).
+    images: the encoded image of a gallery photo that `split` does not hold (a gallery of shards:
+    `shard_images`), or None where there is none.
     """
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
@@ -204,8 +209,13 @@ def build_app(retrieval: LiveRetrieval, split: Dataset, answer: Answer | None = 
     photo_row = split.photos.index_of()
     sketch_row = {s: i for i, s in enumerate(split.sketches.sketch_id)}
     strokes = np.add.reduceat(split.sketches.points[:, 2], split.sketches.offsets[:-1]) if len(split.sketches) else []
+    gallery_ids = retrieval.gallery.photo_ids
+    if len(gallery_ids) > MAX_LISTED:  # a gallery of shards: the split's photos it holds first
+        held = [p for p in split.photos.photo_id if p in retrieval.gallery][:MAX_LISTED]
+        seen = set(held)
+        gallery_ids = held + [p for p in gallery_ids[:MAX_LISTED] if p not in seen][: MAX_LISTED - len(held)]
     listing = {
-        "photo_ids": [str(p) for p in retrieval.gallery.photo_ids],
+        "photo_ids": [str(p) for p in gallery_ids],
         "sketches": [{"sketch_id": str(s), "photo_id": str(p), "n_strokes": int(n)}
                      for s, p, n in zip(split.sketches.sketch_id, split.sketches.photo_id, strokes)],
         "n_glimpses": retrieval.config.n_glimpses,
@@ -215,6 +225,15 @@ def build_app(retrieval: LiveRetrieval, split: Dataset, answer: Answer | None = 
     def thumbnail(row: int) -> bytes:
         return encode_png(split.photos.decode(row, THUMBNAIL_SIZE))
 
+    @functools.lru_cache(maxsize=THUMBNAIL_CACHE)
+    def other_thumbnail(photo_id: str) -> bytes | None:
+        from sketch_env.data import PhotoSet
+
+        data = images(photo_id) if images is not None else None
+        if data is None:
+            return None
+        return encode_png(PhotoSet(np.array([photo_id], dtype=object), np.array(["?"], dtype=object), [data]).decode(0, THUMBNAIL_SIZE))
+
     async def index(request: Request):
         return FileResponse(STATIC_DIR / "index.html")
 
@@ -223,9 +242,14 @@ def build_app(retrieval: LiveRetrieval, split: Dataset, answer: Answer | None = 
 
     async def photo(request: Request):
         photo_id = request.path_params["photo_id"]
-        if photo_id not in photo_row:
+        if photo_id in photo_row:
+            png = await run_in_threadpool(thumbnail, photo_row[photo_id])
+        elif images is not None and photo_id in retrieval.gallery:
+            png = await run_in_threadpool(other_thumbnail, photo_id)
+            if png is None:
+                raise BadRequest(404, f"photo {photo_id!r} is in the gallery but its image cannot be reached here")
+        else:
             raise BadRequest(404, f"no photo {photo_id!r} in the gallery")
-        png = await run_in_threadpool(thumbnail, photo_row[photo_id])
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     async def query(request: Request):
@@ -319,12 +343,39 @@ class LiveDeployment:
 
         torch.set_num_threads(cfg.num_threads)
         split = select_split(load_dataset(cfg.data), cfg.split)
-        retrieval = live_retrieval(cfg.run, split, cfg.cache_size, cfg.stop_confidence)
+        retrieval = live_retrieval(cfg.run, split, cfg.cache_size, cfg.stop_confidence, cfg.gallery)
         batcher = Batcher(retrieval, cfg.max_batch, cfg.batch_wait_ms)
-        self._app = build_app(retrieval, split, batcher.query, cfg.max_strokes, cfg.max_points)
+        images = shard_images(cfg.gallery) if cfg.gallery is not None else None
+        self._app = build_app(retrieval, split, batcher.query, cfg.max_strokes, cfg.max_points, images)
 
     def __serve_build_asgi_app__(self):
         return self._app
+
+
+def shard_images(gallery_dir: str | Path) -> Callable[[str], bytes | None]:
+    """photo id -> its encoded image, for the shards of `darp embed-photos` made from a directory of
+    image files that this machine reaches (None for other photos, or other sources)."""
+    import pyarrow.parquet as pq
+
+    from sketch_env.photo_shards import SHARDS_DIR, load_photo_shards_meta
+
+    meta = load_photo_shards_meta(gallery_dir)
+    root = Path(meta.get("source", {}).get("path", ""))
+    if meta.get("source", {}).get("kind") != "directory" or not root.is_dir():
+        return lambda photo_id: None
+    sources = {}
+    for shard in meta["shards"]:
+        table = pq.read_table(Path(gallery_dir) / SHARDS_DIR / shard["file"], columns=["photo_id", "source"])
+        sources.update(zip(table.column("photo_id").to_pylist(), table.column("source").to_pylist()))
+    base = root.resolve()
+
+    def read(photo_id: str) -> bytes | None:
+        if photo_id not in sources:
+            return None
+        path = (base / sources[photo_id]).resolve()
+        return path.read_bytes() if base in path.parents and path.is_file() else None
+
+    return read
 
 
 def check(cfg: ServeConfig) -> None:
@@ -338,6 +389,10 @@ def check(cfg: ServeConfig) -> None:
         raise DataError(f"--stop-confidence must be in (0, 1], got {cfg.stop_confidence}")
     read_manifest(cfg.data)
     run = read_darp_run(cfg.run)
+    if cfg.gallery is not None:
+        from sketch_env.photo_shards import load_photo_shards_meta
+
+        load_photo_shards_meta(cfg.gallery)
     load_module(cfg.run)
     load_run_confidence(cfg.run)
     try:
