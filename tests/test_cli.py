@@ -116,16 +116,68 @@ def test_config_file_sets_fields_and_flags_override_it(toy_commands, tmp_path):
     cfg = run(["toy", "--config", str(f), "--count", "9"])
     assert (cfg.name, cfg.count, cfg.mode, cfg.shape) == ("from-file", 9, "slow", (1, 2, 3))
 
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_config_file_errors_are_one_line(toy_commands, tmp_path, capsys):
+    f = tmp_path / "best.json"
     f.write_text(json.dumps({"name": "a", "colour": "red"}))
-    with pytest.raises(SystemExit, match=r"unknown keys \['colour'\] for ToyConfig"):
-        main(["toy", "--config", str(f)])
-    with pytest.raises(SystemExit, match="cannot read config file"):
-        main(["toy", "--config", str(tmp_path / "missing.json")])
+    assert main(["toy", "--config", str(f)]) == 1
+    assert "unknown keys ['colour'] for ToyConfig" in error_line(capsys)
+    assert main(["toy", "--config", str(tmp_path / "missing.json")]) == 1
+    assert "cannot read config file" in error_line(capsys)
+    assert CALLS == []
 
 
-def test_missing_required_option(toy_commands):
-    with pytest.raises(SystemExit, match="missing required option.*--name"):
-        main(["toy", "--count", "2"])
+@pytest.mark.parametrize("key, value, expected", [
+    ("verbose", "false", 'expected true or false, got "false"'),  # a truthy string acted as the switch
+    ("verbose", 0, "expected true or false, got 0"),
+    ("count", "ten", 'expected an integer, got "ten"'),
+    ("count", 10.7, "expected an integer, got 10.7"),
+    ("count", 1e12, "expected an integer, got 1000000000000.0"),
+    ("count", None, "expected an integer, got null"),
+    ("count", True, "expected an integer, got true"),
+    ("ratio", "0.5", 'expected a number, got "0.5"'),
+    ("mode", "medium", "expected one of ['fast', 'slow'], got \"medium\""),
+    ("sizes", 64, "expected a list, got 64"),
+    ("sizes", [64, "big"], 'item 2: expected an integer, got "big"'),
+    ("out", 3, "expected a path (a string), got 3"),
+])
+def test_config_file_values_are_checked_like_flags(toy_commands, tmp_path, capsys, key, value, expected):
+    """Issue 25, item 1: {"force": "false"} in a config file acted as --force."""
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps({"name": "a", key: value}))
+    assert main(["toy", "--config", str(f)]) == 1
+    line = error_line(capsys)
+    assert line.startswith(f"darp toy: error: {f}: '{key}' (--{key})") and expected in line, line
+    assert CALLS == []
+
+
+def test_config_file_null_is_allowed_where_the_option_may_be_unset(toy_commands, tmp_path):
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps({"name": "a", "limit": None, "ratio": 2, "shape": [4, 5]}))
+    cfg = run(["toy", "--config", str(f)])
+    assert cfg.limit is None and cfg.ratio == 2.0 and isinstance(cfg.ratio, float) and cfg.shape == (4, 5)
+
+
+def test_a_real_commands_config_file_is_checked_before_it_runs(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps({"force": "false", "photos": 2}))
+    assert main(["data", "generate", "--out", str(out), "--config", str(f)]) == 1
+    assert "'force' (--force): expected true or false" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_missing_required_option(toy_commands, capsys):
+    assert main(["toy", "--count", "2"]) == 1
+    assert "missing required option(s): --name" in error_line(capsys)
     assert CALLS == []
 
 
