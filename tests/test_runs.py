@@ -66,6 +66,18 @@ def test_training_into_an_earlier_layout_run_is_refused(tmp_path):
     assert runs.read_run(tmp_path) == {"kind": "darp"}, "the old run.json is left as it was"
 
 
+def test_only_experiments_darp_named_are_the_runs_own(tmp_path):
+    """A user's folder `tune-notes/` in a run directory was taken for Tune's experiment and deleted by a
+    start-over (issue 25, item 2)."""
+    (tmp_path / "tune-notes").mkdir()
+    (tmp_path / "tune-1234").mkdir()
+    (tmp_path / "tune-0123456789").mkdir()
+    assert runs.experiment_dirs(tmp_path) == [] and runs.experiment_dir(tmp_path) is None
+    name = runs.new_experiment_name()
+    (tmp_path / name).mkdir()
+    assert runs.experiment_dirs(tmp_path) == [tmp_path / name]
+
+
 def test_a_run_json_that_is_not_an_object_is_named(tmp_path):
     with pytest.raises(DataError, match="no run.json"):
         runs.read_run(tmp_path)

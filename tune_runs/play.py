@@ -162,7 +162,8 @@ def run(cfg: PlayConfig) -> int:
         from tune_runs.rl_eval import env_options as trained_env, read_run
 
         env_options = trained_env(read_run(cfg.policy))  # act in the env the policy was trained in
-    out = prepare_output_dir(cfg.out, FRAMES_KIND, inputs=(cfg.data, cfg.embedding, cfg.policy), force=cfg.force)
+    trained = cfg.policy if cfg.policy not in ("random", "center") else None
+    out = prepare_output_dir(cfg.out, FRAMES_KIND, inputs=(cfg.data, cfg.embedding, trained), force=cfg.force)
     episodes = load_episode_data(cfg.data, cfg.embedding, cfg.split, env_options.get("image_size", 64), thumbnails=True)
     env = SketchRetrievalEnv(
         EnvConfig(data=cfg.data, embedding=cfg.embedding, split=cfg.split, **env_options), episodes,

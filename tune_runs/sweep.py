@@ -31,7 +31,8 @@ from policies.fit import TrainTrial
 from policies.ray_session import ray_session
 from policies.registry import TrainConfig, build_algo_config
 from policies.schedules import STD_SHAPES
-from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, atomic_write_text, prepare_output_dir
+from sketch_env.atomic import (OutputKind, atomic_write, atomic_write_json, atomic_write_text, check_output_dir,
+                                prepare_output_dir)
 from tune_runs.cli import arg
 
 METRIC = "evaluation/auir"
@@ -287,6 +288,7 @@ SWEEP_KIND = OutputKind("sweep", ("best_config.json", "trials.csv", EXPERIMENT))
 
 
 def run(cfg: SweepConfig) -> int:
+    check_output_dir(cfg.train.run_dir, SWEEP_KIND, inputs=(cfg.train.data, cfg.train.embedding), force=cfg.train.force)
     check_config(cfg)
     prepare_output_dir(cfg.train.run_dir, SWEEP_KIND, inputs=(cfg.train.data, cfg.train.embedding), force=cfg.train.force)
     # Checkpointing every iteration with num_to_keep=1 forces an experiment snapshot per result (what
