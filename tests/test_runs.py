@@ -61,7 +61,7 @@ def test_training_into_an_earlier_layout_run_is_refused(tmp_path):
     (tmp_path / "checkpoint" / runs.MODULE_PATH).mkdir(parents=True)
     (tmp_path / "checkpoint" / runs.MODULE_PATH / "module_state.pkl").write_bytes(b"weights")
     runs.write_run(tmp_path, {"kind": "darp"})
-    with pytest.raises(SystemExit, match="trained before darp train ran on Tune"):
+    with pytest.raises(DataError, match="trained before darp train ran on Tune"):
         train(TrainConfig(data="d", embedding="e", run_dir=str(tmp_path)))
     assert runs.read_run(tmp_path) == {"kind": "darp"}, "the old run.json is left as it was"
 

@@ -29,7 +29,7 @@ from ray import tune
 
 from policies.fit import TrainTrial
 from policies.ray_session import ray_session
-from policies.registry import TrainConfig, build_algo_config
+from policies.registry import TrainConfig
 from policies.schedules import STD_SHAPES
 from sketch_env.atomic import (OutputKind, atomic_write, atomic_write_json, atomic_write_text, check_output_dir,
                                 prepare_output_dir)
@@ -102,8 +102,12 @@ def check_config(cfg: SweepConfig) -> None:
         raise SystemExit(f"darp sweep: --samples and --max-concurrent must be >= 1, got {cfg.samples}, {cfg.max_concurrent}")
     if not cfg.n_heads_choices or min(cfg.n_heads_choices) < 1:
         raise SystemExit(f"darp sweep: --n-heads-choices must be >= 1, got {list(cfg.n_heads_choices)}")
+    from policies.fit import check_inputs
+
     try:
-        build_algo_config(trial_train_config(cfg)).validate()
+        trial = trial_train_config(cfg)
+        trial.check()
+        check_inputs(trial)  # what every trial's actors would find out (a stale export names its sketch)
     except ValueError as e:
         raise SystemExit(f"darp sweep: {e}")
 
