@@ -194,3 +194,30 @@ def test_nested_command_exit_status_and_data_errors(toy_commands, capsys):
     assert main(["toy", "--name", "seven"]) == 7
     assert main(["toy", "--name", "bad-data"]) == 1
     assert "darp toy: error: toy.pkl: sketch 3: empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["data", "generate", "--photos", "0"], "--photos must be in [2, 10000]"),
+    (["data", "generate", "--test-fraction", "1.5"], "--test-fraction must be in [0, 1), got 1.5"),
+    (["data", "show", "--size", "0"], "--size must be in [16, 2048] pixels, got 0"),
+    (["pretrain", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["pretrain", "--batch-size", "0"], "--batch-size must be >= 2, got 0"),
+    (["pretrain", "--lr", "nan"], "--lr must be a number > 0, got nan"),
+    (["pretrain", "--image-size", "3"], "--image-size must be in [16, 512] pixels, got 3"),
+    (["train", "--n-heads", "-3"], "--n-heads must be an integer in [1, 1024], got -3"),
+    (["train", "--glimpse-size", "0"], "--glimpse-size must be an integer in [1, --glimpse-image-size], got 0"),
+    (["train", "--lr", "inf"], "--lr must be a number > 0, got inf"),
+    (["evaluate", "--level-batch", "0"], "--level-batch and --num-threads must be >= 1"),
+    (["play", "--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+])
+def test_option_values_out_of_range_are_one_line_errors(tmp_path, capsys, argv, message):
+    """Issue 25, item 7: these arrived as tracebacks (the project's own "--epochs must be >= 1" too)."""
+    required = {"generate": ["--out"], "show": ["--data"], "pretrain": ["--data", "--run-dir"],
+                "train": ["--data", "--embedding", "--run-dir"], "evaluate": ["--data", "--run"],
+                "play": ["--data", "--embedding"]}
+    command = argv[1] if argv[0] == "data" else argv[0]
+    filled = [x for flag in required[command] for x in (flag, str(tmp_path / flag.strip("-")))]
+    assert main(argv + filled) == 1
+    line = error_line(capsys)
+    assert message in line, line
+    assert list(tmp_path.iterdir()) == [], "nothing is written"

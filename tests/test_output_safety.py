@@ -153,8 +153,10 @@ def read_only(monkeypatch, locked: Path) -> None:
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, flags, *args, **kwargs)
 
+    real_access = os.access
     monkeypatch.setattr(os, "mkdir", mkdir)
     monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
 
 
 def test_an_unwritable_output_is_a_one_line_error(tmp_path, monkeypatch, capsys):
