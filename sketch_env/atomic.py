@@ -157,6 +157,7 @@ def check_output_dir(
         same = _is_within(target, given) and _is_within(given, target)
         if same or _is_within(given, target):
             raise DataError(f"{out}: {'is' if same else 'holds'} {given}, an input of this command; choose another output directory")
+    _check_writable(out, target)
     if not os.path.lexists(target):
         return target
     if not target.is_dir():
@@ -183,6 +184,15 @@ def check_output_dir(
         reason = f"holds other work ({shown or STAMP}) and no {kind.name} written by darp"
     action = "replace it" if replace else "write into it"
     raise DataError(f"{out}: {reason}; choose another output directory, or pass --force to {action}")
+
+
+def _check_writable(out, target: Path) -> None:
+    """DataError when the directory `target`, or the nearest existing one above it, cannot be written."""
+    probe = target
+    while not probe.is_dir() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DataError(f"{out}: cannot write into {probe} (Permission denied)")
 
 
 def prepare_output_dir(
