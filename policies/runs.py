@@ -4,7 +4,7 @@ Every run directory holds `run.json` (what was trained, from what, and its valid
 `darp pretrain` writes one for phase 1 (kind "triplet"), `darp train` for the RL models (kind = the
 model's name). An RL run is one Ray Tune trial:
 
-    RUN/run.json                         status "running" while it trains, "finished" after
+    RUN/run.json                         status "running" while it trains, "finished" after ("failed": the trial failed)
     RUN/tune-XXXXXXXX/                   Tune's experiment (what --resume restores)
     RUN/tune-XXXXXXXX/train/             the trial: result.json (one line per iteration), progress.csv,
                                          events.out.tfevents.* (tensorboard --logdir RUN), params.json
