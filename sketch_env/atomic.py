@@ -261,17 +261,21 @@ def replace_dir(
 
 def _swap(new: Path, target: Path) -> None:
     """Put directory `new` in the place of the existing `target`, then delete the old one. On failure
-    (EBUSY, EXDEV, ...) `target` is left as it was and nothing else remains beside it."""
+    (EBUSY, EXDEV, ...) `target` is left as it was and nothing else remains beside it (should even
+    moving it back fail, the old directory stays in `.NAME.old-XXXX` rather than being deleted)."""
     old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
     try:
         os.replace(target, old / "x")
-        try:
-            os.replace(new, target)
-        except OSError:
-            os.replace(old / "x", target)
-            raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        old.rmdir()
+        raise
+    try:
+        os.replace(new, target)
+    except OSError:
+        os.replace(old / "x", target)
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _move_entries(tmp: Path, target: Path, markers: tuple[str, ...]) -> None:

@@ -193,13 +193,21 @@ def test_a_directory_that_cannot_be_renamed_is_left_as_it_was_with_nothing_besid
     before = snapshot(out)
     real_replace = os.replace
 
+    failing = {"moving": "out"}
+
     def replace(src, dst):  # what rename(2) says about a mount point
-        if Path(src) == out:
+        moving_out = Path(src) == out
+        moving_in = Path(dst) == out and Path(src).name.startswith(".mnt.tmp-")
+        if moving_out if failing["moving"] == "out" else moving_in:
             raise OSError(16, "Device or resource busy")
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(os.path, "ismount", lambda path: False)  # a bind mount the check does not see
+    assert main(GENERATE + ["--out", str(out), "--photos", "3"]) == 1
+    one_line_error(capsys, str(out), "Device or resource busy")
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mnt"]
+    failing["moving"] = "in"  # moved away, then the new one cannot take its place: the old one comes back
     assert main(GENERATE + ["--out", str(out), "--photos", "3"]) == 1
     one_line_error(capsys, str(out), "Device or resource busy")
     assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mnt"]
