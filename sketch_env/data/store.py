@@ -384,7 +384,7 @@ class _Columns:
         if missing:
             raise DataError(f"{f}: not a {what} table of schema {SCHEMA_VERSION} (no column {missing[0]!r}; has {table.column_names})")
 
-    def _array(self, name: str, ok, expected: str, combine: bool = True):
+    def column(self, name: str, ok, expected: str, combine: bool = True):
         arr = self.t.column(name)
         arr = arr.combine_chunks() if combine else arr
         if not ok(arr.type):
@@ -395,17 +395,17 @@ class _Columns:
 
     def strings(self, name: str, or_integers: bool = False) -> np.ndarray:
         ok = (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or (or_integers and pa.types.is_integer(t)))
-        arr = self._array(name, ok, "text" + (" or integers" if or_integers else ""))
+        arr = self.column(name, ok, "text" + (" or integers" if or_integers else ""))
         return np.array([str(v) for v in arr.to_pylist()] if or_integers else arr.to_pylist(), dtype=object)
 
     def numbers(self, name: str, dtype, integers: bool = False) -> np.ndarray:
         ok = pa.types.is_integer if integers else (lambda t: pa.types.is_integer(t) or pa.types.is_floating(t))
-        arr = self._array(name, ok, "integers" if integers else "numbers")
+        arr = self.column(name, ok, "integers" if integers else "numbers")
         return arr.to_numpy(zero_copy_only=False).astype(dtype)
 
     def point_lists(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(offsets (S + 1,), flat float32 values) of a list<number> column (no per-point Python)."""
-        arr = self._array(name, lambda t: pa.types.is_list(t) and (pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)),
+        arr = self.column(name, lambda t: pa.types.is_list(t) and (pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)),
                           "lists of numbers")
         offsets = _numpy(arr.offsets, np.int32).astype(np.int64)
         values = arr.values.slice(offsets[0], offsets[-1] - offsets[0])
@@ -425,18 +425,16 @@ def load_sketches(path: str | Path) -> SketchSet:
     f = path / "sketches.parquet"
     c = _Columns(f, _read_table(f), SKETCH_COLUMNS, "sketches")
     offsets, x = c.point_lists("x")
+    columns = [x]
     for name in ("y", "pen"):
         other, values = c.point_lists(name)
         if not np.array_equal(other, offsets):
             i = _first(np.diff(other) != np.diff(offsets)) if len(other) == len(offsets) else 0
             raise DataError(f"{f}: columns 'x' and {name!r} hold different numbers of points (first in row {i})")
-        if name == "y":
-            y = values
-        else:
-            pen = values
+        columns.append(values)
     n_points = c.numbers("n_points", np.int64, integers=True)
     sketches = SketchSet(
-        points=np.stack([x, y, pen], axis=1),
+        points=np.stack(columns, axis=1),
         offsets=offsets,
         sketch_id=c.strings("sketch_id"),
         photo_id=c.strings("photo_id"),
@@ -460,7 +458,7 @@ def load_photos(path: str | Path) -> PhotoSet:
     path = Path(path)
     f = path / "photos.parquet"
     c = _Columns(f, _read_table(f), ("photo_id", "split", "image"), "photos")
-    image = c._array("image", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "encoded images (binary)",
+    image = c.column("image", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "encoded images (binary)",
                      combine=False)
     photos = PhotoSet(photo_id=c.strings("photo_id"), split=c.strings("split"), image_bytes=image.to_pylist(), source=f)
     problem = photo_problem(photos)
