@@ -298,10 +298,18 @@ def load_embedding_net(run_dir: str | Path) -> tuple[EmbeddingNet, EmbeddingConf
     path = Path(run_dir) / NET_FILE
     if not path.is_file():
         raise DataError(f"{path}: no embedding network here; train one with `darp pretrain --run-dir {run_dir}`")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    config = EmbeddingConfig(**payload["config"])
-    net = EmbeddingNet(dataclasses.replace(config, backbone_weights=None))
-    net.load_state_dict(payload["state_dict"])
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or corrupt files
+        raise DataError(f"{path}: cannot read the embedding network ({str(e).splitlines()[0]})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict) or not isinstance(payload.get("state_dict"), dict):
+        raise DataError(f"{path}: not an embedding network saved by `darp pretrain`")
+    try:
+        config = EmbeddingConfig(**payload["config"])
+        net = EmbeddingNet(dataclasses.replace(config, backbone_weights=None))
+        net.load_state_dict(payload["state_dict"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise DataError(f"{path}: the saved network does not load ({str(e).splitlines()[0]})") from None
     net.config = config
     net.eval()
     return net, config

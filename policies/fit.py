@@ -16,6 +16,12 @@ Resuming (`resume`, the default) continues an unfinished run with the options it
 (different options are refused: Tune restores the stored ones); `resume=False` starts the run over.
 Whatever a kill interrupted, the rerun restores the last checkpoint Tune recorded, cuts the results
 logged after it (so no iteration is listed twice), and keeps time_total_s counting.
+
+Before Ray starts, `check_inputs` checks what every actor would otherwise find out on its own (the
+options, the data set, and that the phase-1 export matches its sketches and photos), so a bad input is
+one line naming the file, sketch or option, and nothing is written. Errors are raised, never turned
+into exit codes here: ConfigError / DataError for bad input, RunStopped for a run that failed
+(run.json then says "failed") or was interrupted.
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ from policies import runs
 from policies.ray_session import ray_session
 from policies.registry import TrainConfig, build_algo_config, with_algo_defaults
 from policies.validation import ENV_STEPS_PER_S, VALIDATION_AUIR, fill_validation, validation_of
-from sketch_env.atomic import prepare_output_dir
+from sketch_env.atomic import check_output_dir, prepare_output_dir
 from sketch_env.data import DataError
+from sketch_env.errors import ConfigError, RunStopped
 
 _printing = {"on": True}  # train(quiet=True) turns the per-iteration lines off (read by _Progress in the driver)
 
@@ -178,13 +185,13 @@ def _tuner(cfg: TrainConfig, run_dir: Path, record: dict) -> tune.Tuner:
             previous = runs.read_run(run_dir).get("config", {}) if (run_dir / runs.RUN_FILE).is_file() else {}
             changed = _options_changed(previous, record["config"])
             if changed:
-                raise SystemExit(f"darp train: {run_dir} was started with other options ({'; '.join(changed)}); "
-                                 "rerun with the same options to resume it, or --no-resume to start over")
+                raise ConfigError(f"{run_dir} was started with other options ({'; '.join(changed)}); "
+                                  "rerun with the same options to resume it, or --no-resume to start over")
             return tune.Tuner.restore(str(experiment), TrainTrial, resume_unfinished=True, resume_errored=True)
         if damaged or runs.checkpoints(run_dir):
-            raise SystemExit(f"darp train: cannot resume {run_dir}: Tune's experiment state "
-                             f"({damaged[0].name if damaged else 'missing'}) was cut short by a kill; "
-                             "--no-resume starts the run over")
+            raise DataError(f"cannot resume {run_dir}: Tune's experiment state "
+                            f"({damaged[0].name if damaged else 'missing'}) was cut short by a kill; "
+                            "--no-resume starts the run over")
         if _printing["on"]:
             print(f"nothing to resume in {run_dir} (stopped before its first checkpoint): starting over", flush=True)
     for old in runs.experiment_dirs(run_dir):
@@ -204,20 +211,47 @@ def _tuner(cfg: TrainConfig, run_dir: Path, record: dict) -> tune.Tuner:
     )
 
 
+def check_inputs(cfg: TrainConfig) -> None:
+    """What every EnvRunner and learner would find out on its own, checked once before Ray starts:
+    the RLlib config validates, the data set loads, and the phase-1 export holds unchanged embeddings of
+    the sketches and photos of the training and validation splits (`sketch_env.embeddings`: a sketch
+    whose strokes changed since the export is named). ConfigError / DataError otherwise."""
+    from sketch_env.data import load_dataset, select_split
+    from sketch_env.embeddings import gallery_for, load_embedding_export, sketch_embeddings_for
+
+    try:
+        build_algo_config(cfg).validate()
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    ds = load_dataset(cfg.data)
+    export = load_embedding_export(cfg.embedding)
+    for split in dict.fromkeys(("train", cfg.val_split)):
+        part = select_split(ds, split)
+        if len(part.sketches) == 0:
+            raise DataError(f"{cfg.data}: the {split} split has no sketches")
+        sketch_embeddings_for(export, part.sketches, cfg.embedding, cfg.data)
+        gallery_for(export, part.photos, cfg.embedding, cfg.data)
+
+
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     """Train `cfg` as one Tune trial in cfg.run_dir (resuming it, see the module docstring).
 
     Returns the validation figures of the checkpoint evaluation uses (policies.runs.best_checkpoint)
-    and writes run.json. SystemExit with a one-line reason when the run failed or was interrupted.
+    and writes run.json. ConfigError / DataError for bad options, inputs or run directory (nothing
+    written); RunStopped with a one-line reason when the run failed (run.json: "failed") or was interrupted.
     """
     run_dir = Path(cfg.run_dir).resolve()
     # Tune runs the trial in a working directory of its own: relative paths are read from here
     cfg = dataclasses.replace(with_algo_defaults(cfg), data=str(Path(cfg.data).resolve()),
                               embedding=str(Path(cfg.embedding).resolve()), run_dir=str(run_dir))
+    cfg.check()
     if runs.legacy_checkpoint(run_dir) is not None and runs.experiment_dir(run_dir) is None:
-        raise SystemExit(f"darp train: {run_dir} holds a run trained before darp train ran on Tune (its checkpoint/ "
-                         "cannot be resumed); evaluate it as it is, or train into a new --run-dir")
-    prepare_output_dir(run_dir, runs.RL_RUN_KIND, inputs=(cfg.data, cfg.embedding), force=cfg.force)
+        raise DataError(f"{run_dir} holds a run trained before darp train ran on Tune (its checkpoint/ "
+                        "cannot be resumed); evaluate it as it is, or train into a new --run-dir")
+    inputs = (cfg.data, cfg.embedding)
+    check_output_dir(run_dir, runs.RL_RUN_KIND, inputs=inputs, force=cfg.force)
+    check_inputs(cfg)
+    prepare_output_dir(run_dir, runs.RL_RUN_KIND, inputs=inputs, force=cfg.force)
     record = {"kind": cfg.algo, "status": "running", "config": dataclasses.asdict(cfg),
               "data": cfg.data, "embedding": cfg.embedding}
     # Checkpointing every iteration with num_to_keep=1 makes Tune snapshot its state after every
@@ -233,16 +267,13 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     finally:
         _printing["on"] = True
     if grid.errors:
-        raise SystemExit(f"darp train: the run failed: {grid.errors[0]}".splitlines()[0]
-                         + f" (details under {runs.trial_dir(run_dir)})")
+        runs.write_run(run_dir, record | {"status": "failed"})
+        raise RunStopped(f"the run failed: {grid.errors[0]}".splitlines()[0] + f" (details under {runs.trial_dir(run_dir)})")
     last = grid[0].metrics or {}  # Tune's record of the last result (its result.json copy may lag)
     if not last.get("done"):
-        raise SystemExit(f"darp train: interrupted after iteration {last.get('training_iteration', 0)}; "
+        raise RunStopped(f"interrupted after iteration {last.get('training_iteration', 0)}; "
                          f"run the same command to resume {run_dir}")
-    try:
-        best = runs.best_checkpoint(run_dir, cfg.keep_best)
-    except DataError as e:
-        raise SystemExit(f"darp train: {e}") from None
+    best = runs.best_checkpoint(run_dir, cfg.keep_best)
     val = best.validation
     runs.write_run(run_dir, record | {
         "status": "finished",
@@ -260,4 +291,4 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     return val
 
 
-__all__ = ["TrainTrial", "checkpoint_config", "progress_line", "train"]
+__all__ = ["TrainTrial", "check_inputs", "checkpoint_config", "progress_line", "train"]

@@ -48,7 +48,7 @@ from policies.embedding import (
     save_embedding_net,
 )
 from policies.triplet import Mining, batch_infonce_loss, batch_triplet_loss, random_affine, sample_levels
-from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, prepare_output_dir
+from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, check_output_dir, prepare_output_dir
 from sketch_env.data import (
     DataError,
     Dataset,
@@ -60,12 +60,16 @@ from sketch_env.data import (
     sketch_digests,
 )
 from sketch_env.embeddings import EmbeddingExport, save_embedding_export
+from sketch_env.errors import ConfigError, RunStopped
 from sketch_env.gallery import ranks_from_embeddings
 from sketch_env.metrics import retrieval_metrics
 from sketch_env.render import N_LEVELS, default_thickness, first_ink_level
 from sketch_env.strokes import augment_strokes
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Image sides worth training on: the compact CNN halves the side in each of its 4 blocks (16 leaves it one
+# pixel); above 512 the level maps of a data set's sketches (S x side^2 bytes) and its photos no longer fit in memory.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 512
 RUN_FILE = "run.json"
 RUN_KIND = OutputKind("phase-1 run", (RUN_FILE, CHECKPOINT_FILE, "embedding_net.pt"))
 
@@ -139,12 +143,27 @@ class Phase1Config:
         )
 
     def check(self) -> None:
-        """Refuse settings that cannot train, with the option named."""
+        """Refuse settings that cannot train, with the option named (ConfigError)."""
         problems = []
         if self.epochs < 1:
             problems.append(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 2:
             problems.append(f"--batch-size must be >= 2, got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"--lr must be a number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            problems.append(f"--weight-decay must be a number >= 0, got {self.weight_decay}")
+        if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+            problems.append(f"--image-size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels, got {self.image_size}")
+        if not 1 <= self.embedding_dim <= 4096 or not 1 <= self.width <= 1024:
+            problems.append(f"--embedding-dim must be in [1, 4096] and --width in [1, 1024], got {self.embedding_dim} and {self.width}")
+        if self.patience < 1 or self.num_threads < 1 or self.eval_batch < 1:
+            problems.append(f"--patience, --num-threads and --eval-batch must be >= 1, got {self.patience}, "
+                            f"{self.num_threads} and {self.eval_batch}")
+        if not (math.isfinite(self.time_budget_s) and self.time_budget_s >= 0):
+            problems.append(f"--time-budget-s must be >= 0 (0: no limit), got {self.time_budget_s}")
+        if not (math.isfinite(self.late_weight) and self.late_weight >= 0):
+            problems.append(f"--late-weight must be a number >= 0, got {self.late_weight}")
         if self.levels_per_sketch < 1:
             problems.append(f"--levels-per-sketch must be >= 1, got {self.levels_per_sketch}")
         if not 0.0 <= self.complete_fraction <= 1.0:
@@ -155,7 +174,7 @@ class Phase1Config:
             problems.append(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if any(w < 1 for w in self.pen_widths):
             problems.append(f"--pen-widths must be >= 1 pixel, got {self.pen_widths}")
-        if self.margin < 0 or self.temperature <= 0:
+        if not (self.margin >= 0 and math.isfinite(self.margin) and self.temperature > 0 and math.isfinite(self.temperature)):
             problems.append(f"--margin must be >= 0 and --temperature > 0, got {self.margin} and {self.temperature}")
         if not 0 <= self.frozen_stages < n_stages(self.backbone):
             problems.append(f"--frozen-stages must be in [0, {n_stages(self.backbone) - 1}] for {self.backbone} "
@@ -170,7 +189,7 @@ class Phase1Config:
         if self.val_every < 1 or self.val_smooth < 1:
             problems.append(f"--val-every and --val-smooth must be >= 1, got {self.val_every} and {self.val_smooth}")
         if problems:
-            raise ValueError("darp pretrain: " + "; ".join(problems))
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass
@@ -521,14 +540,19 @@ def new_state() -> dict:
 
 
 def run(cfg: Phase1Config) -> dict:
-    """Train (or resume), keep the best network, export embeddings, write run.json. Returns run.json."""
+    """Train (or resume), keep the best network, export embeddings, write run.json. Returns run.json.
+
+    Bad options, data or output directory: ConfigError / DataError before anything is written.
+    RunStopped when interrupted (the checkpoint it resumes from is written)."""
     cfg.check()
     torch.set_num_threads(cfg.num_threads)
     weights_file = cfg.backbone_weights if cfg.backbone_weights != HED_WEIGHTS else None
-    run_dir = prepare_output_dir(cfg.run_dir, RUN_KIND, inputs=(cfg.data, weights_file), force=cfg.force)
+    inputs = (cfg.data, weights_file)
+    check_output_dir(cfg.run_dir, RUN_KIND, inputs=inputs, force=cfg.force)
     emb_cfg = cfg.embedding_config()
     ds = load_dataset(cfg.data)
     d = prepare_data(ds, emb_cfg)
+    run_dir = prepare_output_dir(cfg.run_dir, RUN_KIND, inputs=inputs, force=cfg.force)
 
     torch.manual_seed(cfg.seed)
     net = EmbeddingNet(emb_cfg)
@@ -557,7 +581,7 @@ def run(cfg: Phase1Config) -> dict:
     try:
         fit(cfg, net, optimizer, d, state, run_dir, ema=ema)
     except KeyboardInterrupt:
-        raise SystemExit(f"interrupted: {ckpt_path} holds epoch {state['epoch']}; run the same command to resume") from None
+        raise RunStopped(f"interrupted: {ckpt_path} holds epoch {state['epoch']}; run the same command to resume") from None
 
     best_net, _ = load_embedding_net(run_dir)
     meta = {"kind": "triplet", "data": str(Path(cfg.data).resolve()), "data_fingerprint": data_fingerprint(cfg.data),

@@ -14,11 +14,13 @@ and Learner, or SketchPPOConfig) that `policies.fit` trains and that tests and b
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from policies.schedules import DEFAULT_STD_SCHEDULE, StdShape
+from sketch_env.errors import ConfigError
 from sketch_env.render import N_LEVELS
 
 
@@ -135,6 +137,62 @@ class TrainConfig:
     val_max_sketches: int = _arg(0, "validate on at most this many sketches (0: all)")
     force: bool = _arg(False, "write into --run-dir even if it holds something other than this command's output "
                               "(never over its inputs)")
+
+    def check(self) -> None:
+        """Refuse values no run can train with, before anything is built or allocated (ConfigError naming
+        the option): flags, config files, and the config of a run.json read back alike."""
+        problems = [f"--{name.replace('_', '-')} must be {rule}, got {value!r}" for name, rule, value in _range_problems(self)]
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+# Upper bounds against absurd values (a run.json saying n_heads 1e12 asks for petabytes): far above any
+# setting that trains on one machine or a cluster, far below what fails to allocate.
+MAX_HEADS, MAX_GLIMPSES, MAX_GRID, MAX_IMAGE_SIZE = 1024, 256, 64, 512
+
+
+def _range_problems(cfg: TrainConfig) -> list[tuple[str, str, Any]]:
+    """(field, rule, value) of every field of `cfg` outside its range."""
+    def finite(v, low=-math.inf, high=math.inf, low_open=False):
+        return isinstance(v, (int, float)) and math.isfinite(v) and (v > low if low_open else v >= low) and v <= high
+
+    def whole(v, low, high=math.inf):
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+    rules = [
+        ("iterations", "an integer >= 1", whole(cfg.iterations, 1)),
+        ("time_budget_s", "a number >= 0 (0: no limit)", finite(cfg.time_budget_s, 0)),
+        ("num_env_runners", "an integer >= 0", whole(cfg.num_env_runners, 0)),
+        ("num_envs_per_env_runner", "an integer >= 1", whole(cfg.num_envs_per_env_runner, 1)),
+        ("episodes_per_batch", "an integer >= 1", whole(cfg.episodes_per_batch, 1)),
+        ("num_learners", "an integer >= 0", whole(cfg.num_learners, 0)),
+        ("num_gpus_per_learner", "a number >= 0", finite(cfg.num_gpus_per_learner, 0)),
+        ("num_threads", "an integer >= 1", whole(cfg.num_threads, 1)),
+        ("n_glimpses", f"unset or an integer in [1, {MAX_GLIMPSES}]", cfg.n_glimpses is None or whole(cfg.n_glimpses, 1, MAX_GLIMPSES)),
+        ("glimpse_image_size", f"an integer in [8, {MAX_IMAGE_SIZE}]", whole(cfg.glimpse_image_size, 8, MAX_IMAGE_SIZE)),
+        ("glimpse_size", "an integer in [1, --glimpse-image-size]",
+         whole(cfg.glimpse_size, 1, cfg.glimpse_image_size if whole(cfg.glimpse_image_size, 8, MAX_IMAGE_SIZE) else 1)),
+        ("num_epochs", "an integer >= 1", whole(cfg.num_epochs, 1)),
+        ("minibatch_episodes", "an integer >= 0 (0: the whole batch)", whole(cfg.minibatch_episodes, 0)),
+        ("lr", "a number > 0", finite(cfg.lr, 0, low_open=True)),
+        ("gamma", "unset or a number in [0, 1]", cfg.gamma is None or finite(cfg.gamma, 0, 1)),
+        ("rl_weight", "a number >= 0", finite(cfg.rl_weight, 0)),
+        ("sup_lambda", "a number >= 0", finite(cfg.sup_lambda, 0)),
+        ("sup_temperature", "a number > 0", finite(cfg.sup_temperature, 0, low_open=True)),
+        ("dropout", "a number in [0, 1)", finite(cfg.dropout, 0, 1) and cfg.dropout < 1),
+        ("n_heads", f"an integer in [1, {MAX_HEADS}]", whole(cfg.n_heads, 1, MAX_HEADS)),
+        ("bootstrap_p", "a number in (0, 1]", finite(cfg.bootstrap_p, 0, 1, low_open=True)),
+        ("grid", f"an integer in [1, {MAX_GRID}]", whole(cfg.grid, 1, MAX_GRID)),
+        ("std_start", "a number > 0", finite(cfg.std_start, 0, low_open=True)),
+        ("std_end", "a number > 0", finite(cfg.std_end, 0, low_open=True)),
+        ("std_horizon", "an integer >= 1", whole(cfg.std_horizon, 1)),
+        ("warm_start_updates", "an integer >= 0", whole(cfg.warm_start_updates, 0)),
+        ("warm_start_noise_copies", "an integer >= 0", whole(cfg.warm_start_noise_copies, 0)),
+        ("warm_start_noise_strokes", "an integer >= 0", whole(cfg.warm_start_noise_strokes, 0)),
+        ("val_interval", "an integer >= 0 (0: only at the end)", whole(cfg.val_interval, 0)),
+        ("val_max_sketches", "an integer >= 0 (0: all)", whole(cfg.val_max_sketches, 0)),
+    ]
+    return [(name, rule, getattr(cfg, name)) for name, rule, ok in rules if not ok]
 
 
 def env_config_of(cfg: TrainConfig, split: str = "train") -> dict:

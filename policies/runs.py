@@ -4,7 +4,7 @@ Every run directory holds `run.json` (what was trained, from what, and its valid
 `darp pretrain` writes one for phase 1 (kind "triplet"), `darp train` for the RL models (kind = the
 model's name). An RL run is one Ray Tune trial:
 
-    RUN/run.json                         status "running" while it trains, "finished" after
+    RUN/run.json                         status "running" while it trains, "finished" after ("failed": the trial failed)
     RUN/tune-XXXXXXXX/                   Tune's experiment (what --resume restores)
     RUN/tune-XXXXXXXX/train/             the trial: result.json (one line per iteration), progress.csv,
                                          events.out.tfevents.* (tensorboard --logdir RUN), params.json
@@ -29,6 +29,7 @@ import csv
 import json
 import math
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +45,9 @@ RESULTS = "result.json"
 PROGRESS = "progress.csv"
 MODULE_PATH = Path("learner_group") / "learner" / "rl_module" / "default_policy"
 LEGACY_CHECKPOINTS = ("best_checkpoint", "checkpoint")  # the earlier layout, best first
-# What marks a directory as an RL run that `darp train` may write into (sketch_env.atomic.prepare_output_dir).
-RL_RUN_KIND = OutputKind("RL run", (RUN_FILE, EXPERIMENT_PREFIX + "*", *LEGACY_CHECKPOINTS, "results.jsonl"))
+# The output kind of `darp train` (sketch_env.atomic.prepare_output_dir: a run directory is one it stamped).
+RL_RUN_KIND = OutputKind("RL run", (RUN_FILE,))
+EXPERIMENT_NAME = re.compile(re.escape(EXPERIMENT_PREFIX) + r"[0-9a-f]{8}")  # new_experiment_name's names only
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -64,8 +66,11 @@ def new_experiment_name() -> str:
 
 
 def experiment_dirs(run_dir: str | Path) -> list[Path]:
-    """Every Tune experiment directory in a run directory (one, unless a kill interrupted a start-over)."""
-    return sorted(p for p in Path(run_dir).glob(f"{EXPERIMENT_PREFIX}*") if p.is_dir())
+    """Every Tune experiment directory in a run directory (one, unless a kill interrupted a start-over):
+    directories named as `new_experiment_name` names them, so that a folder of the user's that merely
+    starts with "tune-" is never taken for one (and deleted by a start-over)."""
+    return sorted(p for p in Path(run_dir).glob(f"{EXPERIMENT_PREFIX}*")
+                  if EXPERIMENT_NAME.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
 
 
 def experiment_dir(run_dir: str | Path) -> Path | None:

@@ -7,10 +7,14 @@
 - `replace_dir`: the same for a whole directory (a data set, an embedding export): it is built in a
   temporary sibling and swapped in at the end.
 - `prepare_output_dir` / `check_output_dir`: a command may only write a directory that is new,
-  empty, or already holds output of its own kind (an `OutputKind`'s marker: manifest.json of a data
-  set, run.json of a run, metrics.json of an evaluation); anything else is refused with a one-line
-  `DataError` unless the user passes --force. A directory that is, or holds, one of the command's
-  own inputs is never replaced, not even with --force.
+  empty, or already holds output of its own kind; anything else is refused with a one-line
+  `DataError` unless the user passes --force. What a command wrote is told by its stamp, not by file
+  names someone else's work may share (a `curve.png`, `frame_000.png`, `tune-notes/`): every directory
+  a command creates or claims gets `.darp-output.json` ({"kind": ...}, `STAMP`) before anything else,
+  so a run killed at any point is still recognised. A directory that is, or holds, one of the
+  command's own inputs is never written, not even with --force.
+- Links and mount points: `--out LINK` writes where the link points (the link stays); a mount point
+  (or the working directory) is emptied and filled in place, since it cannot be renamed.
 
 Everything is created with the user's umask (tempfile alone would make 0600 files and 0700 directories).
 """
@@ -44,18 +48,23 @@ def umask() -> int:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_path)` and rename the result onto `path`."""
+    """Call `write(tmp_path)` and rename the result onto `path`.
+
+    DataError naming `path` when it cannot be written (a read-only directory, a full disk)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         os.chmod(tmp, 0o666 & ~umask())
         write(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        raise DataError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        if tmp is not None and os.path.lexists(tmp):
+            Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -87,13 +96,16 @@ def read_json_object(path: str | Path, missing: str) -> dict:
     return value
 
 
+STAMP = ".darp-output.json"  # {"kind": OutputKind.name}: this directory is darp's output of that kind
+
+
 @dataclass(frozen=True)
 class OutputKind:
-    """What a command writes into a directory, and how to tell that a directory already holds it.
+    """What a command writes into a directory.
 
-    name:    for messages ("data set", "RL run", ...).
-    markers: paths relative to the directory (glob patterns allowed); any of them present marks it
-             as this kind of output (run.json, or a checkpoint of a run killed before its first run.json).
+    name:    the kind, as the directory's STAMP records it and messages name it ("data set", "RL run", ...).
+    markers: the files (glob patterns allowed) that a finished output of this kind has (a data set's
+             manifest.json): put in place last when a directory is replaced in place.
     only:    for directories replaced whole (`replace_dir`): the names such a directory holds. One
              that holds anything else is someone's other work too, and is only replaced with force.
     """
@@ -101,6 +113,20 @@ class OutputKind:
     name: str
     markers: tuple[str, ...]
     only: frozenset[str] | None = None
+
+
+def stamped_kind(directory: str | Path) -> str | None:
+    """The kind of darp output `directory` holds by its STAMP, or None (not darp's, or unreadable)."""
+    try:
+        value = json.loads((Path(directory) / STAMP).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value.get("kind") if isinstance(value, dict) and isinstance(value.get("kind"), str) else None
+
+
+def stamp(directory: str | Path, kind: OutputKind) -> Path:
+    """Mark `directory` as darp's output of `kind` (written atomically; DataError if it cannot be)."""
+    return atomic_write_text(Path(directory) / STAMP, json.dumps({"kind": kind.name}) + "\n")
 
 
 def _absolute(path: str | Path) -> Path:
@@ -119,19 +145,19 @@ def check_output_dir(
 ) -> Path:
     """Whether a command may write the directory `out`; returns it as an absolute path, or raises DataError.
 
-    Allowed: `out` does not exist, is an empty directory, or holds one of `kind.markers` (and, when
-    the directory is to be replaced whole (`replace`), nothing outside `kind.only`). Anything else,
-    a regular file included, only with `force`. Never allowed, whatever `force` says: `out` is one
-    of `inputs` (files or directories the command reads; None entries are skipped), or, when it is
-    to be replaced, holds one of them.
+    Allowed: `out` does not exist, is an empty directory, or carries the STAMP of `kind` (and, when
+    the directory is to be replaced whole (`replace`), holds nothing outside `kind.only`). Anything
+    else, a regular file included, only with `force`. Never allowed, whatever `force` says: `out` is,
+    or holds, one of `inputs` (files or directories the command reads; None entries are skipped).
     """
     target = _absolute(out)
     for given in inputs:
         if given is None or str(given) == "":
             continue
         same = _is_within(target, given) and _is_within(given, target)
-        if same or (replace and _is_within(given, target)):
+        if same or _is_within(given, target):
             raise DataError(f"{out}: {'is' if same else 'holds'} {given}, an input of this command; choose another output directory")
+    _check_writable(out, target)
     if not os.path.lexists(target):
         return target
     if not target.is_dir():
@@ -144,20 +170,36 @@ def check_output_dir(
         raise DataError(f"{out}: cannot read the directory ({e.strerror})") from None
     if not entries or force:
         return target
-    marked = any(next(target.glob(m), None) is not None for m in kind.markers)
+    found = stamped_kind(target)
+    entries = [name for name in entries if name != STAMP]
     foreign = [name for name in entries if kind.only is not None and name not in kind.only] if replace else []
-    if marked and not foreign:
+    if found == kind.name and not foreign:
         return target
     shown = ", ".join((foreign or entries)[:4]) + (", ..." if len(foreign or entries) > 4 else "")
-    reason = f"holds {shown} besides the {kind.name}" if marked else f"holds other work ({shown}) and no {kind.name} ({' or '.join(kind.markers)})"
+    if found == kind.name:
+        reason = f"holds {shown} besides the {kind.name}"
+    elif found is not None:
+        reason = f"holds a {found} written by darp, not a {kind.name}"
+    else:
+        reason = f"holds other work ({shown or STAMP}) and no {kind.name} written by darp"
     action = "replace it" if replace else "write into it"
     raise DataError(f"{out}: {reason}; choose another output directory, or pass --force to {action}")
+
+
+def _check_writable(out, target: Path) -> None:
+    """DataError when the directory `target`, or the nearest existing one above it, cannot be written."""
+    probe = target
+    while not probe.is_dir() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DataError(f"{out}: cannot write into {probe} (Permission denied)")
 
 
 def prepare_output_dir(
     out: str | Path, kind: OutputKind, *, inputs: Iterable[str | Path | None] = (), force: bool = False
 ) -> Path:
-    """`check_output_dir` for a command that writes files into `out`, then create it (with parents).
+    """`check_output_dir` for a command that writes files into `out`, then create it (with parents)
+    and stamp it as `kind` (which also tells at once whether it can be written).
 
     With `force`, a regular file at `out` is removed first. Returns `out` as given (a Path).
     """
@@ -168,6 +210,7 @@ def prepare_output_dir(
         target.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{out}: cannot create the directory ({e.strerror})") from None
+    stamp(target, kind)
     return Path(out)
 
 
@@ -182,35 +225,57 @@ def replace_dir(
     """Write a whole directory at once: `write(tmp)` fills a temporary sibling that then replaces `out`.
 
     A crash before the swap leaves the previous `out` untouched. `kind` (with `inputs`, `force`)
-    checks `out` first as `check_output_dir(..., replace=True)` does; None for directories that
-    only this project names (an export inside a run). When `out` holds the working directory
-    (`--out .`) the new entries are moved into it instead, markers last. Returns `out` (a Path).
+    checks `out` first as `check_output_dir(..., replace=True)` does, and stamps the new directory;
+    None for directories that only this project names (an export inside a run). `out` a symbolic
+    link: the directory it points to is replaced, the link stays. When `out` holds the working
+    directory (`--out .`) or is a mount point (neither can be renamed) the new entries are moved into
+    it instead, markers and stamp last. Returns `out` (a Path).
     """
     target = _absolute(out)
     if kind is not None:
         check_output_dir(out, kind, inputs=inputs, force=force, replace=True)
-    in_place = target.is_dir() and _is_within(Path.cwd(), target)
+    if os.path.islink(target):
+        target = Path(os.path.realpath(target))
+    in_place = target.is_dir() and (_is_within(Path.cwd(), target) or os.path.ismount(target))
     tmp = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target if in_place else target.parent))
         os.chmod(tmp, 0o777 & ~umask())
         write(tmp)
+        if kind is not None:
+            stamp(tmp, kind)
         if in_place:
-            _move_entries(tmp, target, kind.markers if kind is not None else ())
+            _move_entries(tmp, target, (*kind.markers, STAMP) if kind is not None else ())
         elif os.path.lexists(target):
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            _swap(tmp, target)
         else:
             os.replace(tmp, target)
     except OSError as e:
-        raise DataError(f"{out}: cannot write the directory ({e})") from None
+        raise DataError(f"{out}: cannot write the directory ({e.strerror or e})") from None
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return Path(out)
+
+
+def _swap(new: Path, target: Path) -> None:
+    """Put directory `new` in the place of the existing `target`, then delete the old one. On failure
+    (EBUSY, EXDEV, ...) `target` is left as it was and nothing else remains beside it (should even
+    moving it back fail, the old directory stays in `.NAME.old-XXXX` rather than being deleted)."""
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    try:
+        os.replace(target, old / "x")
+    except OSError:
+        old.rmdir()
+        raise
+    try:
+        os.replace(new, target)
+    except OSError:
+        os.replace(old / "x", target)
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _move_entries(tmp: Path, target: Path, markers: tuple[str, ...]) -> None:

@@ -116,16 +116,68 @@ def test_config_file_sets_fields_and_flags_override_it(toy_commands, tmp_path):
     cfg = run(["toy", "--config", str(f), "--count", "9"])
     assert (cfg.name, cfg.count, cfg.mode, cfg.shape) == ("from-file", 9, "slow", (1, 2, 3))
 
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_config_file_errors_are_one_line(toy_commands, tmp_path, capsys):
+    f = tmp_path / "best.json"
     f.write_text(json.dumps({"name": "a", "colour": "red"}))
-    with pytest.raises(SystemExit, match=r"unknown keys \['colour'\] for ToyConfig"):
-        main(["toy", "--config", str(f)])
-    with pytest.raises(SystemExit, match="cannot read config file"):
-        main(["toy", "--config", str(tmp_path / "missing.json")])
+    assert main(["toy", "--config", str(f)]) == 1
+    assert "unknown keys ['colour'] for ToyConfig" in error_line(capsys)
+    assert main(["toy", "--config", str(tmp_path / "missing.json")]) == 1
+    assert "cannot read config file" in error_line(capsys)
+    assert CALLS == []
 
 
-def test_missing_required_option(toy_commands):
-    with pytest.raises(SystemExit, match="missing required option.*--name"):
-        main(["toy", "--count", "2"])
+@pytest.mark.parametrize("key, value, expected", [
+    ("verbose", "false", 'expected true or false, got "false"'),  # a truthy string acted as the switch
+    ("verbose", 0, "expected true or false, got 0"),
+    ("count", "ten", 'expected an integer, got "ten"'),
+    ("count", 10.7, "expected an integer, got 10.7"),
+    ("count", 1e12, "expected an integer, got 1000000000000.0"),
+    ("count", None, "expected an integer, got null"),
+    ("count", True, "expected an integer, got true"),
+    ("ratio", "0.5", 'expected a number, got "0.5"'),
+    ("mode", "medium", "expected one of ['fast', 'slow'], got \"medium\""),
+    ("sizes", 64, "expected a list, got 64"),
+    ("sizes", [64, "big"], 'item 2: expected an integer, got "big"'),
+    ("out", 3, "expected a path (a string), got 3"),
+])
+def test_config_file_values_are_checked_like_flags(toy_commands, tmp_path, capsys, key, value, expected):
+    """Issue 25, item 1: {"force": "false"} in a config file acted as --force."""
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps({"name": "a", key: value}))
+    assert main(["toy", "--config", str(f)]) == 1
+    line = error_line(capsys)
+    assert line.startswith(f"darp toy: error: {f}: '{key}' (--{key})") and expected in line, line
+    assert CALLS == []
+
+
+def test_config_file_null_is_allowed_where_the_option_may_be_unset(toy_commands, tmp_path):
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps({"name": "a", "limit": None, "ratio": 2, "shape": [4, 5]}))
+    cfg = run(["toy", "--config", str(f)])
+    assert cfg.limit is None and cfg.ratio == 2.0 and isinstance(cfg.ratio, float) and cfg.shape == (4, 5)
+
+
+def test_a_real_commands_config_file_is_checked_before_it_runs(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps({"force": "false", "photos": 2}))
+    assert main(["data", "generate", "--out", str(out), "--config", str(f)]) == 1
+    assert "'force' (--force): expected true or false" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_missing_required_option(toy_commands, capsys):
+    assert main(["toy", "--count", "2"]) == 1
+    assert "missing required option(s): --name" in error_line(capsys)
     assert CALLS == []
 
 
@@ -142,3 +194,30 @@ def test_nested_command_exit_status_and_data_errors(toy_commands, capsys):
     assert main(["toy", "--name", "seven"]) == 7
     assert main(["toy", "--name", "bad-data"]) == 1
     assert "darp toy: error: toy.pkl: sketch 3: empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["data", "generate", "--photos", "0"], "--photos must be in [2, 10000]"),
+    (["data", "generate", "--test-fraction", "1.5"], "--test-fraction must be in [0, 1), got 1.5"),
+    (["data", "show", "--size", "0"], "--size must be in [16, 2048] pixels, got 0"),
+    (["pretrain", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["pretrain", "--batch-size", "0"], "--batch-size must be >= 2, got 0"),
+    (["pretrain", "--lr", "nan"], "--lr must be a number > 0, got nan"),
+    (["pretrain", "--image-size", "3"], "--image-size must be in [16, 512] pixels, got 3"),
+    (["train", "--n-heads", "-3"], "--n-heads must be an integer in [1, 1024], got -3"),
+    (["train", "--glimpse-size", "0"], "--glimpse-size must be an integer in [1, --glimpse-image-size], got 0"),
+    (["train", "--lr", "inf"], "--lr must be a number > 0, got inf"),
+    (["evaluate", "--level-batch", "0"], "--level-batch and --num-threads must be >= 1"),
+    (["play", "--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+])
+def test_option_values_out_of_range_are_one_line_errors(tmp_path, capsys, argv, message):
+    """Issue 25, item 7: these arrived as tracebacks (the project's own "--epochs must be >= 1" too)."""
+    required = {"generate": ["--out"], "show": ["--data"], "pretrain": ["--data", "--run-dir"],
+                "train": ["--data", "--embedding", "--run-dir"], "evaluate": ["--data", "--run"],
+                "play": ["--data", "--embedding"]}
+    command = argv[1] if argv[0] == "data" else argv[0]
+    filled = [x for flag in required[command] for x in (flag, str(tmp_path / flag.strip("-")))]
+    assert main(argv + filled) == 1
+    line = error_line(capsys)
+    assert message in line, line
+    assert list(tmp_path.iterdir()) == [], "nothing is written"

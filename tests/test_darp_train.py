@@ -17,6 +17,8 @@ import torch
 from policies import runs
 from policies.fit import train
 from policies.registry import TrainConfig
+from sketch_env.atomic import prepare_output_dir
+from sketch_env.errors import ConfigError, DataError
 from tests.processes import kill_session, session_processes
 
 pytestmark = pytest.mark.slow
@@ -80,7 +82,7 @@ def test_train_is_one_tune_trial_that_tensorboard_reads(ray_local, tiny, tmp_pat
     # a rerun of the finished run trains nothing; other options are refused, not silently ignored
     train(tiny_config(data, phase1, run_dir, iterations=3))
     assert iterations_logged(run_dir) == [1, 2, 3]
-    with pytest.raises(SystemExit, match="other options.*iterations 3 -> 4"):
+    with pytest.raises(ConfigError, match="other options.*iterations 3 -> 4"):
         train(tiny_config(data, phase1, run_dir, iterations=4))
 
     # --no-resume starts over: nothing of the old run is kept or reported as this run's best
@@ -224,9 +226,10 @@ def test_a_cut_short_experiment_state_is_refused_not_restarted(tiny, tmp_path):
     must not quietly start over from iteration 1."""
     data, phase1 = tiny
     run_dir = tmp_path / "state"
+    prepare_output_dir(run_dir, runs.RL_RUN_KIND)
     (run_dir / "tune-0000abcd").mkdir(parents=True)
     (runs.experiment_dir(run_dir) / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": [')
     runs.write_run(run_dir, {"kind": "darp", "status": "running", "config": {}})
-    with pytest.raises(SystemExit, match="cut short"):
+    with pytest.raises(DataError, match="cut short"):
         train(tiny_config(data, phase1, run_dir))
     assert not (runs.trial_dir(run_dir) / "result.json").exists()

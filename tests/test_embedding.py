@@ -82,6 +82,38 @@ def test_save_and_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded.embed_sketches(x), net.embed_sketches(x))
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "cannot read the embedding network"),
+    ("list", "not an embedding network saved by `darp pretrain`"),
+    ("other_config", "the saved network does not load"),
+])
+def test_a_damaged_network_file_is_a_one_line_error_naming_it(tmp_path, capsys, damage, message):
+    """Issue 25, item 7: a truncated embedding_net.pt ended `darp evaluate` in a torch traceback."""
+    from sketch_env.atomic import atomic_write_json
+    from sketch_env.data import DataError
+    from sketch_env.data.generate import generate_dataset
+    from tune_runs.cli import main
+
+    cfg = EmbeddingConfig(embedding_dim=8, image_size=32)
+    path = save_embedding_net(tmp_path / "run", EmbeddingNet(cfg), cfg)
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:2000])
+    elif damage == "list":
+        torch.save([1, 2], path)
+    else:
+        payload = torch.load(path, weights_only=True)
+        torch.save({**payload, "config": {**payload["config"], "embedding_dim": 16}}, path)
+    with pytest.raises(DataError) as error:
+        load_embedding_net(tmp_path / "run")
+    assert str(error.value).startswith(str(path)) and message in str(error.value) and "\n" not in str(error.value)
+    atomic_write_json(tmp_path / "run" / "run.json", {"kind": "triplet"})
+    data = generate_dataset(tmp_path / "data", n_photos=4, sketches_per_photo=1)
+    assert main(["evaluate", "--data", str(data), "--run", str(tmp_path / "run"), "--split", "train",
+                 "--out", str(tmp_path / "eval")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
 def test_edge_map_of_a_rectangle_is_its_border():
     photo = np.full((1, 128, 128, 3), 255, np.uint8)
     photo[0, 32:96, 40:88] = (90, 40, 20)  # a dark filled rectangle on white

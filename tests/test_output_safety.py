@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sketch_env.atomic import OutputKind, atomic_write_json, check_output_dir, prepare_output_dir, replace_dir
+from sketch_env.atomic import STAMP, OutputKind, atomic_write_json, check_output_dir, prepare_output_dir, replace_dir
 from sketch_env.data import DataError, load_dataset
 from sketch_env.data.generate import generate_dataset
 from sketch_env.data.qmul import import_qmul
@@ -70,7 +70,7 @@ def test_import_refuses_a_directory_of_other_work_unless_forced(tmp_path, capsys
     before = other_work(out)
     argv = ["data", "import-qmul", "--coords", str(coords), "--photos", str(photos), "--out", str(out)]
     assert main(argv) == 1
-    one_line_error(capsys, str(out), "holds other work (notes.txt, runs) and no data set (manifest.json)", "--force")
+    one_line_error(capsys, str(out), "holds other work (notes.txt, runs) and no data set written by darp", "--force")
     assert snapshot(out) == before
     assert main(argv + ["--force"]) == 0
     assert len(load_dataset(out).sketches) == 2 and not (out / "notes.txt").exists()
@@ -121,7 +121,7 @@ def test_out_dot_writes_in_place_without_leftovers(tmp_path, monkeypatch, capsys
     assert main(GENERATE + ["--out", "."]) == 0
     assert main(GENERATE + ["--out", ".", "--seed", "1"]) == 0  # and replaced in place
     assert Path.cwd() == here and here.is_dir()
-    assert sorted(p.name for p in here.iterdir()) == ["manifest.json", "photos.parquet", "sketches.parquet"]
+    assert sorted(p.name for p in here.iterdir()) == [STAMP, "manifest.json", "photos.parquet", "sketches.parquet"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
     assert load_dataset(".").manifest["source"].endswith("seed=1")
 
@@ -139,22 +139,83 @@ def test_outputs_are_created_with_the_umask(tmp_path, mask):
     assert stat.S_IMODE(run_json.stat().st_mode) == 0o666 & ~mask
 
 
-def test_an_unwritable_output_is_a_one_line_error(tmp_path, monkeypatch, capsys):
-    locked = tmp_path / "read-only"
-    locked.mkdir()
-    real_mkdir = os.mkdir
+def read_only(monkeypatch, locked: Path) -> None:
+    """Make `locked` act as a read-only directory does to a non-root user (tests may run as root)."""
+    real_mkdir, real_open = os.mkdir, os.open
 
-    def mkdir(path, *args, **kwargs):  # what a read-only directory does to a non-root user
+    def mkdir(path, *args, **kwargs):
         if Path(path).parent == locked:
             raise PermissionError(13, "Permission denied", str(path))
         return real_mkdir(path, *args, **kwargs)
 
+    def open_(path, flags, *args, **kwargs):  # tempfile.mkstemp creates files through os.open
+        if flags & os.O_CREAT and Path(path).parent == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    real_access = os.access
     monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
+
+
+def test_an_unwritable_output_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    data = generate_dataset(tmp_path / "data", n_photos=2, sketches_per_photo=1)
+    phase1 = tmp_path / "phase1"
+    atomic_write_json(phase1 / "run.json", {"kind": "triplet"})
+    locked = tmp_path / "read-only"
+    locked.mkdir()
+    read_only(monkeypatch, locked)
     assert main(GENERATE + ["--out", str(locked / "ds")]) == 1
     one_line_error(capsys, str(locked / "ds"), "Permission denied")
-    data = generate_dataset(tmp_path / "data", n_photos=2, sketches_per_photo=1)
     assert main(["pretrain", "--data", str(data), "--run-dir", str(locked / "run")]) == 1
     one_line_error(capsys, str(locked / "run"), "Permission denied")
+    # the directory itself read-only (issue 25, item 7): refused before any work, as one line
+    assert main(["evaluate", "--data", str(data), "--run", str(phase1), "--out", str(locked)]) == 1
+    one_line_error(capsys, str(locked), "Permission denied")
+    assert main(["data", "show", "--data", str(data), "--out", str(locked / "show.png")]) == 1
+    one_line_error(capsys, str(locked / "show.png"), "Permission denied")
+    assert list(locked.iterdir()) == []
+
+
+def test_out_through_a_link_replaces_what_it_points_to_and_keeps_the_link(tmp_path):
+    real = generate_dataset(tmp_path / "real", n_photos=2, sketches_per_photo=1)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert main(GENERATE + ["--out", str(link), "--photos", "3"]) == 0
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert len(load_dataset(real).photos) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_a_directory_that_cannot_be_renamed_is_left_as_it_was_with_nothing_beside_it(tmp_path, monkeypatch, capsys):
+    out = generate_dataset(tmp_path / "mnt", n_photos=2, sketches_per_photo=1)
+    before = snapshot(out)
+    real_replace = os.replace
+
+    failing = {"moving": "out"}
+
+    def replace(src, dst):  # what rename(2) says about a mount point
+        moving_out = Path(src) == out
+        moving_in = Path(dst) == out and Path(src).name.startswith(".mnt.tmp-")
+        if moving_out if failing["moving"] == "out" else moving_in:
+            raise OSError(16, "Device or resource busy")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os.path, "ismount", lambda path: False)  # a bind mount the check does not see
+    assert main(GENERATE + ["--out", str(out), "--photos", "3"]) == 1
+    one_line_error(capsys, str(out), "Device or resource busy")
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mnt"]
+    failing["moving"] = "in"  # moved away, then the new one cannot take its place: the old one comes back
+    assert main(GENERATE + ["--out", str(out), "--photos", "3"]) == 1
+    one_line_error(capsys, str(out), "Device or resource busy")
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mnt"]
+    # one it sees is filled in place
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == out)
+    assert main(GENERATE + ["--out", str(out), "--photos", "3"]) == 0
+    assert len(load_dataset(out).photos) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["mnt"]
+    assert sorted(p.name for p in out.iterdir()) == [STAMP, "manifest.json", "photos.parquet", "sketches.parquet"]
 
 
 # ---------------------------------------------------------------- run directories
@@ -198,29 +259,66 @@ def test_a_command_never_writes_into_its_input(tmp_path, capsys, command):
     assert snapshot(target) == before
 
 
-@pytest.mark.parametrize(
-    "kind, files",
-    [
-        ("tune_runs.pretrain:RUN_KIND", ["checkpoint.pt"]),  # killed before its first run.json
-        ("tune_runs.pretrain:RUN_KIND", ["run.json", "embedding_net.pt", "notes.txt"]),
-        ("policies.runs:RL_RUN_KIND", ["checkpoint/module_state.pkl"]),
-        ("policies.runs:RL_RUN_KIND", ["tune-1a2b3c4d/train/progress.csv"]),
-        ("policies.runs:RL_RUN_KIND", ["run.json", "results.jsonl"]),
-        ("tune_runs.evaluate:EVAL_KIND", ["metrics.json"]),
-        ("tune_runs.report:REPORT_KIND", ["trials/darp_seed0/done.json"]),
-        ("tune_runs.sweep:SWEEP_KIND", ["tune/experiment_state.json"]),
-        ("tune_runs.demo:DEMO_KIND", ["data/manifest.json"]),
-        ("tune_runs.play:FRAMES_KIND", ["frame_007.png", "notes.txt"]),
-    ],
-)
-def test_resuming_into_a_directory_of_the_same_kind_is_allowed(tmp_path, kind, files):
+@pytest.mark.parametrize("command", ["pretrain", "train", "evaluate", "report", "sweep", "play"])
+def test_a_command_never_writes_beside_its_input(tmp_path, capsys, command):
+    """`darp evaluate --data par/data --out par --force` wrote next to its input (issue 25, item 9)."""
+    argv = run_dir_commands(tmp_path)[command]
+    before = snapshot(tmp_path)
+    assert main(argv + [str(tmp_path), "--force"]) == 1
+    one_line_error(capsys, f"{tmp_path}: holds", "an input of this command")
+    assert snapshot(tmp_path) == before
+
+
+KINDS = ["tune_runs.pretrain:RUN_KIND", "policies.runs:RL_RUN_KIND", "tune_runs.evaluate:EVAL_KIND",
+         "tune_runs.report:REPORT_KIND", "tune_runs.sweep:SWEEP_KIND", "tune_runs.demo:DEMO_KIND",
+         "tune_runs.play:FRAMES_KIND"]
+
+
+def output_kind(name: str) -> OutputKind:
     import importlib
 
-    module, name = kind.split(":")
-    for f in files:
-        (tmp_path / "out" / f).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "out" / f).write_text("x")
-    assert prepare_output_dir(tmp_path / "out", getattr(importlib.import_module(module), name)) == tmp_path / "out"
+    module, attr = name.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_resuming_into_a_directory_of_the_same_kind_is_allowed(tmp_path, kind):
+    out = tmp_path / "out"
+    assert prepare_output_dir(out, output_kind(kind)) == out  # killed at once: only the stamp is there
+    (out / "partial" / "result.json").parent.mkdir()
+    (out / "partial" / "result.json").write_text("x")
+    assert prepare_output_dir(out, output_kind(kind)) == out
+    assert (out / "partial" / "result.json").read_text() == "x"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_directory_of_another_kind_is_refused(tmp_path, kind):
+    out = tmp_path / "out"
+    prepare_output_dir(out, OutputKind("data set", ("manifest.json",)))
+    (out / "manifest.json").write_text("{}")
+    with pytest.raises(DataError, match="holds a data set written by darp, not a"):
+        prepare_output_dir(out, output_kind(kind))
+
+
+# Names a command writes, in someone else's folder: `tune-notes/` was deleted by train's start-over,
+# frame_000..020.png by play, curve.png overwritten by evaluate (issue 25, items 2-4).
+@pytest.mark.parametrize("command, names", [
+    ("train", ["tune-notes/todo.txt"]),
+    ("play", [f"frame_{i:03d}.png" for i in range(21)]),
+    ("evaluate", ["curve.png", "glimpses.png", "metrics.json"]),
+    ("pretrain", ["checkpoint.pt", "run.json"]),
+    ("sweep", ["best_config.json", "trials.csv"]),
+])
+def test_file_names_alone_do_not_make_a_directory_a_commands_own(tmp_path, capsys, command, names):
+    argv = run_dir_commands(tmp_path)[command]
+    out = tmp_path / "figs"
+    for name in names:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("mine")
+    before = snapshot(out)
+    assert main(argv + [str(out)]) == 1
+    one_line_error(capsys, str(out), "holds other work", "written by darp", "--force")
+    assert snapshot(out) == before
 
 
 def test_check_output_dir_rules(tmp_path):
@@ -229,8 +327,7 @@ def test_check_output_dir_rules(tmp_path):
     (tmp_path / "empty").mkdir()
     check_output_dir(tmp_path / "empty", kind, replace=True)
     ours = tmp_path / "ours"
-    ours.mkdir()
-    (ours / "thing.json").write_text("{}")
+    replace_dir(ours, lambda tmp: (tmp / "thing.json").write_text("{}"), kind)
     check_output_dir(ours, kind, replace=True)
     (ours / "extra").write_text("")
     check_output_dir(ours, kind)  # written into: the extra file stays
@@ -240,7 +337,8 @@ def test_check_output_dir_rules(tmp_path):
     inside = ours / "input.txt"
     with pytest.raises(DataError, match=f"holds {inside}, an input"):
         check_output_dir(ours, kind, inputs=[inside], replace=True, force=True)
-    check_output_dir(ours, kind, inputs=[inside], force=True)  # written into, not replaced: allowed
+    with pytest.raises(DataError, match=f"holds {inside}, an input"):  # written into, not replaced: the same
+        check_output_dir(ours, kind, inputs=[inside], force=True)
     with pytest.raises(DataError, match=f"is {ours}, an input"):
         check_output_dir(ours, kind, inputs=[None, ours], force=True)
     link = tmp_path / "link"

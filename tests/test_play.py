@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sketch_env.atomic import prepare_output_dir
 from sketch_env.data import DataError
 from tune_runs.cli import main
-from tune_runs.play import PlayConfig, run
+from tune_runs.play import FRAMES_KIND, PlayConfig, run
 
 
 def play(monkeypatch, capsys, stdin: str, **options) -> str:
@@ -28,7 +29,7 @@ def step_lines(out: str) -> list[str]:
 def test_typed_locations_enter_bad_input_and_quit(synthetic, tmp_path, monkeypatch, capsys):
     data, run_dir = synthetic
     out_dir = tmp_path / "frames"
-    out_dir.mkdir()
+    prepare_output_dir(out_dir, FRAMES_KIND)  # an earlier play's folder
     (out_dir / "frame_007.png").write_bytes(b"a frame of an earlier, longer play")
     (out_dir / "notes.txt").write_text("not ours")
     stdin = "0.5 -0.25\n\nfoo\n2 0\n-1,1\nq\n"

@@ -190,6 +190,38 @@ def test_report_writes_everything_and_a_rerun_skips_finished_trials(ray_local, t
     assert (trial_dir(out, "vanilla-pg", 0) / "done.json").is_file()
 
 
+class Trap:
+    """Unpickling this creates `marker`: what a planted tuner.pkl could do instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_no_resume_starts_an_unfinished_trial_over_without_unpickling_its_state(tmp_path):
+    """Issue 25, item 11: resuming a trial unpickles Tune's tuner.pkl (and RLlib's checkpoint) from the
+    report directory; `darp report --no-resume` starts unfinished trials over and opens none of them."""
+    import pickle
+
+    from policies import fit, runs
+    from tune_runs.cli import build_config
+    from tune_runs.report import trial_train_config
+
+    cfg = build_config(ReportConfig, {"data": "d", "embedding": "e", "run_dir": str(tmp_path), "resume": False})
+    trial = trial_train_config(cfg, "darp", 0)
+    assert trial.resume is False
+    run_dir = tmp_path / "trials" / "darp_seed0" / "run"
+    experiment = run_dir / runs.new_experiment_name()
+    experiment.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    (experiment / "tuner.pkl").write_bytes(pickle.dumps(Trap(marker)))
+    fit._tuner(trial, run_dir, {"kind": "darp", "config": dataclasses.asdict(trial)})
+    assert not marker.exists() and not experiment.exists()
+    assert trial_train_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True)), "darp", 0).resume
+
+
 def test_report_help_renders(capsys):
     from tune_runs.cli import main
 
@@ -199,3 +231,4 @@ def test_report_help_renders(capsys):
     assert exit_.value.code == 0 and "--time-budget-s" in out
     assert "--lr" in out and "--sup-loss" in out, "every darp train option applies to the report's runs"
     assert "--algo {" not in out and "--seed SEED" not in out, "the report sets the model and seed of each run"
+    assert "--no-resume" in out

@@ -61,9 +61,21 @@ def test_training_into_an_earlier_layout_run_is_refused(tmp_path):
     (tmp_path / "checkpoint" / runs.MODULE_PATH).mkdir(parents=True)
     (tmp_path / "checkpoint" / runs.MODULE_PATH / "module_state.pkl").write_bytes(b"weights")
     runs.write_run(tmp_path, {"kind": "darp"})
-    with pytest.raises(SystemExit, match="trained before darp train ran on Tune"):
+    with pytest.raises(DataError, match="trained before darp train ran on Tune"):
         train(TrainConfig(data="d", embedding="e", run_dir=str(tmp_path)))
     assert runs.read_run(tmp_path) == {"kind": "darp"}, "the old run.json is left as it was"
+
+
+def test_only_experiments_darp_named_are_the_runs_own(tmp_path):
+    """A user's folder `tune-notes/` in a run directory was taken for Tune's experiment and deleted by a
+    start-over (issue 25, item 2)."""
+    (tmp_path / "tune-notes").mkdir()
+    (tmp_path / "tune-1234").mkdir()
+    (tmp_path / "tune-0123456789").mkdir()
+    assert runs.experiment_dirs(tmp_path) == [] and runs.experiment_dir(tmp_path) is None
+    name = runs.new_experiment_name()
+    (tmp_path / name).mkdir()
+    assert runs.experiment_dirs(tmp_path) == [tmp_path / name]
 
 
 def test_a_run_json_that_is_not_an_object_is_named(tmp_path):

@@ -366,3 +366,21 @@ def test_darp_serve_shuts_ray_down_on_sigterm_and_sigint(setup, stop):
         for p, t in family.items():  # whatever a failed run leaves must not outlive the test
             if started_at(p) == t:
                 os.kill(p, signal.SIGKILL)
+
+
+def test_a_port_in_use_is_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):
+    """Issue 25, item 7: `darp serve` on a port in use ended in a 42-line Ray traceback."""
+    import socket
+
+    from tune_runs import serve as serve_cmd
+    from tune_runs.cli import main
+
+    def no_ray():
+        raise AssertionError("Ray must not start when the port is taken")
+
+    monkeypatch.setattr(serve_cmd, "start_ray", no_ray)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", "--data", str(tmp_path), "--run", str(tmp_path), "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--port {port}: cannot listen there (Address already in use)" in err, err

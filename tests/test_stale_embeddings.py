@@ -222,3 +222,23 @@ def test_evaluating_an_rl_run_follows_the_strokes_evaluated(ray_local, setup, tm
     on_old_strokes = evaluate_policy_run(run, data, "all")["ranks"]
     np.testing.assert_array_equal(evaluated, expected)
     assert (evaluated != on_old_strokes).any()
+
+
+def test_train_on_a_changed_sketch_stops_before_ray_with_one_line_and_no_run(setup, tmp_path, capsys, monkeypatch):
+    """Issue 25, item 6: an 80-line Ray traceback ("the actor died ...") named the sketch only inside
+    it, and left a run directory with status "running"."""
+    import policies.fit
+
+    _, phase1, edited, _, name = setup
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray must not start for a stale export")
+
+    monkeypatch.setattr(policies.fit, "ray_session", no_ray)
+    run_dir = tmp_path / "run"
+    assert main(["train", "--data", str(edited), "--embedding", str(phase1), "--run-dir", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert name in lines[0] and "other strokes than the embedding export" in lines[0], err
+    assert not run_dir.exists()

@@ -67,7 +67,7 @@ def test_a_booby_trapped_constructor_pickle_is_never_opened(saved, tmp_path):
     assert float(module.std) == pytest.approx(0.3)
 
 
-@pytest.mark.parametrize("damage", ["trap", "truncate", "other_architecture", "not_a_dict"])
+@pytest.mark.parametrize("damage", ["trap", "truncate", "other_architecture", "not_a_dict", "nan"])
 def test_bad_weights_are_refused_with_a_one_line_error_naming_the_file(saved, tmp_path, damage):
     import shutil
 
@@ -86,14 +86,50 @@ def test_bad_weights_are_refused_with_a_one_line_error_naming_the_file(saved, tm
         other = save_untrained_run(tmp_path / "other", data, phase1, n_glimpses=2, n_heads=3)
         shutil.copy(module_weights_path(other), weights)
         message = "the weights do not fit the module run.json describes"
-    else:
+    elif damage == "not_a_dict":
         weights.write_bytes(pickle.dumps([1, 2]))
         message = "expected a dict of named weights"
+    else:  # issue 25, item 7: NaN weights were loaded and ranked with
+        from sketch_env.safe_pickle import load_numpy_pickle
+
+        state = load_numpy_pickle(weights, "weights")
+        name = sorted(state)[1]
+        state[name] = state[name] * float("nan")
+        weights.write_bytes(pickle.dumps(state))
+        message = f"weight {name!r} holds NaN or infinite values"
     with pytest.raises(DataError) as error:
         load_module(trapped)
     text = str(error.value)
     assert text.startswith(str(weights)) and message in text and "\n" not in text
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n_heads": -3}, "--n-heads must be an integer in [1, 1024], got -3"),
+    ({"glimpse_size": 0}, "--glimpse-size must be an integer in [1, --glimpse-image-size], got 0"),
+    ({"n_heads": 1e12}, "'n_heads' (--n-heads): expected an integer, got 1000000000000.0"),
+    ({"n_heads": 10**12}, "--n-heads must be an integer in [1, 1024], got 1000000000000"),
+    ({"lr": "fast"}, "'lr' (--lr): expected a number"),
+])
+def test_a_hand_edited_run_json_is_refused_before_anything_is_built(saved, tmp_path, capsys, change, message):
+    """Issue 25, item 7: n_heads 1e12 tried a 2 PB allocation, -3 and glimpse_size 0 failed deep inside."""
+    import json
+    import shutil
+
+    data, _, run = saved
+    edited = tmp_path / "run"
+    shutil.copytree(run, edited)
+    record = json.loads((edited / "run.json").read_text())
+    (edited / "run.json").write_text(json.dumps(record | {"config": record["config"] | change}))
+    with pytest.raises(DataError) as error:
+        load_module(edited)
+    assert str(error.value).startswith(str(edited / "run.json")) and message in str(error.value), str(error.value)
+    from tune_runs.cli import main
+
+    assert main(["evaluate", "--data", str(data), "--run", str(edited), "--split", "val", "--out", str(tmp_path / "eval")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "eval").exists()
 
 
 @pytest.mark.slow

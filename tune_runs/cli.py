@@ -6,6 +6,12 @@ names; modules are imported when their command is chosen, so `darp --help` stays
 
 Any subcommand also takes `--config FILE.json`: the file's keys set the dataclass fields, and flags
 given on the command line override them (how `darp sweep`'s best config is re-used by `darp train`).
+A file's values are checked as their flags would be (`checked_value`: true/false for a switch, an
+integer for an int, null only where the option may be left unset), and a config's `check()` (its
+ranges) runs before its command, for flags and files alike.
+
+Errors are raised below as `DataError` (bad input, refused output; `ConfigError` for an option value)
+or `RunStopped` (a run that failed or was interrupted); `main` prints them as one line, exit status 1.
 
 A field whose type is itself a config dataclass composes it: its fields become flags of the command
 (`darp sweep` takes every `darp train` option), except the ones its `hide` names (the command sets
@@ -129,35 +135,95 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp) -> Non
 
 
 def build_config(cls, values: dict[str, Any], config_file: str | None = None):
-    """Instantiate config `cls` from a JSON file's keys overridden by command-line values."""
+    """Instantiate config `cls` from a JSON file's keys overridden by command-line values.
+
+    ConfigError naming the file and the key for a file that is unreadable, not an object, has keys
+    `cls` does not know, or values its flags would not take."""
+    from sketch_env.errors import ConfigError
+
     merged: dict[str, Any] = {}
     if config_file:
         path = Path(config_file)
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"darp: cannot read config file {path}: {e}")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from None
         if not isinstance(data, dict):
-            raise SystemExit(f"darp: {path}: expected a JSON object of option values")
-        unknown = sorted(set(data) - _known_keys(cls))
-        if unknown:
-            raise SystemExit(f"darp: {path}: unknown keys {unknown} for {cls.__name__}")
-        merged.update(data)
+            raise ConfigError(f"{path}: expected a JSON object of option values")
+        merged.update(checked_values(cls, data, str(path)))
     merged.update(values)
     missing = [_flag(f.name) for f, _ in _options(cls) if f.name not in merged and _required(f)]
     if missing:
-        raise SystemExit(f"darp: missing required option(s): {' '.join(missing)}")
+        raise ConfigError(f"missing required option(s): {' '.join(missing)}")
     return _instantiate(cls, merged)
 
 
-def _known_keys(cls) -> set[str]:
+def checked_values(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """`data` (option values by field name, as in a config file: a composed config's flat or under its
+    name) with every value checked and converted as its flag would be (`checked_value`). ConfigError
+    naming `where` and the key for an unknown key or a value of the wrong type."""
+    from sketch_env.errors import ConfigError
+
     hints = typing.get_type_hints(cls)
-    keys = set()
-    for f in dataclasses.fields(cls):
-        keys.add(f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys |= _known_keys(hints[f.name])
-    return keys
+    composed = {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+    types_of = _leaf_types(cls)
+    unknown = sorted(k for k in data if k not in types_of and k not in composed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown} for {cls.__name__}")
+    out = {}
+    for key, value in data.items():
+        if key in composed:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {key!r}: expected an object of {composed[key].__name__} options, got {value!r}")
+            out[key] = checked_values(composed[key], value, f"{where}: {key}")
+        else:
+            out[key] = checked_value(types_of[key], value, f"{where}: {key!r} ({_flag(key)})")
+    return out
+
+
+def _leaf_types(cls) -> dict[str, Any]:
+    """Type of every option of config `cls` by name, composed configs' included (hidden ones too)."""
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        if name in {f.name for f in dataclasses.fields(cls)}:
+            out |= _leaf_types(tp) if dataclasses.is_dataclass(tp) else {name: tp}
+    return out
+
+
+def checked_value(tp, value: Any, where: str) -> Any:
+    """A JSON value for a field of type `tp` as its flag takes it: a switch true or false, an int an
+    integer (not 10.7, "ten" or true), a float any number, a path or text a string, a choice one of its
+    values, a list a list of such; null only for an optional field. ConfigError naming `where` otherwise."""
+    from sketch_env.errors import ConfigError
+
+    inner, optional = _unwrap_optional(tp)
+    origin = typing.get_origin(inner)
+    if value is None and optional:
+        return None
+    if origin is Literal:
+        choices = typing.get_args(inner)
+        if any(type(value) is type(c) and value == c for c in choices):
+            return value
+        raise ConfigError(f"{where}: expected one of {list(choices)}, got {json.dumps(value)}")
+    if origin in (list, tuple):
+        (item,) = typing.get_args(inner)[:1] or (str,)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {json.dumps(value)}")
+        items = [checked_value(item, v, f"{where}, item {i + 1}") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        Path: lambda v: isinstance(v, str),
+    }
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path (a string)"}
+    if inner not in ok:
+        raise TypeError(f"unsupported option type {inner!r}")
+    if not ok[inner](value):
+        raise ConfigError(f"{where}: expected {expected[inner]}, got {json.dumps(value)}")
+    return float(value) if inner is float else value
 
 
 def _instantiate(cls, values: dict[str, Any]):
@@ -212,12 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     cls, fn = _load(target)
     ns = vars(_parser_for(cls, prog, help_line).parse_args(argv))
     config_file = ns.pop("__config", None)
-    config = build_config(cls, ns, config_file)
-    from sketch_env.data import DataError
+    from sketch_env.errors import DataError, RunStopped
 
     try:
+        config = build_config(cls, ns, config_file)
+        if callable(getattr(config, "check", None)):
+            config.check()
         result = fn(config)
-    except DataError as e:
+    except (DataError, RunStopped) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     return int(result) if isinstance(result, int) else 0

@@ -22,7 +22,11 @@ from typing import Literal
 import numpy as np
 
 from sketch_env.data import DataError, Dataset, load_dataset
+from sketch_env.errors import ConfigError
 from tune_runs.cli import arg
+
+
+MAX_GENERATED_PHOTOS = 10_000  # a generated set is held in memory whole (about 50 kB a photo)
 
 
 @dataclass
@@ -35,6 +39,15 @@ class GenerateConfig:
     seed: int = arg(0, "random seed: the same seed gives the same data set")
     test_fraction: float = arg(0.25, "share of the photos that go, with their sketches, to the test split")
     force: bool = arg(False, "replace --out even if it holds something other than a data set (never an input)")
+
+    def check(self) -> None:
+        if not 2 <= self.photos <= MAX_GENERATED_PHOTOS or not 1 <= self.sketches_per_photo <= 100:
+            raise ConfigError(f"--photos must be in [2, {MAX_GENERATED_PHOTOS}] and --sketches-per-photo in [1, 100], "
+                              f"got {self.photos} and {self.sketches_per_photo}")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ConfigError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -69,6 +82,10 @@ class ShowConfig:
     sketch: str = arg("", "sketch id (default: the data set's first sketch)")
     out: Path = arg(Path("sketch.png"), "PNG file to write")
     size: int = arg(256, "side in pixels of each partial sketch and of the photo")
+
+    def check(self) -> None:
+        if not 16 <= self.size <= 2048:
+            raise ConfigError(f"--size must be in [16, 2048] pixels, got {self.size}")
 
 
 @dataclass

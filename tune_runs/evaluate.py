@@ -35,8 +35,9 @@ from policies.embedding import (
     photo_decode_size,
     photo_inputs,
 )
-from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, prepare_output_dir
+from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, check_output_dir, prepare_output_dir
 from sketch_env.data import DataError, Dataset, data_fingerprint, load_dataset, select_split
+from sketch_env.errors import ConfigError
 from sketch_env.embeddings import EXPORT_DIR, EmbeddingExport, gallery_for, load_embedding_export, sketch_embeddings_for
 from sketch_env.gallery import ranks_from_embeddings
 from sketch_env.metrics import retrieval_metrics
@@ -69,6 +70,11 @@ class EvaluateConfig:
     gallery: Path | None = arg(None, "rank among the photos of these Parquet shards (darp embed-photos) instead of "
                                      "the split's photos; they must hold every evaluated sketch's photo")
     force: bool = arg(False, "write into --out even if it holds something other than an evaluation")
+
+    def check(self) -> None:
+        if self.level_batch < 1 or self.num_threads < 1 or self.noise_strokes < 0:
+            raise ConfigError(f"--level-batch and --num-threads must be >= 1 and --noise-strokes >= 0, got "
+                              f"{self.level_batch}, {self.num_threads} and {self.noise_strokes}")
 
 
 def export_covers(export: EmbeddingExport, ds: Dataset) -> bool:
@@ -171,17 +177,16 @@ def run(cfg: EvaluateConfig) -> dict:
     """Evaluate run `cfg.run` on split `cfg.split` of `cfg.data`; returns the metrics dict."""
     from tune_runs.rl_eval import read_run
 
+    cfg.check()
     torch.set_num_threads(cfg.num_threads)
     run_dir, data_dir = Path(cfg.run), Path(cfg.data)
     record = read_run(run_dir)
-    out = prepare_output_dir(cfg.out if cfg.out is not None else run_dir / f"eval-{cfg.split}", EVAL_KIND,
-                             inputs=(cfg.data, cfg.run, cfg.gallery), force=cfg.force)
+    out_dir = cfg.out if cfg.out is not None else run_dir / f"eval-{cfg.split}"
+    check_output_dir(out_dir, EVAL_KIND, inputs=(cfg.data, cfg.run, cfg.gallery), force=cfg.force)  # created once there is a result
     kind = record.get("kind")
     if kind == "triplet" and cfg.locator != "policy":
         raise DataError(f"{run_dir}: a triplet run does not look anywhere; --locator needs a policy that looks")
     looks = False
-    if cfg.noise_strokes < 0:
-        raise DataError(f"--noise-strokes must be >= 0, got {cfg.noise_strokes}")
     if kind == "triplet":
         from sketch_env.strokes import with_noise_strokes
 
@@ -207,12 +212,11 @@ def run(cfg: EvaluateConfig) -> dict:
         ranks, sketch_id, n_photos = result["ranks"], result["sketch_id"], result["n_photos"]
         queries = policy_queries(result)
         looks = result.get("fovea_on_ink") is not None
-        if looks:
-            out.mkdir(parents=True, exist_ok=True)
-            write_glimpses(out / "glimpses.png", result["extras"])
+    out = prepare_output_dir(out_dir, EVAL_KIND, inputs=(cfg.data, cfg.run, cfg.gallery), force=cfg.force)
+    if looks:
+        write_glimpses(out / "glimpses.png", result["extras"])
     metrics = retrieval_metrics(ranks, n_photos)
     record = {k: metrics[k] for k in METRIC_KEYS}
-    out.mkdir(parents=True, exist_ok=True)
     confidence = evaluation_confidence(run_dir, data_dir, cfg.split, queries, out_dir=out, level_batch=cfg.level_batch,
                                        pristine=not cfg.noise_strokes and cfg.locator == "policy" and cfg.gallery is None)
     p1, p5, figures, confidence_source = confidence if confidence is not None else (None, None, None, None)

@@ -25,6 +25,7 @@ import numpy as np
 
 from sketch_env.atomic import OutputKind, atomic_write, prepare_output_dir
 from sketch_env.data import DataError
+from sketch_env.errors import ConfigError
 from sketch_env.env import EnvConfig, SketchRetrievalEnv
 from sketch_env.episodes import EpisodeData, load_episode_data
 from tune_runs.cli import arg
@@ -46,6 +47,10 @@ class PlayConfig:
     seed: int = arg(0, "seed of the sketch draw and of the random policy")
     max_steps: int | None = arg(None, "stop after this many steps (default: the whole episode)")
     force: bool = arg(False, "write into --out even if it holds something other than play frames")
+
+    def check(self) -> None:
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"--max-steps must be >= 1, got {self.max_steps}")
 
 
 class RandomPolicy:
@@ -162,7 +167,8 @@ def run(cfg: PlayConfig) -> int:
         from tune_runs.rl_eval import env_options as trained_env, read_run
 
         env_options = trained_env(read_run(cfg.policy))  # act in the env the policy was trained in
-    out = prepare_output_dir(cfg.out, FRAMES_KIND, inputs=(cfg.data, cfg.embedding, cfg.policy), force=cfg.force)
+    trained = cfg.policy if cfg.policy not in ("random", "center") else None
+    out = prepare_output_dir(cfg.out, FRAMES_KIND, inputs=(cfg.data, cfg.embedding, trained), force=cfg.force)
     episodes = load_episode_data(cfg.data, cfg.embedding, cfg.split, env_options.get("image_size", 64), thumbnails=True)
     env = SketchRetrievalEnv(
         EnvConfig(data=cfg.data, embedding=cfg.embedding, split=cfg.split, **env_options), episodes,

@@ -11,8 +11,10 @@ train with. A trial keeps everything in run_dir/trials/MODEL_seedS/: run/ (the t
 policies.runs' layout), metrics.json, ranks.parquet, glimpses.npz (models that choose where to look)
 and done.json, written last. The triplet row is the embedding run itself, evaluated once (trials/triplet/).
 
-Rerunning the same command resumes: trials with done.json are skipped, an unfinished one continues
-from its last checkpoint. Then it writes under --run-dir:
+Rerunning the same command resumes: trials with done.json are skipped (their files are read as JSON,
+Parquet and numpy arrays, no pickles), an unfinished one continues from its last checkpoint, which
+restores Tune's and RLlib's pickled state (`--no-resume`: it starts over instead, unpickling
+nothing). Then it writes under --run-dir:
 - results.md: AUIR, acc@1, acc@5, acc@10, m@A as mean ± standard deviation over seeds (Table III's
   shape), the paper's Chair-V2 figures beside ours when the data set is Chair-V2, the AUIR ordering
   and the time each model took;
@@ -72,9 +74,10 @@ class ReportConfig:
 
     train: TrainConfig = arg(
         help="what every trial trains with: darp train's options (--run-dir: the report's directory, rerun with the "
-             "same one to resume; --embedding: also the triplet row; --val-interval: how often a run validates on val "
-             "to keep its best checkpoint)",
-        hide=("algo", "seed", "resume", "keep_best", "val_split"))
+             "same one to resume; --no-resume: unfinished trials start over instead of restoring their Tune and "
+             "RLlib state, which is pickles; --embedding: also the triplet row; --val-interval: how often a run "
+             "validates on val to keep its best checkpoint)",
+        hide=("algo", "seed", "keep_best", "val_split"))
     seeds: int = arg(3, "seeds per model (0 .. seeds - 1)")
     models: tuple[str, ...] = arg(MODELS, "models to report (triplet and darp train's --algo names)")
     split: Literal["auto", "val", "test"] = arg(
@@ -104,7 +107,6 @@ def trial_train_config(cfg: ReportConfig, model: str, seed: int) -> TrainConfig:
         run_dir=str((trial_dir(cfg.train.run_dir, model, seed) / "run").resolve()),
         algo=model,
         seed=seed,
-        resume=True,
         keep_best=True,
         val_split="val",
     )

@@ -19,6 +19,7 @@ import numpy as np
 
 from policies.runs import best_module_dir, read_run
 from sketch_env.data import DataError
+from sketch_env.errors import ConfigError
 
 MODULE_STATE = "module_state.pkl"
 
@@ -31,17 +32,26 @@ def module_weights_path(run_dir: str | Path) -> Path:
 
 def train_config(run: dict, run_dir: str | Path = "RUN"):
     """The TrainConfig of a run of `darp train`, rebuilt from its run.json (options it predates take
-    their defaults, which are what it trained with)."""
+    their defaults, which are what it trained with). Its values are checked as `darp train --config`
+    checks a file's (types, then `TrainConfig.check`'s ranges), so a hand-edited run.json is refused
+    by name before any network is built: n_heads -3, glimpse_size 0, n_heads 1e12 (petabytes)."""
     from policies.registry import ALGOS, TrainConfig, with_algo_defaults
+    from tune_runs.cli import checked_values
 
+    where = Path(run_dir) / "run.json"
     config = run.get("config")
     if not isinstance(config, dict) or config.get("algo", "darp") not in ALGOS:
-        raise DataError(f"{Path(run_dir) / 'run.json'}: not an RL run of `darp train` (kind {run.get('kind')!r})")
+        raise DataError(f"{where}: not an RL run of `darp train` (kind {run.get('kind')!r})")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
-        return with_algo_defaults(TrainConfig(**{k: v for k, v in config.items() if k in names}))
+        cfg = with_algo_defaults(TrainConfig(**checked_values(TrainConfig, {k: v for k, v in config.items() if k in names},
+                                                              f"{where}: config")))
+        cfg.check()
+    except ConfigError as e:
+        raise DataError(str(e) if str(e).startswith(str(where)) else f"{where}: config: {e}") from None
     except (TypeError, ValueError) as e:
-        raise DataError(f"{Path(run_dir) / 'run.json'}: cannot rebuild the training config ({e})") from None
+        raise DataError(f"{where}: cannot rebuild the training config ({e})") from None
+    return cfg
 
 
 def env_options(run: dict) -> dict:
@@ -110,6 +120,10 @@ def load_module(run_dir: str | Path, observation_space=None, action_space=None):
         module.load_state_dict(tensors, strict=True)
     except (RuntimeError, TypeError, ValueError) as e:
         raise DataError(f"{path}: the weights do not fit the module run.json describes ({str(e).splitlines()[0]})") from None
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise DataError(f"{path}: weight {bad[0]!r} holds NaN or infinite values ({len(bad)} such weight(s)); "
+                        "the run diverged or the file was altered")
     module.eval()
     return module
 

@@ -43,6 +43,7 @@ from ray import serve
 from policies.rollout import STOP_AT, Drawing, LiveRetrieval
 from sketch_env.data import DataError, Dataset, encode_png, load_dataset, read_manifest, select_split
 from sketch_env.data.validate import OUTSIDE_MARGIN, normalise_sketch
+from sketch_env.errors import ConfigError
 from sketch_env.geometry import join_strokes, split_strokes, unit_to_canvas
 from tune_runs.cli import arg
 from tune_runs.rl_eval import live_retrieval, load_module, read_darp_run
@@ -378,6 +379,22 @@ def shard_images(gallery_dir: str | Path) -> Callable[[str], bytes | None]:
     return read
 
 
+def check_port(host: str, port: int) -> None:
+    """DataError naming the port when the server could not listen on host:port (another server has it,
+    or the address is not this machine's): said here, not by a Ray Serve traceback after Ray started."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be in [1, 65535], got {port}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.create_server((host, port), family=family):  # SO_REUSEADDR, as the proxy listens
+            pass
+    except OSError as e:
+        raise DataError(f"--host {host} --port {port}: cannot listen there ({os.strerror(e.errno) if e.errno else e}); "
+                        "is another server running on it? choose another --port") from None
+
+
 def check(cfg: ServeConfig) -> None:
     """Load what a replica will load, in this process, so that a bad data set or run fails here with
     a one-line error naming the file (before Ray starts) rather than inside a replica."""
@@ -386,7 +403,14 @@ def check(cfg: ServeConfig) -> None:
     from tune_runs.calibrate import load_run_confidence
 
     if not 0.0 < cfg.stop_confidence <= 1.0:
-        raise DataError(f"--stop-confidence must be in (0, 1], got {cfg.stop_confidence}")
+        raise ConfigError(f"--stop-confidence must be in (0, 1], got {cfg.stop_confidence}")
+
+    counts = (cfg.max_strokes, cfg.max_points, cfg.num_threads, cfg.num_replicas, cfg.cache_size, cfg.max_batch,
+              cfg.max_ongoing_requests)
+    if min(counts) < 1 or not cfg.batch_wait_ms >= 0:
+        raise ConfigError("--max-strokes, --max-points, --num-threads, --num-replicas, --cache-size, --max-batch and "
+                          f"--max-ongoing-requests must be >= 1 and --batch-wait-ms >= 0, got {counts} and {cfg.batch_wait_ms}")
+    check_port(cfg.host, cfg.port)
     read_manifest(cfg.data)
     run = read_darp_run(cfg.run)
     if cfg.gallery is not None:

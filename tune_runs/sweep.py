@@ -29,9 +29,10 @@ from ray import tune
 
 from policies.fit import TrainTrial
 from policies.ray_session import ray_session
-from policies.registry import TrainConfig, build_algo_config
+from policies.registry import TrainConfig
 from policies.schedules import STD_SHAPES
-from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, atomic_write_text, prepare_output_dir
+from sketch_env.atomic import (OutputKind, atomic_write, atomic_write_json, atomic_write_text, check_output_dir,
+                                prepare_output_dir)
 from tune_runs.cli import arg
 
 METRIC = "evaluation/auir"
@@ -101,8 +102,12 @@ def check_config(cfg: SweepConfig) -> None:
         raise SystemExit(f"darp sweep: --samples and --max-concurrent must be >= 1, got {cfg.samples}, {cfg.max_concurrent}")
     if not cfg.n_heads_choices or min(cfg.n_heads_choices) < 1:
         raise SystemExit(f"darp sweep: --n-heads-choices must be >= 1, got {list(cfg.n_heads_choices)}")
+    from policies.fit import check_inputs
+
     try:
-        build_algo_config(trial_train_config(cfg)).validate()
+        trial = trial_train_config(cfg)
+        trial.check()
+        check_inputs(trial)  # what every trial's actors would find out (a stale export names its sketch)
     except ValueError as e:
         raise SystemExit(f"darp sweep: {e}")
 
@@ -287,6 +292,7 @@ SWEEP_KIND = OutputKind("sweep", ("best_config.json", "trials.csv", EXPERIMENT))
 
 
 def run(cfg: SweepConfig) -> int:
+    check_output_dir(cfg.train.run_dir, SWEEP_KIND, inputs=(cfg.train.data, cfg.train.embedding), force=cfg.train.force)
     check_config(cfg)
     prepare_output_dir(cfg.train.run_dir, SWEEP_KIND, inputs=(cfg.train.data, cfg.train.embedding), force=cfg.train.force)
     # Checkpointing every iteration with num_to_keep=1 forces an experiment snapshot per result (what

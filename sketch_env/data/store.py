@@ -14,6 +14,12 @@ string since schema 2; schema 1 stored integers and is still read). Stored split
 that is renamed at the end (`sketch_env.atomic.replace_dir`), so a crash never leaves a
 half-written data set, and a directory holding anything but a data set is never replaced unasked.
 
+Reading checks a data set as an import does (`sketch_problem`, `photo_problem`, `dataset_problem`):
+column types, one entry per point in x, y and pen, n_points, coordinates finite and on the unit
+square, pen flags 0 or 1, stored splits, distinct ids, and every sketch's photo present in the same
+split. A hand-edited Parquet file that breaks any of them is a DataError naming the file and the first
+sketch or photo concerned, not a failure deep inside training.
+
 `data_fingerprint` identifies a whole data-set directory, `sketch_digests` and `photo_digests` each
 sketch's points and each photo's bytes: what the phase-1 export is checked against.
 """
@@ -34,6 +40,9 @@ from sketch_env.atomic import OutputKind, read_json_object, replace_dir
 from sketch_env.errors import DataError
 
 SCHEMA_VERSION = 2
+# Real sketches have a few hundred points (Chair-V2 at most 519, Sketchy's pigs at most 1,722 once
+# curves are flattened); far more is a malformed or hostile file, refused before it costs memory.
+MAX_POINTS = 20_000
 READABLE_SCHEMAS = (1, 2)  # schema 1: integer drawers
 SPLITS = ("train", "test")  # the splits a data set stores
 DATASET_FILES = ("manifest.json", "sketches.parquet", "photos.parquet")
@@ -226,6 +235,82 @@ def _sketch_table(s: SketchSet) -> pa.Table:
     )
 
 
+def _first(mask: np.ndarray) -> int:
+    return int(np.argmax(mask))
+
+
+def sketch_problem(sketches: SketchSet) -> str | None:
+    """What makes stored `sketches` unusable, naming the first sketch concerned, or None.
+
+    Each sketch: 2 to MAX_POINTS points, x and y finite and in [0, 1], pen flags 0 or 1 and 1 on its
+    last point, a canvas of positive finite size, a stored split; sketch ids distinct.
+    """
+    ids = np.asarray(sketches.sketch_id, dtype=object)
+    lengths = sketches.lengths()
+    if len(ids) != len(lengths):
+        return f"{len(ids)} sketch ids for {len(lengths)} sketches"
+    if len(set(ids.tolist())) != len(ids):
+        _, first, counts = np.unique(ids.astype(str), return_index=True, return_counts=True)
+        return f"sketch id {ids[first[np.argmax(counts > 1)]]!r} appears {counts.max()} times; sketch ids must be distinct"
+    for what, bad in (("no or one point", lengths < 2), (f"more than the {MAX_POINTS} points a sketch may have", lengths > MAX_POINTS)):
+        if bad.any():
+            return f"sketch {ids[_first(bad)]!r}: {what} ({int(lengths[_first(bad)])})"
+    split = np.asarray(sketches.split, dtype=object)
+    bad = ~np.isin(split, SPLITS)
+    if bad.any():
+        return f"sketch {ids[_first(bad)]!r}: split {split[_first(bad)]!r}; a data set stores the splits {SPLITS} only"
+    canvas = np.stack([np.asarray(sketches.canvas_width, np.float64), np.asarray(sketches.canvas_height, np.float64)], 1)
+    bad = ~(np.isfinite(canvas) & (canvas > 0)).all(axis=1)
+    if bad.any():
+        return f"sketch {ids[_first(bad)]!r}: canvas {canvas[_first(bad)].tolist()}; width and height must be > 0"
+    points = np.asarray(sketches.points)
+    owner = np.repeat(np.arange(len(ids)), lengths)
+    xy, pen = points[:, :2], points[:, 2]
+    checks = (
+        (~np.isfinite(xy).all(axis=1), "non-finite coordinates"),
+        (((xy < 0) | (xy > 1)).any(axis=1), "coordinates outside [0, 1] (the unit square of the canvas)"),
+        ((pen != 0) & (pen != 1), "pen flags other than 0 or 1"),
+    )
+    for bad, what in checks:
+        if bad.any():
+            i = _first(bad)
+            n = int(bad[owner == owner[i]].sum())
+            return f"sketch {ids[owner[i]]!r}: {n} point(s) with {what} (first at index {i - sketches.offsets[owner[i]]}: {points[i].tolist()})"
+    last = pen[sketches.offsets[1:] - 1] != 1
+    if last.any():
+        return f"sketch {ids[_first(last)]!r}: its last point does not end a stroke (pen 0, must be 1)"
+    return None
+
+
+def photo_problem(photos: PhotoSet) -> str | None:
+    """What makes stored `photos` unusable (ids not distinct, a split not stored), or None."""
+    ids = np.asarray(photos.photo_id, dtype=object)
+    if len(set(ids.tolist())) != len(ids):
+        _, first, counts = np.unique(ids.astype(str), return_index=True, return_counts=True)
+        return f"photo id {ids[first[np.argmax(counts > 1)]]!r} appears {counts.max()} times; photo ids must be distinct"
+    split = np.asarray(photos.split, dtype=object)
+    bad = ~np.isin(split, SPLITS)
+    if bad.any():
+        return f"photo {ids[_first(bad)]!r}: split {split[_first(bad)]!r}; a data set stores the splits {SPLITS} only"
+    return None
+
+
+def dataset_problem(sketches: SketchSet, photos: PhotoSet) -> str | None:
+    """Whether every sketch's photo is in the set, in the sketch's split; None if so."""
+    split_of = dict(zip(photos.photo_id.tolist(), photos.split.tolist()))
+    missing = [i for i, p in enumerate(sketches.photo_id) if p not in split_of]
+    if missing:
+        i = missing[0]
+        return (f"{len(missing)} sketch(es) point to photos that are not in the set, e.g. sketch "
+                f"{sketches.sketch_id[i]!r} to photo {sketches.photo_id[i]!r}")
+    other = [i for i, (p, sp) in enumerate(zip(sketches.photo_id, sketches.split)) if split_of[p] != sp]
+    if other:
+        i = other[0]
+        return (f"sketch {sketches.sketch_id[i]!r} is in split {sketches.split[i]!r} but its photo "
+                f"{sketches.photo_id[i]!r} in {split_of[sketches.photo_id[i]]!r}; splits are by photo")
+    return None
+
+
 def save_dataset(
     out: str | Path, sketches: SketchSet, photos: PhotoSet, name: str, source: str, *, inputs=(), force: bool = False
 ) -> Path:
@@ -236,12 +321,9 @@ def save_dataset(
     from) is never replaced.
     """
     out = Path(out)
-    missing = sorted(set(sketches.photo_id) - set(photos.photo_id))
-    if missing:
-        raise DataError(f"{out}: {len(missing)} sketches point to photos that are not in the set, e.g. {missing[:3]}")
-    unknown = sorted(set(sketches.split) - set(SPLITS)) + sorted(set(photos.split) - set(SPLITS))
-    if unknown:
-        raise DataError(f"{out}: a data set stores the splits {SPLITS} only, got {unknown[:3]}")
+    problem = photo_problem(photos) or sketch_problem(sketches) or dataset_problem(sketches, photos)
+    if problem:
+        raise DataError(f"{out}: {problem}")
 
     def write(tmp: Path) -> None:
         pq.write_table(_sketch_table(sketches), tmp / "sketches.parquet")
@@ -287,65 +369,113 @@ def _read_table(f: Path) -> pa.Table:
 
 
 def _numpy(arr, dtype) -> np.ndarray:
-    """A null-free primitive Arrow array as numpy, straight from its buffer (no pandas import)."""
+    """A null-free primitive Arrow array of exactly `dtype` as numpy, straight from its buffer (no pandas import)."""
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
-    if arr.null_count:
-        raise DataError(f"unexpected missing values in a {arr.type} column")
     return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr) + arr.offset)[arr.offset :].copy()
 
 
-def _list_numpy(col, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets (S+1,), flat values) of a list<primitive> column."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    offsets = _numpy(arr.offsets, np.int32).astype(np.int64)
-    values = _numpy(arr.values, dtype)[offsets[0] : offsets[-1]]
-    return offsets - offsets[0], values
+class _Columns:
+    """The columns of one Parquet table, each checked for its type and for missing values as it is read;
+    DataError naming the file and the column otherwise."""
+
+    def __init__(self, f: Path, table: pa.Table, names: tuple[str, ...], what: str):
+        self.f, self.t = f, table
+        missing = [n for n in names if n not in table.column_names]
+        if missing:
+            raise DataError(f"{f}: not a {what} table of schema {SCHEMA_VERSION} (no column {missing[0]!r}; has {table.column_names})")
+
+    def column(self, name: str, ok, expected: str, combine: bool = True):
+        arr = self.t.column(name)
+        arr = arr.combine_chunks() if combine else arr
+        if not ok(arr.type):
+            raise DataError(f"{self.f}: column {name!r} must hold {expected}, got {arr.type}")
+        if arr.null_count:
+            raise DataError(f"{self.f}: column {name!r} has {arr.null_count} missing value(s)")
+        return arr
+
+    def strings(self, name: str, or_integers: bool = False) -> np.ndarray:
+        ok = (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or (or_integers and pa.types.is_integer(t)))
+        arr = self.column(name, ok, "text" + (" or integers" if or_integers else ""))
+        return np.array([str(v) for v in arr.to_pylist()] if or_integers else arr.to_pylist(), dtype=object)
+
+    def numbers(self, name: str, dtype, integers: bool = False) -> np.ndarray:
+        ok = pa.types.is_integer if integers else (lambda t: pa.types.is_integer(t) or pa.types.is_floating(t))
+        arr = self.column(name, ok, "integers" if integers else "numbers")
+        return arr.to_numpy(zero_copy_only=False).astype(dtype)
+
+    def point_lists(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets (S + 1,), flat float32 values) of a list<number> column (no per-point Python)."""
+        arr = self.column(name, lambda t: pa.types.is_list(t) and (pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)),
+                          "lists of numbers")
+        offsets = _numpy(arr.offsets, np.int32).astype(np.int64)
+        values = arr.values.slice(offsets[0], offsets[-1] - offsets[0])
+        if values.null_count:
+            raise DataError(f"{self.f}: column {name!r} has {values.null_count} missing point value(s)")
+        return offsets - offsets[0], values.to_numpy(zero_copy_only=False).astype(np.float32)
+
+
+SKETCH_COLUMNS = ("sketch_id", "photo_id", "split", "drawer", "canvas_width", "canvas_height", "n_points", "x", "y", "pen")
 
 
 def load_sketches(path: str | Path) -> SketchSet:
-    """Read sketches.parquet of a data set directory (fast: flat Arrow buffers, no per-point Python)."""
+    """Read sketches.parquet of a data set directory, checked (`sketch_problem`); fast: flat Arrow
+    buffers, no per-point Python."""
     path = Path(path)
     read_manifest(path)
     f = path / "sketches.parquet"
-    t = _read_table(f)
-    try:
-        offsets, x = _list_numpy(t.column("x"), np.float32)
-        _, y = _list_numpy(t.column("y"), np.float32)
-        _, pen = _list_numpy(t.column("pen"), np.int8)
-        return SketchSet(
-            points=np.stack([x, y, pen.astype(np.float32)], axis=1),
-            offsets=offsets,
-            sketch_id=np.asarray(t.column("sketch_id").to_pylist(), dtype=object),
-            photo_id=np.asarray(t.column("photo_id").to_pylist(), dtype=object),
-            split=np.asarray(t.column("split").to_pylist(), dtype=object),
-            drawer=np.array([str(d) for d in t.column("drawer").to_pylist()], dtype=object),
-            canvas_width=_numpy(t.column("canvas_width"), np.float32),
-            canvas_height=_numpy(t.column("canvas_height"), np.float32),
-        )
-    except (KeyError, ValueError, pa.ArrowException) as e:
-        raise DataError(f"{f}: not a sketches table of schema {SCHEMA_VERSION} ({e})") from None
+    c = _Columns(f, _read_table(f), SKETCH_COLUMNS, "sketches")
+    offsets, x = c.point_lists("x")
+    columns = [x]
+    for name in ("y", "pen"):
+        other, values = c.point_lists(name)
+        if not np.array_equal(other, offsets):
+            i = _first(np.diff(other) != np.diff(offsets)) if len(other) == len(offsets) else 0
+            raise DataError(f"{f}: columns 'x' and {name!r} hold different numbers of points (first in row {i})")
+        columns.append(values)
+    n_points = c.numbers("n_points", np.int64, integers=True)
+    sketches = SketchSet(
+        points=np.stack(columns, axis=1),
+        offsets=offsets,
+        sketch_id=c.strings("sketch_id"),
+        photo_id=c.strings("photo_id"),
+        split=c.strings("split"),
+        drawer=c.strings("drawer", or_integers=True),  # schema 1 stored integers
+        canvas_width=c.numbers("canvas_width", np.float32),
+        canvas_height=c.numbers("canvas_height", np.float32),
+    )
+    wrong = n_points != sketches.lengths()
+    if wrong.any():
+        i = _first(wrong)
+        raise DataError(f"{f}: sketch {sketches.sketch_id[i]!r}: n_points says {n_points[i]}, x holds {sketches.lengths()[i]} points")
+    problem = sketch_problem(sketches)
+    if problem:
+        raise DataError(f"{f}: {problem}")
+    return sketches
 
 
 def load_photos(path: str | Path) -> PhotoSet:
+    """Read photos.parquet of a data set directory, checked (`photo_problem`); images stay encoded."""
     path = Path(path)
     f = path / "photos.parquet"
-    t = _read_table(f)
-    try:
-        return PhotoSet(
-            photo_id=np.asarray(t.column("photo_id").to_pylist(), dtype=object),
-            split=np.asarray(t.column("split").to_pylist(), dtype=object),
-            image_bytes=t.column("image").to_pylist(),
-            source=f,
-        )
-    except (KeyError, pa.ArrowException) as e:
-        raise DataError(f"{f}: not a photos table of schema {SCHEMA_VERSION} ({e})") from None
+    c = _Columns(f, _read_table(f), ("photo_id", "split", "image"), "photos")
+    image = c.column("image", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "encoded images (binary)",
+                     combine=False)
+    photos = PhotoSet(photo_id=c.strings("photo_id"), split=c.strings("split"), image_bytes=image.to_pylist(), source=f)
+    problem = photo_problem(photos)
+    if problem:
+        raise DataError(f"{f}: {problem}")
+    return photos
 
 
 def load_dataset(path: str | Path) -> Dataset:
-    """Load a data set directory written by `save_dataset`."""
+    """Load a data set directory written by `save_dataset`, checked as an import checks it (module docstring)."""
     path = Path(path)
     manifest = read_manifest(path)
-    return Dataset(load_sketches(path), load_photos(path), manifest, path)
+    sketches, photos = load_sketches(path), load_photos(path)
+    problem = dataset_problem(sketches, photos)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    return Dataset(sketches, photos, manifest, path)
 
 
 def data_fingerprint(data_dir: str | Path) -> str:

@@ -19,16 +19,13 @@ from typing import Callable, Literal
 import numpy as np
 
 from sketch_env.atomic import check_output_dir
-from sketch_env.data.store import DATASET, DataError, PhotoSet, SketchSet, encode_png, save_dataset
+from sketch_env.data.store import DATASET, MAX_POINTS, DataError, PhotoSet, SketchSet, encode_png, save_dataset
 
 OnError = Literal["skip", "fail"]
 
 # How far (as a share of the canvas side) a point may lie beyond an edge before the sketch is refused;
 # points within this margin are clipped onto the canvas by `normalise_sketch`.
 OUTSIDE_MARGIN = 0.1
-# Real sketches have a few hundred points (Chair-V2 at most 519, Sketchy's pigs at most 1,722 once
-# curves are flattened); far more is a malformed or hostile file, refused before it costs memory.
-MAX_POINTS = 20_000
 
 
 def check_sketch(points: np.ndarray, canvas_w: float, canvas_h: float, name: str) -> str | None:
