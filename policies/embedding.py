@@ -47,6 +47,8 @@ class EmbeddingConfig:
     photo_input: how photos enter: `photo_edges` (gradient edges), `policies.hed.hed_edges` (learned
     HED edges) or RGB. width: channels of the compact trunk's first block (doubling per block).
     tta_flip: in eval mode, embed every image and its mirror image and average (queries and gallery).
+    local_dim: size d of the local descriptors read from the trunk's feature map (policies.local_descriptors;
+    0: none).
     """
 
     backbone: Backbone = "compact"
@@ -57,6 +59,7 @@ class EmbeddingConfig:
     backbone_weights: str | None = None
     width: int = 16
     tta_flip: bool = False
+    local_dim: int = 0
 
 
 def _compact_trunk(in_channels: int, width: int = 16) -> tuple[nn.Module, int]:
@@ -149,6 +152,11 @@ class EmbeddingNet(nn.Module):
         else:
             self.photo_trunk = copy.deepcopy(self.sketch_trunk)
             self.photo_head = nn.Linear(features, config.embedding_dim)
+        self.local_head = None  # local descriptors (issue 23): one head for both branches, on feature_map
+        if config.local_dim:
+            from policies.local_descriptors import LocalHead
+
+            self.local_head = LocalHead(self._feature_map_channels(), config.local_dim)
 
     def _make_trunk(self) -> tuple[nn.Module, int]:
         c = self.config
@@ -156,6 +164,29 @@ class EmbeddingNet(nn.Module):
         if c.backbone_weights:
             load_backbone_weights(trunk, c.backbone_weights, c.backbone)
         return trunk, features
+
+    def feature_map_layers(self) -> tuple[nn.Module, nn.Module]:
+        """The (sketch, photo) trunk layers whose outputs are the conv feature maps before pooling that
+        local descriptors read: the compact trunk's third block, an (image_size / 8)^2 map of 4 x width
+        channels (8 x 8 at 64 px). Other backbones have none yet."""
+        if self.config.backbone != "compact":
+            raise ValueError(f"local descriptors need the compact backbone for now, not {self.config.backbone!r}")
+        end = self._feature_map_end()
+        return self.sketch_trunk[end - 1], self.photo_trunk[end - 1]
+
+    def feature_map(self, x: torch.Tensor, photo: bool = False) -> torch.Tensor:
+        """The trunk's conv feature map (B, C, h, w) of images x before pooling (`feature_map_layers`)."""
+        self.feature_map_layers()
+        trunk = self.photo_trunk if photo else self.sketch_trunk
+        return trunk[: self._feature_map_end()](self._prepare(x))
+
+    def _feature_map_end(self) -> int:
+        pools = [i for i, layer in enumerate(self.sketch_trunk) if isinstance(layer, nn.MaxPool2d)]
+        return pools[-2] + 1
+
+    def _feature_map_channels(self) -> int:
+        self.feature_map_layers()
+        return 4 * self.config.width
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Match the trunk's input: channel count, and for torchvision trunks the ImageNet look.
@@ -369,15 +400,23 @@ def embed_sketches(net_or_run: EmbeddingNet | str | Path, sketches: SketchSet, b
     return embed_sketch_levels(net, first_ink_level(sketches, net.config.image_size), batch)
 
 
-def noisy_episode_data(split, gallery, net_or_run: EmbeddingNet | str | Path, strokes: int, seed: int, image_size: int):
+def noisy_episode_data(split, gallery, net_or_run: EmbeddingNet | str | Path, strokes: int, seed: int, image_size: int,
+                       photo_grids: torch.Tensor | None = None):
     """Episodes of the Dataset `split` with `strokes` unnecessary strokes added to every sketch
     (sketch_env.strokes.with_noise_strokes: what `darp evaluate --noise-strokes N --noise-seed S` ranks),
-    ranked in `gallery`, their partial sketches embedded by the phase-1 network (they are not in the export)."""
+    ranked in `gallery`, their partial sketches embedded by the phase-1 network (they are not in the export).
+    photo_grids: the gallery's local grids (local matching): the noisy sketches' grids are computed too."""
     from sketch_env.episodes import episode_data
     from sketch_env.strokes import with_noise_strokes
 
     noisy = with_noise_strokes(split, strokes, seed)
-    return episode_data(noisy, gallery, embed_sketches(net_or_run, noisy.sketches), image_size)
+    net = net_or_run if isinstance(net_or_run, EmbeddingNet) else load_embedding_net(net_or_run)[0]
+    grids = {}
+    if photo_grids is not None:
+        from policies.local_descriptors import embed_sketch_grids
+
+        grids = {"sketch_grids": embed_sketch_grids(net, noisy.sketches), "photo_grids": photo_grids}
+    return episode_data(noisy, gallery, embed_sketches(net, noisy.sketches), image_size, **grids)
 
 
 def embed_photos(net_or_run: EmbeddingNet | str | Path, photos: PhotoSet, batch: int = 512) -> torch.Tensor:
