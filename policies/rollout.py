@@ -186,13 +186,15 @@ class LevelState:
 
     state: recurrent state after the level's last glimpse (tensors of batch 1); location: (2,)
     where the next glimpse looks; query: (D,) the query after the last glimpse, clipped to [-1, 1]
-    as the env clips it; looked: (G, 2) the centres of this level's glimpses (sensor coordinates).
+    as the env clips it; looked: (G, 2) the centres of this level's glimpses (sensor coordinates);
+    grid: (h, w, d) the partial sketch's local descriptors in local and dense match (else None).
     """
 
     state: dict
     location: torch.Tensor
     query: torch.Tensor
     looked: np.ndarray
+    grid: torch.Tensor | None = None
 
 
 class LivePolicy:
@@ -222,6 +224,10 @@ class LivePolicy:
         sizes = {self.config.image_size, self.net.config.image_size}
         rendered = {s: torch.from_numpy(np.stack([render_points(p, s) for _, p, _ in steps])) for s in sizes}
         embedding = self.net.embed_sketches(rendered[self.net.config.image_size][:, None])  # (B, D)
+        grids = None
+        if self.config.match != "global":  # stored as the export stores them (float16)
+            grids = self.net.local_head(self.net.feature_map(rendered[self.net.config.image_size][:, None].float()))
+            grids = grids.to(torch.float16).to(torch.float32)
         integral = integral_image(rendered[self.config.image_size])
         fresh = initial_state(self.module, 1)
         states = [fresh if previous is None else previous.state for previous, _, _ in steps]
@@ -231,13 +237,13 @@ class LivePolicy:
         looked = torch.zeros(B, G, 2)
         for g in range(G):
             looked[:, g] = location
-            obs = build_observation(self.sensor, integral, location, level, torch.full((B,), g), embedding)
+            obs = build_observation(self.sensor, integral, location, level, torch.full((B,), g), embedding, grids)
             actions, state = policy_step(self.module, obs, state)
             location = actions["location"].clamp(-1.0, 1.0)
         query = actions["query"].clamp(-1.0, 1.0)
         return [  # clones: a view would keep the whole batch alive in the cache
             LevelState({k: v[b : b + 1].clone() for k, v in state.items()}, location[b].clone(), query[b].clone(),
-                       looked[b].numpy().copy())
+                       looked[b].numpy().copy(), None if grids is None else grids[b].clone())
             for b in range(B)
         ]
 
@@ -298,11 +304,17 @@ class LiveRetrieval:
     One drawing at a time: `query`. Many at once (the server's batches): `start` each, then `step`
     them together (one level each for the pending ones in one batch, then one ranking pass for the
     finished ones) until each has its answer. `start` and `step` may run in different threads.
+
+    In local and dense match (the policy's env config) `local_gallery` holds the gallery's photo grids
+    and every rank adds the level's local term, as the environment's does (`local_term`).
     """
 
-    def __init__(self, policy: LivePolicy, gallery: Gallery, cache_size: int = 4096):
+    def __init__(self, policy: LivePolicy, gallery: Gallery, cache_size: int = 4096, local_gallery=None):
+        if policy.config.match != "global" and local_gallery is None:
+            raise ValueError(f"match={policy.config.match!r} needs the gallery's local grids (local_gallery)")
         self.policy = policy
         self.gallery = gallery
+        self.local_gallery = local_gallery if policy.config.match != "global" else None
         self.cache_size = cache_size
         self._cache: OrderedDict[bytes, LevelState] = OrderedDict()
         self._ranks: OrderedDict[tuple[bytes, int], int] = OrderedDict()  # (level key, target row) -> rank
@@ -359,7 +371,8 @@ class LiveRetrieval:
         if any(d.pending for d in drawings):
             raise ValueError("answer() needs finished drawings: advance() the pending ones first")
         k = min(TOP_K, len(self.gallery))
-        top, distance, top_rank = self.gallery.ranked_topk(torch.stack([d.levels[-1].query for d in drawings]), k)
+        last = [d.levels[-1] for d in drawings]
+        top, distance, top_rank = self.gallery.ranked_topk(torch.stack([lv.query for lv in last]), k, self.local_term(last))
         target_ranks = self._target_ranks([d for d in drawings if d.target is not None])
         cfg = self.config
         sides = unit_length(cfg.glimpse_size * cfg.patch_scale ** np.arange(cfg.n_patches), cfg.image_size)
@@ -378,6 +391,26 @@ class LiveRetrieval:
             })
         return answers
 
+    def local_term(self, levels: Sequence[LevelState]) -> torch.Tensor | None:
+        """(B, N) what the environment adds to the squared distances after these levels' last glimpse: the
+        weighted mean local distance at the cells the level's glimpses looked at (local) or at every cell
+        (dense); None in global match."""
+        if self.local_gallery is None:
+            return None
+        from sketch_env.local_match import cell_of
+
+        grids = torch.stack([lv.grid for lv in levels])  # (B, h, w, d)
+        if self.config.match == "dense":
+            distance = self.local_gallery.dense_distance(grids)
+        else:
+            b, h, w, d = grids.shape
+            looked = torch.as_tensor(np.stack([lv.looked for lv in levels]), dtype=torch.float32)  # (B, G, 2)
+            g = looked.shape[1]
+            cells = cell_of(looked.reshape(-1, 2), h, w)
+            descriptors = grids.reshape(b, h * w, d).repeat_interleave(g, 0)[torch.arange(b * g), cells]
+            distance = self.local_gallery.distance_at(descriptors, cells).view(b, g, -1).mean(1)
+        return self.config.local_weight * distance
+
     def _target_ranks(self, drawings: Sequence[Drawing]) -> dict[tuple[bytes, int], int]:
         """{(level key, target row): the target's rank after that level} for every level of `drawings`;
         ranks computed before come from the cache, the others in one `Gallery.rank` pass."""
@@ -387,11 +420,13 @@ class LiveRetrieval:
                 for key, level in zip(d.keys, d.levels):
                     rank = self._ranks.get((key, d.target))
                     if rank is None:
-                        todo.append(((key, d.target), level.query))
+                        todo.append(((key, d.target), level))
                     else:
                         found[key, d.target] = rank
         if todo:
-            ranks = self.gallery.rank(torch.stack([q for _, q in todo]), torch.tensor([t for (_, t), _ in todo]))
+            levels = [level for _, level in todo]
+            ranks = self.gallery.rank(torch.stack([lv.query for lv in levels]), torch.tensor([t for (_, t), _ in todo]),
+                                      self.local_term(levels))
             found.update(zip([name for name, _ in todo], ranks.tolist()))
             with self._lock:
                 for name, _ in todo:

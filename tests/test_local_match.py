@@ -15,8 +15,9 @@ from sketch_env.local_match import LocalGallery, cell_ink, cell_of, grid_similar
 from sketch_env.metrics import auir
 from sketch_env.render import N_LEVELS
 from sketch_env.vector_env import SketchRetrievalVectorEnv
+from tests.synthetic_data import LOCAL_SHAPE, with_local_grids
 
-H, W, D_LOCAL = 4, 4, 6
+H, W, D_LOCAL = LOCAL_SHAPE
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -98,24 +99,11 @@ def test_gallery_rank_adds_the_extra_term():
         gallery.rank(queries, target, torch.zeros(2, 6))
 
 
-def with_grids(episodes, seed: int = 0, photo_grids=None, sketch_grids=None):
-    """The synthetic episodes with local grids: random unit grids, each sketch's drifting towards its photo's."""
-    gen = torch.Generator().manual_seed(seed)
-    n, s = len(episodes.gallery), len(episodes)
-    if photo_grids is None:
-        photo_grids = unit(torch.randn(n, H, W, D_LOCAL, generator=gen))
-    if sketch_grids is None:
-        own = photo_grids[episodes.target_index][:, None]
-        mix = torch.linspace(0.2, 1.0, N_LEVELS)[None, :, None, None, None]
-        sketch_grids = unit(mix * own + (1 - mix) * torch.randn(s, N_LEVELS, H, W, D_LOCAL, generator=gen))
-    return dataclasses.replace(episodes, photo_grids=photo_grids.half(), sketch_grids=sketch_grids.half())
-
-
 @pytest.mark.parametrize("match", ["local", "dense"])
 def test_env_ranks_by_the_local_score_on_a_small_gallery(episodes, match):
     """Every step's rank is 1 + the photos whose score ||q - e||^2 + w x (mean local distance over this level's
     glimpse cells so far, or over every cell) is strictly below the target's, computed directly."""
-    data = with_grids(episodes)
+    data = with_local_grids(episodes)
     G, weight = 3, 0.7
     env = SketchRetrievalVectorEnv(EnvConfig(n_glimpses=G, match=match, local_weight=weight), 2, data)
     obs, info = env.reset(seed=3)
@@ -143,7 +131,7 @@ def test_env_ranks_by_the_local_score_on_a_small_gallery(episodes, match):
 
 
 def test_local_observation_holds_the_descriptor_at_the_glimpse_and_the_ink_of_every_cell(episodes):
-    data = with_grids(episodes)
+    data = with_local_grids(episodes)
     env = SketchRetrievalEnv(EnvConfig(n_glimpses=2, match="local"), data)
     space = observation_space(EnvConfig(n_glimpses=2, match="local"), data.dim, data.local_shape)
     assert space["descriptor"].shape == (D_LOCAL,) and space["cell_ink"].shape == (H * W,)
@@ -175,7 +163,7 @@ def test_a_locator_on_the_one_discriminative_cell_beats_one_elsewhere(episodes):
     sketch_grids = u.repeat(s, N_LEVELS, H, W, 1)
     sketch_grids[:, :, key_cell[0], key_cell[1]] = photo_grids[episodes.target_index, key_cell[0], key_cell[1]][:, None]
     query = unit(torch.ones(s, N_LEVELS, episodes.dim))
-    data = dataclasses.replace(with_grids(episodes, 0, photo_grids, sketch_grids), sketch_embedding=query)
+    data = dataclasses.replace(with_local_grids(episodes, 0, photo_grids, sketch_grids), sketch_embedding=query)
     G = 2
     env = SketchRetrievalVectorEnv(EnvConfig(n_glimpses=G, match="local", local_weight=10.0), s, data)
 
@@ -196,7 +184,7 @@ def test_a_locator_on_the_one_discriminative_cell_beats_one_elsewhere(episodes):
 
 
 def test_episode_data_checks_its_grids(episodes):
-    grids = with_grids(episodes)
+    grids = with_local_grids(episodes)
     with pytest.raises(ValueError, match="pairs"):
         dataclasses.replace(episodes, photo_grids=grids.photo_grids)
     with pytest.raises(ValueError, match="sketch_grids must have shape"):
