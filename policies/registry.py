@@ -85,12 +85,12 @@ class TrainConfig:
     glimpse_size: int = _arg(8, "side g of each glimpse patch in pixels (the paper: 8 on a 64 x 64 render)")
     snap_to_ink: bool = _arg(False, "every glimpse looks at the inked pixel nearest to the chosen location")
     reward: Literal["threshold", "best_rank", "rank_gain"] = _arg("rank_gain", "reward variant (see sketch_env.rewards)")
-    match: Literal["global", "local", "dense"] = _arg(
+    match: Literal["global", "local", "dense", "dense-ink"] = _arg(
         "global", "what the ranking compares (sketch_env.local_match): global (the query against each photo's embedding, "
         "the paper), local (+ the phase-1 local descriptors at the cells the level's glimpses looked at: where the agent "
-        "looks decides what is compared) or dense (+ every cell's: no attention); local and dense need an --embedding "
-        "run of `darp pretrain --local-dim`")
-    local_weight: float = _arg(1.0, "weight of the local term in the score (--match local or dense)")
+        "looks decides what is compared), dense (+ every cell's: no attention) or dense-ink (+ every inked cell's); all "
+        "but global need an --embedding run of `darp pretrain --local-dim`")
+    local_weight: float = _arg(1.0, "weight of the local term in the score (--match local, dense or dense-ink)")
     # loss and optimisation
     num_epochs: int = _arg(4, "passes over each batch of episodes (more supervised steps per sampled batch)")
     minibatch_episodes: int = _arg(16, "episodes per gradient step (0: the whole batch)")

@@ -187,7 +187,8 @@ class LevelState:
     state: recurrent state after the level's last glimpse (tensors of batch 1); location: (2,)
     where the next glimpse looks; query: (D,) the query after the last glimpse, clipped to [-1, 1]
     as the env clips it; looked: (G, 2) the centres of this level's glimpses (sensor coordinates);
-    grid: (h, w, d) the partial sketch's local descriptors in local and dense match (else None).
+    grid: (h, w, d) the partial sketch's local descriptors in local and dense matches (else None);
+    inked: (h * w,) bool, the grid cells that hold ink (dense-ink match).
     """
 
     state: dict
@@ -195,6 +196,7 @@ class LevelState:
     query: torch.Tensor
     looked: np.ndarray
     grid: torch.Tensor | None = None
+    inked: torch.Tensor | None = None
 
 
 class LivePolicy:
@@ -229,6 +231,11 @@ class LivePolicy:
             grids = self.net.local_head(self.net.feature_map(rendered[self.net.config.image_size][:, None].float()))
             grids = grids.to(torch.float16).to(torch.float32)
         integral = integral_image(rendered[self.config.image_size])
+        inked = None
+        if grids is not None:
+            from sketch_env.local_match import inked_cells
+
+            inked = inked_cells(rendered[self.config.image_size], grids.shape[1], grids.shape[2])
         fresh = initial_state(self.module, 1)
         states = [fresh if previous is None else previous.state for previous, _, _ in steps]
         state = {k: torch.cat([s[k] for s in states]) for k in fresh}
@@ -243,7 +250,8 @@ class LivePolicy:
         query = actions["query"].clamp(-1.0, 1.0)
         return [  # clones: a view would keep the whole batch alive in the cache
             LevelState({k: v[b : b + 1].clone() for k, v in state.items()}, location[b].clone(), query[b].clone(),
-                       looked[b].numpy().copy(), None if grids is None else grids[b].clone())
+                       looked[b].numpy().copy(), None if grids is None else grids[b].clone(),
+                       None if inked is None else inked[b].clone())
             for b in range(B)
         ]
 
@@ -393,8 +401,8 @@ class LiveRetrieval:
 
     def local_term(self, levels: Sequence[LevelState]) -> torch.Tensor | None:
         """(B, N) what the environment adds to the squared distances after these levels' last glimpse: the
-        weighted mean local distance at the cells the level's glimpses looked at (local) or at every cell
-        (dense); None in global match."""
+        weighted mean local distance at the cells the level's glimpses looked at (local), at every cell
+        (dense) or every inked cell (dense-ink); None in global match."""
         if self.local_gallery is None:
             return None
         from sketch_env.local_match import cell_of
@@ -402,6 +410,8 @@ class LiveRetrieval:
         grids = torch.stack([lv.grid for lv in levels])  # (B, h, w, d)
         if self.config.match == "dense":
             distance = self.local_gallery.dense_distance(grids)
+        elif self.config.match == "dense-ink":
+            distance = self.local_gallery.dense_distance(grids, torch.stack([lv.inked for lv in levels]))
         else:
             b, h, w, d = grids.shape
             looked = torch.as_tensor(np.stack([lv.looked for lv in levels]), dtype=torch.float32)  # (B, G, 2)

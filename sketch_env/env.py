@@ -22,8 +22,9 @@ The step rule is written once, batched, in `EpisodeBatch`: this env is a batch o
 each photo's embedding (the paper); "local" adds, for every glimpse the agent has taken on the current
 level, the sketch's local descriptor at the glimpse's cell against each photo's best match around the
 same place, so the location decides which evidence enters the ranking; "dense" adds that term over
-every cell (no attention: the upper bound). The action and the reward stay the same; in local and
-dense mode the observation also holds the descriptor at the glimpse's cell and the ink of every cell.
+every cell, "dense-ink" over every cell holding ink (no attention). The action and the reward stay the
+same; in local and dense modes the observation also holds the descriptor at the glimpse's cell and
+the ink of every cell.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from gymnasium import spaces
 from sketch_env.episodes import EpisodeData, load_episode_data
 from sketch_env.geometry import location_to_pixel
 from sketch_env.glimpse import GlimpseSensor, integral_image
-from sketch_env.local_match import MATCHES, LocalGallery, cell_ink, cell_of
+from sketch_env.local_match import DENSE, MATCHES, LocalGallery, cell_ink, cell_of, inked_cells
 from sketch_env.locators import nearest_ink
 from sketch_env.render import N_LEVELS
 from sketch_env.rewards import REWARDS, best_rank_reward, eta, rank_gain_reward, threshold_reward
@@ -96,13 +97,13 @@ class EnvConfig:
     observe_sketch_embedding: bool = field(
         default=True, metadata={"help": "include the phase-1 embedding of the partial sketch in the observation"}
     )
-    match: Literal["global", "local", "dense"] = field(
+    match: Literal["global", "local", "dense", "dense-ink"] = field(
         default="global", metadata={"help": "what the ranking compares: global (the query against each photo's "
                                             "embedding), local (+ the local descriptors at the cells the level's "
-                                            "glimpses looked at) or dense (+ every cell's); local and dense need "
-                                            "a phase 1 trained with --local-dim"}
+                                            "glimpses looked at), dense (+ every cell's) or dense-ink (+ every inked "
+                                            "cell's); all but global need a phase 1 trained with --local-dim"}
     )
-    local_weight: float = field(default=1.0, metadata={"help": "weight of the local term in the score (match local or dense)"})
+    local_weight: float = field(default=1.0, metadata={"help": "weight of the local term in the score (all matches but global)"})
 
     def __post_init__(self):
         if self.reward not in REWARDS:
@@ -275,7 +276,8 @@ class EpisodeBatch:
     Local match: step t first adds the cell of the glimpse it observed (at `location`, on level t // G)
     to that level's evidence (a level starts with none), then ranks with score = squared distance +
     local_weight x the mean local distance over the evidence's cells (`local_sum` / `local_count`,
-    (n, N) and (n,)). Dense match: the local distance over every cell, computed once per level.
+    (n, N) and (n,)). Dense match: the local distance over every cell (dense-ink: every inked cell),
+    computed once per level.
     """
 
     def __init__(self, config: EnvConfig, episodes: EpisodeData, n: int):
@@ -363,10 +365,12 @@ class EpisodeBatch:
         grid_row = sketch * N_LEVELS + level
         total = self.local_sum.index_select(0, rows)
         count = self.local_count.index_select(0, rows)
-        if self.config.match == "dense":
+        if self.config.match in DENSE:
             fresh = torch.nonzero(first | (count == 0)).flatten()
             if len(fresh):
-                total[fresh] = self.local.dense_distance(self.grids.index_select(0, grid_row.index_select(0, fresh)))
+                rows_fresh = grid_row.index_select(0, fresh)
+                mask = inked_cells(self.images.index_select(0, rows_fresh), *self.local.grid) if self.config.match == "dense-ink" else None
+                total[fresh] = self.local.dense_distance(self.grids.index_select(0, rows_fresh), mask)
                 count[fresh] = 1.0
         else:
             h, w = self.local.grid

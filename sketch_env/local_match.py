@@ -13,9 +13,10 @@ neighbourhood of the same place and the best match counts:
 query q after glimpses at cells c_1..c_k of the current level is (lower is better)
 
     global: ||q - e_j||^2
-    local:  ||q - e_j||^2 + weight x mean_i local distance at c_i     (the cells the agent looked at)
-    dense:  ||q - e_j||^2 + weight x mean over every cell c           (no attention: the upper bound, at
-                                                                        h x w / k times the local term's cost)
+    local:     ||q - e_j||^2 + weight x mean_i local distance at c_i     (the cells the agent looked at)
+    dense:     ||q - e_j||^2 + weight x mean over every cell c           (no attention, at h x w / k times
+                                                                           the local term's cost)
+    dense-ink: ||q - e_j||^2 + weight x mean over the cells holding ink  (no attention, blank paper left out)
 
 `LocalGallery` holds the gallery's photo grids and computes both local terms for a batch of queries;
 the ranks themselves are `Gallery.rank(..., extra=...)`'s, the one place ranks are computed. The
@@ -26,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-MATCHES = ("global", "local", "dense")
+MATCHES = ("global", "local", "dense", "dense-ink")
+DENSE = ("dense", "dense-ink")
 NEIGHBOURHOOD = 3  # best match within a 3 x 3 block of cells around the same place
 BLOCK_ELEMENTS = 1 << 24  # largest (rows x photos x 9 x d) block of float32 values computed at once (64 MiB)
 
@@ -49,6 +51,14 @@ def cell_of(location: torch.Tensor, h: int, w: int) -> torch.Tensor:
     col = ((loc[:, 0] + 1.0) * (w / 2.0)).floor().long().clamp(0, w - 1)
     row = ((loc[:, 1] + 1.0) * (h / 2.0)).floor().long().clamp(0, h - 1)
     return row * w + col
+
+
+def inked_cells(images: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h * w) bool: the grid cells of images (B, H, W) (ink > 0) that hold any ink."""
+    b, height, width = images.shape
+    if height % h or width % w:
+        raise ValueError(f"a {height} x {width} image does not split into a {h} x {w} grid of whole cells")
+    return (images.reshape(b, h, height // h, w, width // w) > 0).any(4).any(2).reshape(b, h * w)
 
 
 def cell_ink(integral: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -80,7 +90,8 @@ class LocalGallery:
 
     `distance_at(descriptors (R, d), cells (R,))` -> (R, N): the local distance at one cell per query
     (the sketch's descriptor there against each photo's best match around the same place);
-    `dense_distance(grids (R, h, w, d))` -> (R, N): its mean over every cell. Computed in blocks of at
+    `dense_distance(grids (R, h, w, d), mask)` -> (R, N): its mean over every cell (or the cells of a
+    (R, h * w) mask; a row with no cell in its mask takes every cell). Computed in blocks of at
     most BLOCK_ELEMENTS values, so galleries of any size fit in memory.
     """
 
@@ -123,23 +134,29 @@ class LocalGallery:
         """(R, d), (R,) -> (R, N) local distance 2 - 2 sim at one cell per query."""
         return 2.0 - 2.0 * self.similarity_at(descriptors, cells)
 
-    def dense_distance(self, grids: torch.Tensor) -> torch.Tensor:
-        """(R, h, w, d) sketch grids -> (R, N): the local distance averaged over every cell."""
+    def dense_distance(self, grids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(R, h, w, d) sketch grids -> (R, N): the local distance averaged over every cell, or over the
+        cells of `mask` (R, h * w) bool (e.g. those holding ink; a row with none takes every cell)."""
         grids = torch.as_tensor(grids).to(torch.float32)
         if grids.shape[1:] != (self.h, self.w, self.dim):
             raise ValueError(f"sketch grids must be (R, {self.h}, {self.w}, {self.dim}), got {tuple(grids.shape)}")
         r, hw = len(grids), self.h * self.w
         cells = torch.arange(hw).repeat(r)
-        distance = self.distance_at(grids.reshape(r * hw, self.dim), cells)  # (R * hw, N)
-        return distance.view(r, hw, self.n).mean(1)
+        distance = self.distance_at(grids.reshape(r * hw, self.dim), cells).view(r, hw, self.n)
+        if mask is None:
+            return distance.mean(1)
+        weight = torch.as_tensor(mask).reshape(r, hw).to(torch.float32)
+        weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, torch.ones_like(weight))
+        return (distance * weight[:, :, None]).sum(1) / weight.sum(1)[:, None]
 
 
 def local_cost(match: str, n_glimpses: int, grid: tuple[int, int], local_dim: int, dim: int) -> int:
     """Multiply-adds per gallery photo to score one query at one completion level in a match mode:
-    the global distance (D), plus 9 d per cell compared (k glimpses, or every cell for dense)."""
-    cells = {"global": 0, "local": n_glimpses, "dense": grid[0] * grid[1]}[match]
+    the global distance (D), plus 9 d per cell compared (k glimpses, or every cell for dense; dense-ink
+    as computed here too, every cell then masked: skipping blank cells would pay for the inked ones only)."""
+    cells = {"global": 0, "local": n_glimpses, "dense": grid[0] * grid[1], "dense-ink": grid[0] * grid[1]}[match]
     return dim + cells * NEIGHBOURHOOD**2 * local_dim
 
 
-__all__ = ["BLOCK_ELEMENTS", "LocalGallery", "MATCHES", "NEIGHBOURHOOD", "cell_ink", "cell_of", "grid_similarity",
-           "local_cost", "neighbour_cells"]
+__all__ = ["BLOCK_ELEMENTS", "DENSE", "LocalGallery", "MATCHES", "NEIGHBOURHOOD", "cell_ink", "cell_of", "grid_similarity",
+           "inked_cells", "local_cost", "neighbour_cells"]

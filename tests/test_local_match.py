@@ -99,10 +99,10 @@ def test_gallery_rank_adds_the_extra_term():
         gallery.rank(queries, target, torch.zeros(2, 6))
 
 
-@pytest.mark.parametrize("match", ["local", "dense"])
+@pytest.mark.parametrize("match", ["local", "dense", "dense-ink"])
 def test_env_ranks_by_the_local_score_on_a_small_gallery(episodes, match):
     """Every step's rank is 1 + the photos whose score ||q - e||^2 + w x (mean local distance over this level's
-    glimpse cells so far, or over every cell) is strictly below the target's, computed directly."""
+    glimpse cells so far, over every cell, or over every inked cell) is strictly below the target's, computed directly."""
     data = with_local_grids(episodes)
     G, weight = 3, 0.7
     env = SketchRetrievalVectorEnv(EnvConfig(n_glimpses=G, match=match, local_weight=weight), 2, data)
@@ -123,7 +123,9 @@ def test_env_ranks_by_the_local_score_on_a_small_gallery(episodes, match):
         obs, _, _, _, info = env.step(action)
         for b in range(2):
             grid = data.sketch_grids[sketches[b], level].float().numpy()
-            cells = evidence[b] if match == "local" else range(H * W)
+            image = data.images[sketches[b], level].numpy().reshape(H, 64 // H, W, 64 // W)
+            inked = [c for c in range(H * W) if image[c // W, :, c % W].any()]
+            cells = {"local": evidence[b], "dense": range(H * W), "dense-ink": inked or range(H * W)}[match]
             local = np.array([np.mean([2 - 2 * direct_similarity(grid.reshape(-1, D_LOCAL)[c], photos[j], c) for c in cells])
                               for j in range(len(photos))])
             score = ((embeddings - action["query"][b].astype(np.float64)) ** 2).sum(1) + weight * local

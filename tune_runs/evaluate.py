@@ -70,12 +70,12 @@ class EvaluateConfig:
     noise_strokes: int = arg(0, "add this many unnecessary strokes (random lines and scribbles at random places of "
                                 "the drawing order) to every evaluated sketch")
     noise_seed: int = arg(0, "seed of the noise strokes (the same seed gives the same sketches)")
-    match: Literal["run", "global", "local", "dense"] = arg(
+    match: Literal["run", "global", "local", "dense", "dense-ink"] = arg(
         "run", "what the ranking compares: the run's own mode (a triplet run: global), global, local (+ local descriptors "
-        "at the glimpses' cells; a triplet run needs a fixed --locator) or dense (+ every cell's); local and dense need "
-        "a phase 1 trained with --local-dim")
+        "at the glimpses' cells; a triplet run needs a fixed --locator), dense (+ every cell's) or dense-ink (+ every "
+        "inked cell's); all but global need a phase 1 trained with --local-dim")
     n_glimpses: int = arg(12, "a triplet run in local match: glimpses per completion level (an RL run takes its own)")
-    local_weight: float = arg(1.0, "a triplet run in local or dense match: weight of the local term (an RL run: its own)")
+    local_weight: float = arg(1.0, "a triplet run in local or dense matches: weight of the local term (an RL run: its own)")
     force: bool = arg(False, "write into --out even if it holds something other than an evaluation")
 
 
@@ -171,7 +171,7 @@ def run(cfg: EvaluateConfig) -> dict:
                              inputs=(cfg.data, cfg.run), force=cfg.force)
     kind = record.get("kind")
     match = None if cfg.match == "run" else cfg.match
-    triplet_local = kind == "triplet" and match in ("local", "dense")
+    triplet_local = kind == "triplet" and match not in (None, "global")
     if kind == "triplet" and cfg.locator != "policy" and match != "local":
         raise DataError(f"{run_dir}: a triplet run looks only in local match; --locator needs --match local or a policy that looks")
     if kind == "triplet" and match == "local" and cfg.locator == "policy":

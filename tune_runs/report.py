@@ -29,9 +29,9 @@ evaluated again with --noise-strokes unnecessary strokes added to every sketch (
 With --match local or dense (issue 23) the runs rank with local descriptors, and the report adds what local
 matching gives without RL: the triplet network's queries with glimpses placed by each fixed rule
 (`triplet-local-RULE`, `darp evaluate --match local --locator RULE`) and with dense matching over every cell
-(`triplet-dense`), evaluated once like the triplet row; the locator-value table gets a column for the same
-trained networks ranked densely (dense/ folder), and a cost table gives each row's multiply-adds per gallery
-photo to score one query at one level.
+or every inked cell (`triplet-dense`, `triplet-dense-ink`), evaluated once like the triplet row; the
+locator-value table gets columns for the same trained networks ranked densely (dense/ and dense-ink/ folders),
+and a cost table gives each row's multiply-adds per gallery photo to score one query at one level.
 """
 
 from __future__ import annotations
@@ -55,15 +55,17 @@ from policies.registry import ALGOS, GLIMPSING, TrainConfig
 from policies.registry import DISPLAY as RL_DISPLAY
 from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, atomic_write_text, prepare_output_dir
 from sketch_env.data import DataError
+from sketch_env.local_match import DENSE
 from sketch_env.locators import LOCATORS
 from tune_runs.cli import arg
 
 # The triplet network's queries in local match, glimpses by a fixed rule, and densely matched (--match local/dense only)
-RULE_MODELS = tuple(f"triplet-local-{rule}" for rule in LOCATORS) + ("triplet-dense",)
+RULE_MODELS = tuple(f"triplet-local-{rule}" for rule in LOCATORS) + ("triplet-dense", "triplet-dense-ink")
 ONCE = ("triplet",) + RULE_MODELS  # evaluated once, no training and no seeds
 MODELS = ONCE + ALGOS  # the triplet network (phase 1), the fixed rules, then the RL models in Table III's order
 DISPLAY = ({"triplet": "Triplet network"} | {f"triplet-local-{r}": f"Triplet + local match, {r} glimpses" for r in LOCATORS}
-           | {"triplet-dense": "Triplet + dense matching"} | RL_DISPLAY)
+           | {"triplet-dense": "Triplet + dense matching", "triplet-dense-ink": "Triplet + dense matching, inked cells"}
+           | RL_DISPLAY)
 # Table III of the DARP-SBIR paper, Chair-V2 column: (AUIR, acc@5); the ablations are not in it.
 PAPER_CHAIR_V2 = {
     "triplet": (21.05, 64.47),
@@ -165,9 +167,10 @@ def stress_evaluations(cfg: ReportConfig, run_dir: Path, out: Path, looks: bool,
         m = one(f"noise-{n}", noise_strokes=n, noise_seed=cfg.noise_seed, **options)
         noise[str(n)] = {k: m[k] for k in METRICS}
     stress = {"locators": locators, "noise": noise}
-    if looks and cfg.train.match == "local":  # the same trained networks ranking every cell instead of the glimpses'
-        m = one("dense", match="dense")
-        stress["dense"] = {k: m[k] for k in METRICS} | {"cost_per_photo": m["cost_per_photo"]}
+    if looks and cfg.train.match == "local":  # the same trained networks ranking every (inked) cell, not the glimpses'
+        for match in DENSE:
+            m = one(match, match=match)
+            stress[match] = {k: m[k] for k in METRICS} | {"cost_per_photo": m["cost_per_photo"]}
     return stress
 
 
@@ -230,7 +233,7 @@ def evaluate_rule_model(cfg: ReportConfig, model: str) -> dict:
     from policies.registry import with_algo_defaults
     from tune_runs import evaluate
 
-    match = "dense" if model == "triplet-dense" else "local"
+    match = model.removeprefix("triplet-") if model.startswith("triplet-dense") else "local"
     rule = model.removeprefix("triplet-local-") if match == "local" else "centre"
     options = {"match": match, "locator": rule, "seed": cfg.noise_seed, "local_weight": cfg.train.local_weight,
                "n_glimpses": with_algo_defaults(dataclasses.replace(cfg.train, algo="darp")).n_glimpses}
@@ -374,18 +377,19 @@ def locator_table(trials: dict[str, list[dict]]) -> str | None:
     if not rows:
         return None
     fixed = [name for name in next(iter(rows.values()))[0]["locators"] if name != "policy"]
-    dense = all("dense" in t for ts in rows.values() for t in ts)
+    dense = [m for m in DENSE if all(m in t for ts in rows.values() for t in ts)]
+    names = {"dense": "dense (every cell)", "dense-ink": "dense (inked cells)"}
     lines = ["| model | own locator | " + " | ".join(fixed) + " | own − best fixed | glimpses on ink (own) |"
-             + (" dense (every cell) | own − dense |" if dense else ""),
-             "|---|" + "---|" * (len(fixed) + 3 + 2 * dense)]
+             + "".join(f" {names[m]} | own − {m} |" for m in dense),
+             "|---|" + "---|" * (len(fixed) + 3 + 2 * len(dense))]
     for model, ts in rows.items():
         cells = [_mean_std(t["locators"]["policy"]["auir"] for t in ts)]
         cells += [_mean_std(t["locators"][name]["auir"] for t in ts) for name in fixed]
         cells.append(_mean_std(t["locators"]["policy"]["auir"] - max(t["locators"][n]["auir"] for n in fixed) for t in ts))
         cells.append(f"{100 * np.mean([t['locators']['policy']['fovea_on_ink'] for t in ts]):.1f}%")
-        if dense:
-            cells.append(_mean_std(t["dense"]["auir"] for t in ts))
-            cells.append(_mean_std(t["locators"]["policy"]["auir"] - t["dense"]["auir"] for t in ts))
+        for m in dense:
+            cells.append(_mean_std(t[m]["auir"] for t in ts))
+            cells.append(_mean_std(t["locators"]["policy"]["auir"] - t[m]["auir"] for t in ts))
         lines.append(f"| {DISPLAY[model]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -400,10 +404,11 @@ def cost_table(trials: dict[str, list[dict]]) -> str | None:
     for model, ts in rows.items():
         lines.append(f"| {DISPLAY[model]} | {ts[0]['match']} | {ts[0]['cost_per_photo']} | "
                      f"{_mean_std(t['metrics']['auir'] for t in ts)} |")
-    dense = [t["dense"] for ts in rows.values() for t in ts if "dense" in t]
-    if dense:
-        lines.append(f"| (models that look, ranked densely) | dense | {dense[0]['cost_per_photo']} | "
-                     f"{_mean_std(d['auir'] for d in dense)} |")
+    for match in DENSE:
+        dense = [t[match] for ts in rows.values() for t in ts if match in t]
+        if dense:
+            lines.append(f"| (models that look, ranked {match}) | {match} | {dense[0]['cost_per_photo']} | "
+                         f"{_mean_std(d['auir'] for d in dense)} |")
     return "\n".join(lines)
 
 

@@ -250,9 +250,9 @@ class Phase1Query:
 def evaluate_triplet_local(embedding: Path, data_dir: Path, split: str, match: str, locator: str, n_glimpses: int,
                            local_weight: float = 1.0, seed: int = 0, noise_strokes: int = 0, noise_seed: int = 0,
                            n_traces: int = 6) -> dict:
-    """Ranks (S, 17) of the triplet network's queries on `split` in local or dense match, glimpses placed by a
-    fixed rule (`locator`: centre, random, ink, newest-ink; dense ignores it): what local matching gives
-    without any learning beyond phase 1. Returns evaluate_policy_run's dict."""
+    """Ranks (S, 17) of the triplet network's queries on `split` in local or dense matches, glimpses placed by a
+    fixed rule (`locator`: centre, random, ink, newest-ink; dense and dense-ink ignore it): what local matching
+    gives without any learning beyond phase 1. Returns evaluate_policy_run's dict."""
     from policies.rollout import FixedLocator, rollout_ranks, run_episodes
     from sketch_env.vector_env import make_vector_env
 
