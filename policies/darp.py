@@ -72,6 +72,7 @@ class DARPConfig(ValidationConfig, AlgorithmConfig):
         self.num_episodes_per_train_batch = 32
         self.rl_weight = 0.01
         self.advantage_norm = False
+        self.locator_return = "episode"
         self.sup_lambda = 1.0
         self.sup_target = "photo"
         self.sup_loss = "infonce"
@@ -102,6 +103,7 @@ class DARPConfig(ValidationConfig, AlgorithmConfig):
         num_episodes_per_train_batch=NotProvided,
         rl_weight=NotProvided,
         advantage_norm=NotProvided,
+        locator_return=NotProvided,
         sup_lambda=NotProvided,
         sup_target=NotProvided,
         sup_loss=NotProvided,
@@ -120,6 +122,9 @@ class DARPConfig(ValidationConfig, AlgorithmConfig):
             rl_weight: weight of the policy-gradient (+ baseline) term; the authors' code used 0.01.
             advantage_norm: scale the locator's advantages (G_t - b_t) to zero mean and unit std
                 over each minibatch.
+            locator_return: "episode" (G_t: the discounted return to the episode's end) or "level"
+                (the rewards from t + 1 to the end of the level the location's glimpse is read on:
+                in local match, what the location changed; policies.darp_learner.ComputeLevelReturns).
             sup_lambda: weight of the supervised ||a_t - e_target||^2 term.
             sup_target: e_target: "photo" (the true photo's embedding) or "final_sketch" (the
                 phase-1 embedding of the complete sketch).
@@ -136,6 +141,7 @@ class DARPConfig(ValidationConfig, AlgorithmConfig):
             num_episodes_per_train_batch=num_episodes_per_train_batch,
             rl_weight=rl_weight,
             advantage_norm=advantage_norm,
+            locator_return=locator_return,
             sup_lambda=sup_lambda,
             sup_target=sup_target,
             sup_loss=sup_loss,
@@ -162,6 +168,8 @@ class DARPConfig(ValidationConfig, AlgorithmConfig):
                 f"num_episodes_per_train_batch={self.num_episodes_per_train_batch} must be a multiple of "
                 f"num_envs_per_env_runner x num_env_runners = {per_round} (RLlib resets all sub-envs per sample call)"
             )
+        if self.locator_return not in ("episode", "level"):
+            self._value_error(f"locator_return must be 'episode' or 'level', got {self.locator_return!r}")
         if self.sup_loss not in ("mse", "infonce"):
             self._value_error(f"sup_loss must be 'mse' or 'infonce', got {self.sup_loss!r}")
         if self.sup_loss == "infonce" and self.sup_target != "photo":

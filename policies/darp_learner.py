@@ -9,13 +9,20 @@ Loss per module (method.md, "Hybrid loss"), with m the loss mask over (B, T) and
 - total = rl_weight x (policy gradient + baseline) + sup_lambda x supervised.
 The locator and baseline read h detached, so the RL term never reaches the core (as in the recurrent
 attention model) and the supervised term never reaches the locator.
+
+G_t is the discounted return to the episode's end (`locator_return="episode"`), or, in local match,
+the rewards until the end of the level whose evidence the location's glimpse joins
+(`locator_return="level"`, `ComputeLevelReturns`): there a location changes the ranks of that level
+only, and the rest of the episode is noise in its credit.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
+from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.connectors.learner import ComputeReturnsToGo
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.learner import Learner
@@ -68,6 +75,36 @@ def darp_loss(
     return loss, stats
 
 
+def level_returns(rewards: np.ndarray, n_glimpses: int, t_started: int = 0) -> np.ndarray:
+    """(T,) the credit of the location chosen at each step: sum of rewards r_{t+1} .. r_e, with e the last
+    step of the level that step t + 1 belongs to (the location chosen at t is observed at t + 1 and its
+    cell joins that level's evidence; the env resets the evidence every n_glimpses steps). Steps are
+    counted from the episode's start (`t_started` of this piece)."""
+    rewards = np.asarray(rewards, np.float64)
+    steps = t_started + np.arange(len(rewards))
+    level = steps // n_glimpses
+    out = np.zeros(len(rewards) + 1)
+    for i in range(len(rewards) - 1, -1, -1):  # within-level sums from the end: S(i) = r_i + S(i + 1) in one level
+        same = i + 1 < len(rewards) and level[i + 1] == level[i]
+        out[i] = rewards[i] + (out[i + 1] if same else 0.0)
+    return out[1:]  # out[T] = 0: the last location is never read
+
+
+class ComputeLevelReturns(ConnectorV2):
+    """Learner connector: RETURNS_TO_GO = `level_returns` of each (complete) episode, for locator_return="level"."""
+
+    def __init__(self, input_observation_space=None, input_action_space=None, *, n_glimpses: int):
+        super().__init__(input_observation_space, input_action_space)
+        self.n_glimpses = n_glimpses
+
+    def __call__(self, *, rl_module, episodes, batch, **kwargs):
+        for episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
+            self.add_n_batch_items(batch=batch, column=Columns.RETURNS_TO_GO,
+                                   items_to_add=level_returns(episode.get_rewards(), self.n_glimpses, episode.t_started),
+                                   num_items=len(episode), single_agent_episode=episode)
+        return batch
+
+
 class DARPLearner(TorchLearner):
     """TorchLearner with DARP's hybrid loss and the std schedule."""
 
@@ -76,7 +113,11 @@ class DARPLearner(TorchLearner):
         super().build()
         self.supervised_objective = build_supervised_term(self)
         if self.config.add_default_connectors_to_learner_pipeline:
-            self._learner_connector.prepend(ComputeReturnsToGo(gamma=self.config.gamma))
+            if self.config.locator_return == "level":
+                n_glimpses = int(self.config.env_config.get("n_glimpses", 12))
+                self._learner_connector.prepend(ComputeLevelReturns(n_glimpses=n_glimpses))
+            else:
+                self._learner_connector.prepend(ComputeReturnsToGo(gamma=self.config.gamma))
         self.std_schedule = StdSchedule(**self.config.std_schedule)
 
     @override(TorchLearner)

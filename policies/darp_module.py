@@ -16,6 +16,9 @@ h0_init ("sketch"|"zeros"), use_sketch_embedding (True), residual_query (True), 
 before the action network, in the learner only), n_heads (6), bootstrap_p (0.5),
 std (initial std; the learner overwrites it from the schedule), eval_heads ("mean"|"first"),
 retina_encoder ("linear"|"conv", see darp_networks.GlimpseNetwork).
+
+In local and dense match (issue 23) the observation also holds `descriptor` (d,), the phase-1 local
+descriptor at the glimpse's cell, and `cell_ink` (h * w,); the glimpse network reads both.
 """
 
 from __future__ import annotations
@@ -57,9 +60,11 @@ class DARPModule(TorchRLModule):
             raise ValueError(f"eval_heads must be 'mean' or 'first', got {self.eval_heads!r}")
         hidden = int(cfg.get("hidden", 256))
         glimpse_hidden = int(cfg.get("glimpse_hidden", 128))
+        self.local_obs = "descriptor" in obs_space.spaces
+        local_size = obs_space["descriptor"].shape[0] + obs_space["cell_ink"].shape[0] if self.local_obs else 0
         self.glimpse_net = GlimpseNetwork(
             obs_space["glimpse"].shape, embed_dim, glimpse_hidden, bool(cfg.get("use_sketch_embedding", True)),
-            self.attention, cfg.get("retina_encoder", "linear"),
+            self.attention, cfg.get("retina_encoder", "linear"), local_size,
         )
         self.core = CoreNetwork(glimpse_hidden, embed_dim, hidden, cfg.get("cell", "gru"), cfg.get("h0_init", "sketch"))
         # residual_query: a_t = normalize(e_t + ACTN(h_t)) with e_t the phase-1 embedding of the current
@@ -89,7 +94,8 @@ class DARPModule(TorchRLModule):
         obs = batch[Columns.OBS]
         state_in = batch[Columns.STATE_IN]
         starts = (obs["level"][:, 0] == 0) & (obs["glimpse_index"][:, 0] == 0)
-        g = self.glimpse_net(obs["glimpse"], obs["location"], obs["level"], obs["sketch_embedding"])
+        local = torch.cat([obs["descriptor"], obs["cell_ink"]], -1) if self.local_obs else None
+        g = self.glimpse_net(obs["glimpse"], obs["location"], obs["level"], obs["sketch_embedding"], local)
         core_state = {k: state_in[k] for k in ("h", "c") if k in state_in}
         h, core_out = self.core(g, core_state, starts, obs["sketch_embedding"][:, 0])
         return h, core_out, starts

@@ -55,10 +55,14 @@ class GlimpseNetwork(nn.Module):
     `attention=False` drops what and where (glimpse and location are ignored): g_t then depends on
     the partial sketch's phase-1 embedding and level only (the no-attention ablation and the
     policies of the vanilla-RL and PPO baselines).
+
+    `local_size` > 0 (local match, issue 23): the "what" also reads `local` (N, local_size), the local
+    descriptor at the glimpse's cell and the ink share of every cell (sketch_env.env's observation).
     """
 
     def __init__(self, retina_shape: tuple[int, int, int], embed_dim: int, hidden: int = 128,
-                 use_sketch_embedding: bool = True, attention: bool = True, encoder: str = "linear"):
+                 use_sketch_embedding: bool = True, attention: bool = True, encoder: str = "linear",
+                 local_size: int = 0):
         super().__init__()
         if not attention and not use_sketch_embedding:
             raise ValueError("a glimpse network without attention needs use_sketch_embedding=True (it would see the level only)")
@@ -74,14 +78,18 @@ class GlimpseNetwork(nn.Module):
         self.sketch = nn.Linear(embed_dim, hidden) if use_sketch_embedding else None
         self.combine_what = nn.Linear(hidden, hidden) if attention else None
         self.combine_where = nn.Linear(hidden, hidden) if attention else None
+        self.local = nn.Linear(local_size, hidden) if attention and local_size else None
 
-    def forward(self, glimpse, location, level, sketch_embedding):
+    def forward(self, glimpse, location, level, sketch_embedding, local=None):
         context = self.when(level.long().clamp(0, N_LEVELS - 1))
         if self.sketch is not None:
             context = context + self.sketch(sketch_embedding)
         if not self.attention:
             return F.relu(context)
-        what = F.relu(self.what(glimpse.flatten(start_dim=-3) if self.flat_retina else glimpse))
+        what = self.what(glimpse.flatten(start_dim=-3) if self.flat_retina else glimpse)
+        if self.local is not None:
+            what = what + self.local(local)
+        what = F.relu(what)
         where = F.relu(self.where(location))
         return F.relu(self.combine_what(what) + self.combine_where(where) + context)
 

@@ -44,6 +44,8 @@ class EmbeddingConfig:
     photo_input: how photos enter: `photo_edges` (gradient edges), `policies.hed.hed_edges` (learned
     HED edges) or RGB. width: channels of the compact trunk's first block (doubling per block).
     tta_flip: in eval mode, embed every image and its mirror image and average (queries and gallery).
+    local_dim: size d of the local descriptors read from the trunk's feature map (policies.local_descriptors;
+    0: none).
     """
 
     backbone: Backbone = "compact"
@@ -55,6 +57,7 @@ class EmbeddingConfig:
     frozen_stages: int = 0
     width: int = 16
     tta_flip: bool = False
+    local_dim: int = 0
 
 
 class EmbeddingNet(nn.Module):
@@ -79,6 +82,11 @@ class EmbeddingNet(nn.Module):
         else:
             self.photo_trunk = copy.deepcopy(self.sketch_trunk)
             self.photo_head = nn.Linear(features, config.embedding_dim)
+        self.local_head = None  # local descriptors (issue 23): one head for both branches, on feature_map
+        if config.local_dim:
+            from policies.local_descriptors import LocalHead
+
+            self.local_head = LocalHead(self._feature_map_channels(), config.local_dim)
 
     def _make_trunk(self) -> Trunk:
         c = self.config
@@ -95,6 +103,28 @@ class EmbeddingNet(nn.Module):
         """The trained parameters of the trunk(s) (not the heads): what a lower learning rate fine-tunes."""
         trunks = {id(t): t for t in (self.sketch_trunk, self.photo_trunk)}.values()
         return [p for t in trunks for p in t.parameters() if p.requires_grad]
+
+    LOCAL_STAGE = 2  # the compact trunk's third block: an (image_size / 8)^2 map of 4 x width channels
+
+    def feature_map_layers(self) -> tuple[nn.Module, nn.Module]:
+        """The (sketch, photo) trunk stages whose outputs are the conv feature maps before pooling that
+        local descriptors read: the compact trunk's third block, an (image_size / 8)^2 map of 4 x width
+        channels (8 x 8 at 64 px). Other backbones have none yet."""
+        if self.config.backbone != "compact":
+            raise ValueError(f"local descriptors need the compact backbone for now, not {self.config.backbone!r}")
+        return self.sketch_trunk.stages[self.LOCAL_STAGE], self.photo_trunk.stages[self.LOCAL_STAGE]
+
+    def feature_map(self, x: torch.Tensor, photo: bool = False) -> torch.Tensor:
+        """The trunk's conv feature map (B, C, h, w) of images x before pooling (`feature_map_layers`)."""
+        self.feature_map_layers()
+        x = self._prepare(x)
+        for stage in (self.photo_trunk if photo else self.sketch_trunk).stages[: self.LOCAL_STAGE + 1]:
+            x = stage(x)
+        return x
+
+    def _feature_map_channels(self) -> int:
+        self.feature_map_layers()
+        return 4 * self.config.width
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Match the trunk's input: channel count, and for torchvision trunks the look of their weights'
@@ -323,15 +353,23 @@ def embed_sketches(net_or_run: EmbeddingNet | str | Path, sketches: SketchSet, b
     return embed_sketch_levels(net, first_ink_level(sketches, net.config.image_size), batch)
 
 
-def noisy_episode_data(split, gallery, net_or_run: EmbeddingNet | str | Path, strokes: int, seed: int, image_size: int):
+def noisy_episode_data(split, gallery, net_or_run: EmbeddingNet | str | Path, strokes: int, seed: int, image_size: int,
+                       photo_grids: torch.Tensor | None = None):
     """Episodes of the Dataset `split` with `strokes` unnecessary strokes added to every sketch
     (sketch_env.strokes.with_noise_strokes: what `darp evaluate --noise-strokes N --noise-seed S` ranks),
-    ranked in `gallery`, their partial sketches embedded by the phase-1 network (they are not in the export)."""
+    ranked in `gallery`, their partial sketches embedded by the phase-1 network (they are not in the export).
+    photo_grids: the gallery's local grids (local matching): the noisy sketches' grids are computed too."""
     from sketch_env.episodes import episode_data
     from sketch_env.strokes import with_noise_strokes
 
     noisy = with_noise_strokes(split, strokes, seed)
-    return episode_data(noisy, gallery, embed_sketches(net_or_run, noisy.sketches), image_size)
+    net = net_or_run if isinstance(net_or_run, EmbeddingNet) else load_embedding_net(net_or_run)[0]
+    grids = {}
+    if photo_grids is not None:
+        from policies.local_descriptors import embed_sketch_grids
+
+        grids = {"sketch_grids": embed_sketch_grids(net, noisy.sketches), "photo_grids": photo_grids}
+    return episode_data(noisy, gallery, embed_sketches(net, noisy.sketches), image_size, **grids)
 
 
 def embed_photos(net_or_run: EmbeddingNet | str | Path, photos: PhotoSet, batch: int = 512) -> torch.Tensor:

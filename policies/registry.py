@@ -87,6 +87,12 @@ class TrainConfig:
     glimpse_size: int = _arg(8, "side g of each glimpse patch in pixels (the paper: 8 on a 64 x 64 render)")
     snap_to_ink: bool = _arg(False, "every glimpse looks at the inked pixel nearest to the chosen location")
     reward: Literal["threshold", "best_rank", "rank_gain"] = _arg("rank_gain", "reward variant (see sketch_env.rewards)")
+    match: Literal["global", "local", "dense", "dense-ink"] = _arg(
+        "global", "what the ranking compares (sketch_env.local_match): global (the query against each photo's embedding, "
+        "the paper), local (+ the phase-1 local descriptors at the cells the level's glimpses looked at: where the agent "
+        "looks decides what is compared), dense (+ every cell's: no attention) or dense-ink (+ every inked cell's); all "
+        "but global need an --embedding run of `darp pretrain --local-dim`")
+    local_weight: float = _arg(1.0, "weight of the local term in the score (--match local, dense or dense-ink)")
     # loss and optimisation
     num_epochs: int = _arg(4, "passes over each batch of episodes (more supervised steps per sampled batch)")
     minibatch_episodes: int = _arg(16, "episodes per gradient step (0: the whole batch)")
@@ -95,6 +101,10 @@ class TrainConfig:
                                      "does not change what they see next: with rank_gain a return would cancel its effect)")
     rl_weight: float = _arg(0.01, "weight of the policy-gradient term (authors' code: 0.01)")
     advantage_norm: bool = _arg(False, "scale the locator's advantages to zero mean and unit std per minibatch")
+    locator_return: Literal["episode", "level"] | None = _arg(
+        None, "what the locator's policy gradient credits a location with: the discounted return of the rest of the "
+        "episode, or the rewards until the end of the level whose evidence its glimpse joins (default: level with "
+        "--match local, else episode)")
     sup_lambda: float = _arg(1.0, "weight of the supervised ||a - e_target||^2 term")
     sup_target: Literal["photo", "final_sketch"] = _arg("photo", "e_target: the true photo's embedding or the complete sketch's")
     sup_loss: Literal["mse", "infonce"] = _arg(
@@ -207,6 +217,8 @@ def env_config_of(cfg: TrainConfig, split: str = "train") -> dict:
         "image_size": cfg.glimpse_image_size,
         "glimpse_size": cfg.glimpse_size,
         "snap_to_ink": cfg.snap_to_ink,
+        "match": cfg.match,
+        "local_weight": cfg.local_weight,
     }
 
 
@@ -221,6 +233,11 @@ def with_algo_defaults(cfg: TrainConfig) -> TrainConfig:
         values["n_glimpses"] = 12 if cfg.algo in GLIMPSING else 1
     if cfg.gamma is None:
         values["gamma"] = 0.0 if cfg.algo in ("vanilla-pg", "ppo") else 0.99
+    if cfg.locator_return is None:
+        values["locator_return"] = "level" if cfg.match == "local" else "episode"
+    if cfg.match != "global" and cfg.algo in ("vanilla-pg", "ppo"):
+        raise ValueError(f"--match {cfg.match} ranks with local descriptors the policy observes; {cfg.algo} reads the "
+                         "phase-1 features only (use darp, its ablations or bdqn)")
     if cfg.algo == "darp-no-exploration":
         values.update(n_heads=1, bootstrap_p=1.0, std_start=NO_EXPLORATION_STD, std_end=NO_EXPLORATION_STD)
     return dataclasses.replace(cfg, **values)
@@ -249,6 +266,7 @@ def _algorithm_config(cfg: TrainConfig):
         gamma=cfg.gamma,
         rl_weight=cfg.rl_weight,
         advantage_norm=cfg.advantage_norm,
+        locator_return=cfg.locator_return,
         sup_lambda=cfg.sup_lambda,
         sup_target=cfg.sup_target,
         sup_loss=cfg.sup_loss,

@@ -193,13 +193,17 @@ class LevelState:
 
     state: recurrent state after the level's last glimpse (tensors of batch 1); location: (2,)
     where the next glimpse looks; query: (D,) the query after the last glimpse, clipped to [-1, 1]
-    as the env clips it; looked: (G, 2) the centres of this level's glimpses (sensor coordinates).
+    as the env clips it; looked: (G, 2) the centres of this level's glimpses (sensor coordinates);
+    grid: (h, w, d) the partial sketch's local descriptors in local and dense matches (else None);
+    inked: (h * w,) bool, the grid cells that hold ink (dense-ink match).
     """
 
     state: dict
     location: torch.Tensor
     query: torch.Tensor
     looked: np.ndarray
+    grid: torch.Tensor | None = None
+    inked: torch.Tensor | None = None
 
 
 class LivePolicy:
@@ -229,7 +233,16 @@ class LivePolicy:
         sizes = {self.config.image_size, self.net.config.image_size}
         rendered = {s: torch.from_numpy(np.stack([render_points(p, s) for _, p, _ in steps])) for s in sizes}
         embedding = self.net.embed_sketches(rendered[self.net.config.image_size][:, None])  # (B, D)
+        grids = None
+        if self.config.match != "global":  # stored as the export stores them (float16)
+            grids = self.net.local_head(self.net.feature_map(rendered[self.net.config.image_size][:, None].float()))
+            grids = grids.to(torch.float16).to(torch.float32)
         integral = integral_image(rendered[self.config.image_size])
+        inked = None
+        if grids is not None:
+            from sketch_env.local_match import inked_cells
+
+            inked = inked_cells(rendered[self.config.image_size], grids.shape[1], grids.shape[2])
         fresh = initial_state(self.module, 1)
         states = [fresh if previous is None else previous.state for previous, _, _ in steps]
         state = {k: torch.cat([s[k] for s in states]) for k in fresh}
@@ -238,13 +251,14 @@ class LivePolicy:
         looked = torch.zeros(B, G, 2)
         for g in range(G):
             looked[:, g] = location
-            obs = build_observation(self.sensor, integral, location, level, torch.full((B,), g), embedding)
+            obs = build_observation(self.sensor, integral, location, level, torch.full((B,), g), embedding, grids)
             actions, state = policy_step(self.module, obs, state)
             location = actions["location"].clamp(-1.0, 1.0)
         query = actions["query"].clamp(-1.0, 1.0)
         return [  # clones: a view would keep the whole batch alive in the cache
             LevelState({k: v[b : b + 1].clone() for k, v in state.items()}, location[b].clone(), query[b].clone(),
-                       looked[b].numpy().copy())
+                       looked[b].numpy().copy(), None if grids is None else grids[b].clone(),
+                       None if inked is None else inked[b].clone())
             for b in range(B)
         ]
 
@@ -305,12 +319,18 @@ class LiveRetrieval:
     One drawing at a time: `query`. Many at once (the server's batches): `start` each, then `step`
     them together (one level each for the pending ones in one batch, then one ranking pass for the
     finished ones) until each has its answer. `start` and `step` may run in different threads.
+
+    In local and dense match (the policy's env config) `local_gallery` holds the gallery's photo grids
+    and every rank adds the level's local term, as the environment's does (`local_term`).
     """
 
     def __init__(self, policy: LivePolicy, gallery: Gallery, cache_size: int = 4096,
-                 confidence: Confidence | None = None, stop_at: float = STOP_AT):
+                 confidence: Confidence | None = None, stop_at: float = STOP_AT, local_gallery=None):
+        if policy.config.match != "global" and local_gallery is None:
+            raise ValueError(f"match={policy.config.match!r} needs the gallery's local grids (local_gallery)")
         self.policy = policy
         self.gallery = gallery
+        self.local_gallery = local_gallery if policy.config.match != "global" else None
         self.cache_size = cache_size
         self.confidence = confidence
         self.stop_at = stop_at
@@ -373,11 +393,13 @@ class LiveRetrieval:
         if any(d.pending for d in drawings):
             raise ValueError("answer() needs finished drawings: advance() the pending ones first")
         k = min(TOP_K, len(self.gallery))
-        top, distance, top_rank = self.gallery.ranked_topk(torch.stack([d.levels[-1].query for d in drawings]), k)
+        last = [d.levels[-1] for d in drawings]
+        top, distance, top_rank = self.gallery.ranked_topk(torch.stack([lv.query for lv in last]), k, extra=self.local_term(last))
         target_ranks = self._target_ranks([d for d in drawings if d.target is not None])
         confidences = None
-        if self.confidence is not None:  # the last levels' distances are the ones just computed
-            confidences = self._level_confidences(drawings, {d.keys[-1]: distance[i] for i, d in enumerate(drawings)})
+        if self.confidence is not None:  # the last levels' global distances are the ones just computed
+            known = {} if self.local_gallery is not None else {d.keys[-1]: distance[i] for i, d in enumerate(drawings)}
+            confidences = self._level_confidences(drawings, known)
         cfg = self.config
         sides = unit_length(cfg.glimpse_size * cfg.patch_scale ** np.arange(cfg.n_patches), cfg.image_size)
         answers = []
@@ -431,6 +453,28 @@ class LiveRetrieval:
                     self._confidences.popitem(last=False)
         return found
 
+    def local_term(self, levels: Sequence[LevelState]) -> torch.Tensor | None:
+        """(B, N) what the environment adds to the squared distances after these levels' last glimpse: the
+        weighted mean local distance at the cells the level's glimpses looked at (local), at every cell
+        (dense) or every inked cell (dense-ink); None in global match."""
+        if self.local_gallery is None:
+            return None
+        from sketch_env.local_match import cell_of
+
+        grids = torch.stack([lv.grid for lv in levels])  # (B, h, w, d)
+        if self.config.match == "dense":
+            distance = self.local_gallery.dense_distance(grids)
+        elif self.config.match == "dense-ink":
+            distance = self.local_gallery.dense_distance(grids, torch.stack([lv.inked for lv in levels]))
+        else:
+            b, h, w, d = grids.shape
+            looked = torch.as_tensor(np.stack([lv.looked for lv in levels]), dtype=torch.float32)  # (B, G, 2)
+            g = looked.shape[1]
+            cells = cell_of(looked.reshape(-1, 2), h, w)
+            descriptors = grids.reshape(b, h * w, d).repeat_interleave(g, 0)[torch.arange(b * g), cells]
+            distance = self.local_gallery.distance_at(descriptors, cells).view(b, g, -1).mean(1)
+        return self.config.local_weight * distance
+
     def _target_ranks(self, drawings: Sequence[Drawing]) -> dict[tuple[bytes, int], int]:
         """{(level key, target row): the target's rank after that level} for every level of `drawings`;
         ranks computed before come from the cache, the others in one `Gallery.rank` pass."""
@@ -440,11 +484,13 @@ class LiveRetrieval:
                 for key, level in zip(d.keys, d.levels):
                     rank = self._ranks.get((key, d.target))
                     if rank is None:
-                        todo.append(((key, d.target), level.query))
+                        todo.append(((key, d.target), level))
                     else:
                         found[key, d.target] = rank
         if todo:
-            ranks = self.gallery.rank(torch.stack([q for _, q in todo]), torch.tensor([t for (_, t), _ in todo]))
+            levels = [level for _, level in todo]
+            ranks = self.gallery.rank(torch.stack([lv.query for lv in levels]), torch.tensor([t for (_, t), _ in todo]),
+                                      self.local_term(levels))
             found.update(zip([name for name, _ in todo], ranks.tolist()))
             with self._lock:
                 for name, _ in todo:

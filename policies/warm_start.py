@@ -40,6 +40,7 @@ from policies.supervised import TARGET_EMBEDDING, TARGET_INDEX, SupervisedObject
 from sketch_env.env import EnvConfig
 from sketch_env.episodes import EpisodeData, load_episode_data
 from sketch_env.glimpse import GlimpseSensor, integral_image
+from sketch_env.local_match import cell_ink, cell_of
 from sketch_env.locators import LOCATORS, InkTable, nearest_ink
 from sketch_env.metrics import auir
 from sketch_env.render import N_LEVELS
@@ -93,6 +94,7 @@ class FixedRuleEpisodes:
         self.seed = seed
         self.G = env_config.n_glimpses
         self.snap = env_config.snap_to_ink
+        self.local = env_config.match != "global"  # observations also hold the local descriptor and cell ink
         self.sensor = GlimpseSensor(env_config.glimpse_size, env_config.n_patches, env_config.patch_scale)
         self.table = InkTable.from_renders(episodes.images)
         self.level = torch.arange(N_LEVELS).repeat_interleave(self.G)
@@ -136,6 +138,13 @@ class FixedRuleEpisodes:
             "glimpse_index": self.glimpse_index.expand(B, T),
             "sketch_embedding": embedding.repeat_interleave(self.G, 1),
         }
+        if self.local:  # as sketch_env.env.build_observation: the grid at the glimpse's cell, the ink of every cell
+            grids = self.episodes.sketch_grids.index_select(0, rows)  # (B, 17, h, w, d)
+            h, w, d = grids.shape[2:]
+            cells = cell_of(loc.reshape(-1, 2), h, w).view(B, N_LEVELS, self.G, 1).expand(-1, -1, -1, d)
+            descriptor = grids.reshape(B, N_LEVELS, h * w, d).gather(2, cells).to(torch.float32).clamp_(-1.0, 1.0)
+            obs["descriptor"] = descriptor.reshape(B, T, d)
+            obs["cell_ink"] = cell_ink(integral, h, w).view(B, N_LEVELS, h * w).repeat_interleave(self.G, 1)
         state = initial_state(module, B)
         target = self.episodes.target_index.index_select(0, rows)[:, None].expand(B, T)
         gallery = self.episodes.gallery.embeddings.float()
@@ -223,7 +232,7 @@ def with_noisy_copies(episodes: EpisodeData, data_dir, split: str, embedding_run
     net = load_embedding_net(embedding_run)[0]
     return concat_episode_data([episodes] + [
         noisy_episode_data(split_data, episodes.gallery, net, max(1, strokes * (c + 1) // copies), 10_000 + seed + c,
-                           image_size)
+                           image_size, episodes.photo_grids)
         for c in range(copies)
     ])
 
@@ -235,17 +244,18 @@ def warm_start_learner(learner, config: WarmStartConfig, val_split: str = "val")
 
     names = {f.name for f in dataclasses.fields(EnvConfig)}
     env = EnvConfig.from_options(None, {k: v for k, v in learner.config.env_config.items() if k in names})
-    train = load_episode_data(env.data, env.embedding, env.split, env.image_size)
+    local = env.match != "global"
+    train = load_episode_data(env.data, env.embedding, env.split, env.image_size, local=local)
     train = with_noisy_copies(train, env.data, env.split, env.embedding, config.noise_copies, config.noise_strokes,
                               config.seed, env.image_size)
-    val = load_episode_data(env.data, env.embedding, val_split, env.image_size)
+    val = load_episode_data(env.data, env.embedding, val_split, env.image_size, local=local)
     module = learner.module[DEFAULT_MODULE_ID].unwrapped()
     val_sets = [FixedRuleEpisodes(val, env, config.locator, VAL_SEED + config.seed)]
     if config.noise_copies:  # trained to discount unnecessary strokes: kept by clean and noisy validation alike
         from sketch_env.data import load_dataset, select_split
 
         noisy = noisy_episode_data(select_split(load_dataset(env.data), val_split), val.gallery, env.embedding,
-                                   config.noise_strokes, VAL_SEED + config.seed, env.image_size)
+                                   config.noise_strokes, VAL_SEED + config.seed, env.image_size, val.photo_grids)
         val_sets.append(FixedRuleEpisodes(noisy, env, config.locator, VAL_SEED + config.seed))
     return warm_start(module, FixedRuleEpisodes(train, env, config.locator, config.seed), val_sets,
                       learner.supervised_objective, config, log=lambda line: print(line, flush=True))

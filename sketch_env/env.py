@@ -17,6 +17,14 @@ the supervised targets up (policies.supervised). The target is never in the obse
 
 The step rule is written once, batched, in `EpisodeBatch`: this env is a batch of one and
 `sketch_env.vector_env.SketchRetrievalVectorEnv` a batch of B, so the two agree by construction.
+
+`match` chooses what the ranking compares (`sketch_env.local_match`): "global" ranks the query against
+each photo's embedding (the paper); "local" adds, for every glimpse the agent has taken on the current
+level, the sketch's local descriptor at the glimpse's cell against each photo's best match around the
+same place, so the location decides which evidence enters the ranking; "dense" adds that term over
+every cell, "dense-ink" over every cell holding ink (no attention). The action and the reward stay the
+same; in local and dense modes the observation also holds the descriptor at the glimpse's cell and
+the ink of every cell.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from gymnasium import spaces
 from sketch_env.episodes import EpisodeData, load_episode_data
 from sketch_env.geometry import location_to_pixel
 from sketch_env.glimpse import GlimpseSensor, integral_image
+from sketch_env.local_match import DENSE, MATCHES, LocalGallery, cell_ink, cell_of, inked_cells
 from sketch_env.locators import nearest_ink
 from sketch_env.render import N_LEVELS
 from sketch_env.rewards import REWARDS, best_rank_reward, eta, rank_gain_reward, threshold_reward
@@ -88,6 +97,13 @@ class EnvConfig:
     observe_sketch_embedding: bool = field(
         default=True, metadata={"help": "include the phase-1 embedding of the partial sketch in the observation"}
     )
+    match: Literal["global", "local", "dense", "dense-ink"] = field(
+        default="global", metadata={"help": "what the ranking compares: global (the query against each photo's "
+                                            "embedding), local (+ the local descriptors at the cells the level's "
+                                            "glimpses looked at), dense (+ every cell's) or dense-ink (+ every inked "
+                                            "cell's); all but global need a phase 1 trained with --local-dim"}
+    )
+    local_weight: float = field(default=1.0, metadata={"help": "weight of the local term in the score (all matches but global)"})
 
     def __post_init__(self):
         if self.reward not in REWARDS:
@@ -98,6 +114,10 @@ class EnvConfig:
             raise ValueError(f"n_glimpses must be at least 1, got {self.n_glimpses}")
         if self.image_size < 2:
             raise ValueError(f"image_size must be at least 2 pixels, got {self.image_size}")
+        if self.match not in MATCHES:
+            raise ValueError(f"match must be one of {MATCHES}, got {self.match!r}")
+        if not self.local_weight >= 0:
+            raise ValueError(f"local_weight must be >= 0, got {self.local_weight}")
         GlimpseSensor(self.glimpse_size, self.n_patches, self.patch_scale)
 
     @staticmethod
@@ -111,18 +131,24 @@ class EnvConfig:
 
 
 def episodes_for(config: EnvConfig, episodes: EpisodeData | None, thumbnails: bool) -> EpisodeData:
-    """The given episodes, or the ones `config` names (loaded with thumbnails if asked)."""
+    """The given episodes, or the ones `config` names (loaded with thumbnails if asked, and with local
+    grids in local and dense match)."""
+    local = config.match != "global"
     if episodes is not None:
         if thumbnails and episodes.thumbnails is None:
             raise ValueError("render_mode='rgb_array' needs photo thumbnails: load_episode_data(..., thumbnails=True)")
+        if local and episodes.photo_grids is None:
+            raise ValueError(f"match={config.match!r} needs episodes with local grids: load_episode_data(..., local=True)")
         return episodes
     if not config.data or not config.embedding:
         raise ValueError("EnvConfig needs `data` (a data-set directory) and `embedding` (a phase-1 run directory)")
-    return load_episode_data(config.data, config.embedding, config.split, config.image_size, thumbnails)
+    return load_episode_data(config.data, config.embedding, config.split, config.image_size, thumbnails, local=local)
 
 
-def observation_space(config: EnvConfig, dim: int) -> spaces.Dict:
-    """The observation of one env: glimpse (k, g, g), location (2,), level, glimpse index[, sketch embedding (D,)]."""
+def observation_space(config: EnvConfig, dim: int, local_shape: tuple[int, int, int] | None = None) -> spaces.Dict:
+    """The observation of one env: glimpse (k, g, g), location (2,), level, glimpse index[, sketch embedding (D,)]
+    and, in local and dense match, the local descriptor at the glimpse's cell (d,) and the ink share of every
+    cell (h * w,); local_shape = (h, w, d) of the grids (`EpisodeData.local_shape`)."""
     sensor = GlimpseSensor(config.glimpse_size, config.n_patches, config.patch_scale)
     parts = {
         "glimpse": spaces.Box(0.0, 1.0, sensor.observation_shape, np.float32),
@@ -132,6 +158,12 @@ def observation_space(config: EnvConfig, dim: int) -> spaces.Dict:
     }
     if config.observe_sketch_embedding:
         parts["sketch_embedding"] = spaces.Box(-1.0, 1.0, (dim,), np.float32)
+    if config.match != "global":
+        if local_shape is None:
+            raise ValueError(f"match={config.match!r}: the observation space needs the local grids' shape (h, w, d)")
+        h, w, d = local_shape
+        parts["descriptor"] = spaces.Box(-1.0, 1.0, (d,), np.float32)
+        parts["cell_ink"] = spaces.Box(0.0, 1.0, (h * w,), np.float32)
     return spaces.Dict(parts)
 
 
@@ -142,14 +174,17 @@ def build_observation(
     level: torch.Tensor,
     glimpse_index: torch.Tensor,
     sketch_embedding: torch.Tensor | None,
+    grids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The observation of B episodes as fresh tensors (the one place an observation is built).
 
     integral: (B, H + 1, W + 1) integral images of the current partial sketches (`integral_image`);
     location: (B, 2) where the glimpse looks; level, glimpse_index: (B,) long; sketch_embedding:
-    (B, D) phase-1 embeddings of the partial sketches, or None where the env does not observe them.
+    (B, D) phase-1 embeddings of the partial sketches, or None where the env does not observe them;
+    grids: (B, h, w, d) local descriptor grids of the partial sketches (local and dense match) or None.
     Returns glimpse (B, k, g, g) in [0, 1], location (B, 2), level (B,), glimpse_index (B,) and,
-    unless None, sketch_embedding (B, D) clipped to [-1, 1] (the observation space's bounds).
+    unless None, sketch_embedding (B, D) clipped to [-1, 1] (the observation space's bounds); with
+    grids, descriptor (B, d) (the grid at the glimpse's cell) and cell_ink (B, h * w).
     """
     obs = {
         "glimpse": sensor.from_integral(integral, location).clamp_(0.0, 1.0),
@@ -159,6 +194,11 @@ def build_observation(
     }
     if sketch_embedding is not None:
         obs["sketch_embedding"] = sketch_embedding.clamp(-1.0, 1.0)
+    if grids is not None:
+        b, h, w, d = grids.shape
+        cell = cell_of(location, h, w)
+        obs["descriptor"] = grids.reshape(b, h * w, d)[torch.arange(b), cell].to(torch.float32).clamp_(-1.0, 1.0)
+        obs["cell_ink"] = cell_ink(integral, h, w)
     return obs
 
 
@@ -232,6 +272,12 @@ class EpisodeBatch:
     across episodes until `forget`. Each slot caches the integral image of the partial sketch it
     looks at, so a slot recomputes it once per level (every G steps), not once per glimpse.
     Hot paths index with index_select / index_copy_: much faster on CPU than advanced indexing.
+
+    Local match: step t first adds the cell of the glimpse it observed (at `location`, on level t // G)
+    to that level's evidence (a level starts with none), then ranks with score = squared distance +
+    local_weight x the mean local distance over the evidence's cells (`local_sum` / `local_count`,
+    (n, N) and (n,)). Dense match: the local distance over every cell (dense-ink: every inked cell),
+    computed once per level.
     """
 
     def __init__(self, config: EnvConfig, episodes: EpisodeData, n: int):
@@ -256,6 +302,14 @@ class EpisodeBatch:
             else None
         )
         self.eta = eta(0, config.eta_alpha, config.eta_beta)
+        self.local = None
+        if config.match != "global":
+            if episodes.photo_grids is None:
+                raise ValueError(f"match={config.match!r} needs episodes with local grids")
+            self.local = LocalGallery(episodes.photo_grids)
+            self.grids = episodes.sketch_grids.reshape(-1, *episodes.sketch_grids.shape[2:])  # (S * 17, h, w, d)
+            self.local_sum = torch.zeros(n, len(episodes.gallery), dtype=torch.float32)
+            self.local_count = torch.zeros(n, dtype=torch.float32)
 
     def set_training_step(self, step: int) -> None:
         self.eta = eta(step, self.config.eta_alpha, self.config.eta_beta)
@@ -270,6 +324,9 @@ class EpisodeBatch:
         self.sketch.index_copy_(0, rows, sketch)
         self.t.index_fill_(0, rows, 0)
         self.location.index_fill_(0, rows, 0.0)
+        if self.local is not None:
+            self.local_sum.index_fill_(0, rows, 0.0)
+            self.local_count.index_fill_(0, rows, 0.0)
         start = self.episodes.gallery.percentile(self.episodes.phase1_rank[:, 0].index_select(0, sketch))
         self.previous_percentile.index_copy_(0, rows, start)
 
@@ -281,7 +338,8 @@ class EpisodeBatch:
             raise RuntimeError("the episode has ended (terminated); call reset() before step()")
         level = t // self.config.n_glimpses
         gallery = self.episodes.gallery
-        rank = gallery.rank(query, self.episodes.target_index.index_select(0, sketch))
+        extra = self._local_term(rows, sketch, t, level) if self.local is not None else None
+        rank = gallery.rank(query, self.episodes.target_index.index_select(0, sketch), extra)
         percentile = gallery.percentile(rank)
         if self.config.reward == "threshold":
             reward = threshold_reward(rank, self.eta)
@@ -300,6 +358,39 @@ class EpisodeBatch:
         self.location.index_copy_(0, rows, location)
         return StepResult(rank, percentile, reward, level, t % self.config.n_glimpses, t + 1 == self.length)
 
+    def _local_term(self, rows: torch.Tensor, sketch: torch.Tensor, t: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """(R, N): local_weight x the mean local distance over the current level's evidence, after adding
+        this step's glimpse (local) or, at a level's first step, every cell (dense)."""
+        first = t % self.config.n_glimpses == 0  # a new level: its evidence starts empty
+        grid_row = sketch * N_LEVELS + level
+        total = self.local_sum.index_select(0, rows)
+        count = self.local_count.index_select(0, rows)
+        if self.config.match in DENSE:
+            fresh = torch.nonzero(first | (count == 0)).flatten()
+            if len(fresh):
+                rows_fresh = grid_row.index_select(0, fresh)
+                mask = inked_cells(self.images.index_select(0, rows_fresh), *self.local.grid) if self.config.match == "dense-ink" else None
+                total[fresh] = self.local.dense_distance(self.grids.index_select(0, rows_fresh), mask)
+                count[fresh] = 1.0
+        else:
+            h, w = self.local.grid
+            cell = cell_of(self.location.index_select(0, rows), h, w)
+            grids = self.grids.index_select(0, grid_row).reshape(len(rows), h * w, -1)
+            distance = self.local.distance_at(grids[torch.arange(len(rows)), cell], cell)
+            total = torch.where(first[:, None], torch.zeros_like(total), total) + distance
+            count = torch.where(first, torch.zeros_like(count), count) + 1.0
+        self.local_sum.index_copy_(0, rows, total)
+        self.local_count.index_copy_(0, rows, count)
+        return self.config.local_weight * total / count[:, None]
+
+    def local_score(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """(R, N) the local term the last step of slots `rows` ranked with (zeros before a first step), or None
+        in global match."""
+        if self.local is None:
+            return None
+        count = self.local_count.index_select(0, rows).clamp(min=1.0)
+        return self.config.local_weight * self.local_sum.index_select(0, rows) / count[:, None]
+
     def observation(self) -> dict[str, np.ndarray]:
         """Batched observations of all n slots, in fresh arrays (callers may keep views of them)."""
         t = self.t.clamp(max=self.length - 1)  # after the last step, repeat the last step's level and index
@@ -311,7 +402,9 @@ class EpisodeBatch:
             self.integral.index_copy_(0, stale, integral_image(fresh))
             self.integral_row.index_copy_(0, stale, row.index_select(0, stale))
         embedding = self.embeddings.index_select(0, row) if self.config.observe_sketch_embedding else None
-        obs = build_observation(self.sensor, self.integral, self.location, level, t % self.config.n_glimpses, embedding)
+        grids = self.grids.index_select(0, row) if self.local is not None else None
+        obs = build_observation(self.sensor, self.integral, self.location, level, t % self.config.n_glimpses, embedding,
+                                grids)
         return {key: value.numpy() for key, value in obs.items()}
 
     def infos(self, rows: torch.Tensor, level: torch.Tensor, glimpse_index: torch.Tensor) -> dict[str, np.ndarray]:
@@ -370,7 +463,7 @@ class SketchRetrievalEnv(StepsAnEpisodeBatch, gymnasium.Env):
         self.config = EnvConfig.from_options(config, options)
         self.render_mode = render_mode
         self.episodes = episodes_for(self.config, episodes, thumbnails=render_mode is not None)
-        self.observation_space = observation_space(self.config, self.episodes.dim)
+        self.observation_space = observation_space(self.config, self.episodes.dim, self.episodes.local_shape)
         self.action_space = action_space(self.episodes.dim)
         self._batch = EpisodeBatch(self.config, self.episodes, 1)
         self._rows = torch.zeros(1, dtype=torch.long)
@@ -476,7 +569,7 @@ def render_frame(batch: EpisodeBatch, query: torch.Tensor, rank: int) -> np.ndar
 
     left = GAP + SKETCH_PANEL + 2 * GAP
     draw.text((left, 28), "top 5 for the query", fill=(0, 0, 0))
-    top = ep.gallery.topk(query[None], min(5, n))[0][0].tolist()
+    top = ep.gallery.ranked_topk(query[None], min(5, n), batch.local_score(torch.zeros(1, dtype=torch.long)))[0][0].tolist()
     target = int(ep.target_index[s])
     for j, photo in enumerate(top):
         px = left + j * (THUMB + GAP)

@@ -25,6 +25,13 @@ from sketch_env.embeddings import (
     sketch_embeddings_for,
 )
 from sketch_env.gallery import Gallery
+from sketch_env.local_grids import (
+    PhotoGridEmbedder,
+    SketchGridEmbedder,
+    load_local_grids,
+    photo_grids_for,
+    sketch_grids_for,
+)
 from sketch_env.render import N_LEVELS, render_levels
 
 THUMBNAIL_SIZE = 64
@@ -41,6 +48,9 @@ class EpisodeData:
     gallery:          the photos of the same split as the sketches.
     sketch_id, photo_id: (S,) object arrays of ids.
     thumbnails:       (N, 64, 64, 3) uint8 gallery photos in gallery order, for `render` (or None).
+    sketch_grids:     (S, 17, h, w, d) float16 local descriptor grids of each partial sketch (or None:
+                      local matching needs them and `photo_grids`, sketch_env.local_match).
+    photo_grids:      (N, h, w, d) float16 local descriptor grids of the gallery photos, gallery order.
     phase1_rank:      (S, 17) int64, computed here: the rank of each `sketch_embedding`.
     """
 
@@ -51,6 +61,8 @@ class EpisodeData:
     sketch_id: np.ndarray
     photo_id: np.ndarray
     thumbnails: np.ndarray | None = None
+    sketch_grids: torch.Tensor | None = None
+    photo_grids: torch.Tensor | None = None
     phase1_rank: torch.Tensor = field(init=False)
 
     def __post_init__(self):
@@ -69,6 +81,14 @@ class EpisodeData:
         n = len(self.gallery)
         if self.thumbnails is not None and self.thumbnails.shape != (n, THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3):
             raise ValueError(f"thumbnails must have shape ({n}, {THUMBNAIL_SIZE}, {THUMBNAIL_SIZE}, 3), got {self.thumbnails.shape}")
+        if (self.sketch_grids is None) != (self.photo_grids is None):
+            raise ValueError("local grids come in pairs: give both sketch_grids and photo_grids, or neither")
+        if self.photo_grids is not None:
+            if self.photo_grids.ndim != 4 or len(self.photo_grids) != n:
+                raise ValueError(f"photo_grids must have shape ({n}, h, w, d), got {tuple(self.photo_grids.shape)}")
+            if self.sketch_grids.shape != (s, N_LEVELS, *self.photo_grids.shape[1:]):
+                raise ValueError(f"sketch_grids must have shape ({s}, {N_LEVELS}, {', '.join(map(str, self.photo_grids.shape[1:]))}), "
+                                 f"got {tuple(self.sketch_grids.shape)}")
         queries = self.sketch_embedding.reshape(s * N_LEVELS, -1)
         self.phase1_rank = self.gallery.rank(queries, self.target_index.repeat_interleave(N_LEVELS)).reshape(s, N_LEVELS)
 
@@ -79,6 +99,11 @@ class EpisodeData:
     def dim(self) -> int:
         return self.gallery.dim
 
+    @property
+    def local_shape(self) -> tuple[int, int, int] | None:
+        """(h, w, d) of the local descriptor grids, or None without them."""
+        return None if self.photo_grids is None else tuple(int(v) for v in self.photo_grids.shape[1:])
+
 
 def load_episode_data(
     data_dir: str | Path,
@@ -88,6 +113,9 @@ def load_episode_data(
     thumbnails: bool = False,
     embed_sketches: SketchEmbedder | None = None,
     embed_photos: PhotoEmbedder | None = None,
+    local: bool = False,
+    embed_sketch_grids: SketchGridEmbedder | None = None,
+    embed_photo_grids: PhotoGridEmbedder | None = None,
 ) -> EpisodeData:
     """Episodes of one split: the data set's sketches of `split`, ranked among that split's photos.
 
@@ -100,26 +128,36 @@ def load_episode_data(
                    the export was made (`sketch_env.embeddings.sketch_embeddings_for`); without them
                    a changed one is a DataError naming it, as is a sketch or photo missing from the
                    export, or a sketch the export pairs with another photo than the data set does.
+    local:         also load the local descriptor grids phase 1 exported (`sketch_env.local_grids`; local
+                   matching), the changed items' re-embedded by embed_sketch_grids / embed_photo_grids.
     """
     ds = select_split(load_dataset(data_dir), split)
     if len(ds.sketches) == 0:
         raise DataError(f"{data_dir}: split {split!r} has no sketches")
     export = load_embedding_export(embedding_run)
+    grids = {}
+    if local:
+        stored = load_local_grids(embedding_run)
+        grids = {"sketch_grids": sketch_grids_for(stored, ds.sketches, embedding_run, embed_sketch_grids),
+                 "photo_grids": photo_grids_for(stored, ds.photos, embedding_run, embed_photo_grids)}
     return episode_data(
         ds,
         gallery_for(export, ds.photos, embedding_run, data_dir, embed_photos),
         sketch_embeddings_for(export, ds.sketches, embedding_run, data_dir, embed_sketches),
         image_size,
         thumbnails,
+        **grids,
     )
 
 
 def episode_data(
-    split: Dataset, gallery: Gallery, sketch_embedding: torch.Tensor, image_size: int = 64, thumbnails: bool = False
+    split: Dataset, gallery: Gallery, sketch_embedding: torch.Tensor, image_size: int = 64, thumbnails: bool = False,
+    sketch_grids: torch.Tensor | None = None, photo_grids: torch.Tensor | None = None,
 ) -> EpisodeData:
     """Episodes of the sketches of `split` (a `Dataset`, also one made or changed in memory) ranked in
     `gallery`, with their (S, 17, D) phase-1 `sketch_embedding` computed anywhere (from the export by
-    `sketch_embeddings_for`, or by the phase-1 network for sketches the export never saw)."""
+    `sketch_embeddings_for`, or by the phase-1 network for sketches the export never saw), and their
+    local grids if given (`EpisodeData`)."""
     return EpisodeData(
         images=_render(split.sketches, image_size),
         sketch_embedding=torch.as_tensor(sketch_embedding, dtype=torch.float32),
@@ -128,6 +166,8 @@ def episode_data(
         sketch_id=np.asarray(split.sketches.sketch_id, dtype=object),
         photo_id=np.asarray(split.sketches.photo_id, dtype=object),
         thumbnails=split.photos.decode_all(THUMBNAIL_SIZE) if thumbnails else None,
+        sketch_grids=None if sketch_grids is None else torch.as_tensor(sketch_grids).to(torch.float16),
+        photo_grids=None if photo_grids is None else torch.as_tensor(photo_grids).to(torch.float16),
     )
 
 
@@ -137,6 +177,9 @@ def concat_episode_data(parts: list[EpisodeData]) -> EpisodeData:
     gallery = parts[0].gallery
     if any(p.gallery is not gallery for p in parts[1:]):
         raise ValueError("episode data can only be joined over one gallery")
+    local = parts[0].sketch_grids is not None
+    if any((p.sketch_grids is not None) != local for p in parts[1:]):
+        raise ValueError("episode data can only be joined if all parts have local grids or none do")
     return EpisodeData(
         images=torch.cat([p.images for p in parts]),
         sketch_embedding=torch.cat([p.sketch_embedding for p in parts]),
@@ -144,6 +187,8 @@ def concat_episode_data(parts: list[EpisodeData]) -> EpisodeData:
         gallery=gallery,
         sketch_id=np.concatenate([p.sketch_id for p in parts]),
         photo_id=np.concatenate([p.photo_id for p in parts]),
+        sketch_grids=torch.cat([p.sketch_grids for p in parts]) if local else None,
+        photo_grids=parts[0].photo_grids,
     )
 
 

@@ -92,18 +92,21 @@ class Gallery:
             raise ValueError(f"photo id {e.args[0]!r} is not in the gallery of {len(self)} photos") from None
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
-    def rank(self, queries: torch.Tensor | np.ndarray, target_index: torch.Tensor | np.ndarray) -> torch.LongTensor:
+    def rank(self, queries: torch.Tensor | np.ndarray, target_index: torch.Tensor | np.ndarray,
+             extra: torch.Tensor | None = None) -> torch.LongTensor:
         """Rank (1 = best) of each query's target photo.
 
         queries:      (B, D) float embeddings.
         target_index: (B,) integer row of each query's true photo (see `index_of`).
+        extra:        (B, N) added to each query's squared distances before ranking (local matching's
+                      term, `sketch_env.local_match`), or None.
         Returns (B,) long: 1 + the number of photos strictly closer to the query than its target.
         """
         q = self._queries(queries)
         target = self._targets(target_index, q.shape[0])
         closer = [  # int32 counting is about twice as fast as the default int64 on CPU
             (scores < scores.gather(1, target[start : start + scores.shape[0], None])).sum(1, dtype=torch.int32)
-            for start, scores in self._score_blocks(q)
+            for start, scores in self._score_blocks(q, extra)
         ]
         return torch.cat(closer).long() + 1
 
@@ -129,11 +132,11 @@ class Gallery:
         Equal distances come in no particular order. With an index attached (`use_index`) and not
         `exact`, the photos are the k nearest of the index's candidates (see `ranked_topk`).
         """
-        indices, distances, _ = self.ranked_topk(queries, k, exact)
+        indices, distances, _ = self.ranked_topk(queries, k, exact=exact)
         return indices, distances
 
     def ranked_topk(self, queries: torch.Tensor | np.ndarray, k: int,
-                    exact: bool = False) -> tuple[torch.LongTensor, torch.Tensor, torch.LongTensor]:
+                    extra: torch.Tensor | None = None, exact: bool = False) -> tuple[torch.LongTensor, torch.Tensor, torch.LongTensor]:
         """`topk` and the rank each of the k photos would have as the query's target: (B, k) long.
 
         Read from the same k scores: every photo strictly closer than the j-th is among the first j,
@@ -144,14 +147,16 @@ class Gallery:
         per query and they are re-ranked with exact distances: photos, distances and ranks are
         exact whenever the candidates hold the query's true k nearest (recall, measured by
         benchmarks/bench_gallery.py); a query with fewer than k candidates is searched exactly.
+        extra (B, N): added to the squared distances (as in `rank`); the distances returned include it
+        (searched exactly: an index knows nothing of the extra term).
         """
         if not 1 <= k <= len(self):
             raise ValueError(f"k must be in [1, {len(self)}] (the gallery size), got {k}")
         q = self._queries(queries)
-        if self.index is not None and not exact and len(q):
+        if self.index is not None and not exact and extra is None and len(q):
             return self._reranked_topk(q, k)
         indices, distances, ranks = [], [], []
-        for start, scores in self._score_blocks(q):
+        for start, scores in self._score_blocks(q, extra):
             values, idx = torch.topk(scores, k, dim=1, largest=False, sorted=True)
             indices.append(idx)
             distances.append((values + (q[start : start + len(idx)] ** 2).sum(1, keepdim=True)).clamp_min_(0.0))
@@ -202,16 +207,21 @@ class Gallery:
                 raise ValueError(f"target_index must be in [0, {len(self)}), got values in [{low}, {high}]")
         return target.long()
 
-    def _score_blocks(self, q: torch.Tensor):
-        """Yield (start, scores) with scores (b, N) = ||e||^2 - 2 q.e for queries start..start+b.
+    def _score_blocks(self, q: torch.Tensor, extra: torch.Tensor | None = None):
+        """Yield (start, scores) with scores (b, N) = ||e||^2 - 2 q.e (+ extra) for queries start..start+b.
 
         An empty batch still yields one (0, N) block, so callers get empty results of the right shape.
         """
+        if extra is not None:
+            extra = torch.as_tensor(extra, device=self.device)
+            if extra.shape != (q.shape[0], len(self)):
+                raise ValueError(f"extra must have shape ({q.shape[0]}, {len(self)}), got {tuple(extra.shape)}")
         block = max(1, BLOCK_ELEMENTS // len(self))
         ones = torch.ones(q.shape[0], 1, dtype=torch.float32, device=self.device)
         augmented = torch.cat([q, ones], 1)  # (B, D + 1)
         for start in range(0, max(q.shape[0], 1), block):
-            yield start, augmented[start : start + block] @ self._affine
+            scores = augmented[start : start + block] @ self._affine
+            yield start, scores if extra is None else scores + extra[start : start + block].to(torch.float32)
 
 
 def ranks_from_embeddings(photo_emb, photo_ids, sketch_emb, sketch_photo_ids) -> np.ndarray:

@@ -59,7 +59,7 @@ class SketchRetrievalVectorEnv(StepsAnEpisodeBatch, gymnasium.vector.VectorEnv):
         self.episodes = episodes_for(self.config, episodes, thumbnails=False)
         self.num_envs = num_envs
         self.render_mode = None
-        self.single_observation_space = observation_space(self.config, self.episodes.dim)
+        self.single_observation_space = observation_space(self.config, self.episodes.dim, self.episodes.local_shape)
         self.single_action_space = action_space(self.episodes.dim)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)

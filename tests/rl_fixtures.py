@@ -50,13 +50,15 @@ def save_untrained_run(run_dir: Path, data: Path, embedding: Path, **train_optio
 
     from sketch_env.embeddings import load_embedding_export
     from sketch_env.env import EnvConfig, action_space, observation_space
+    from sketch_env.local_grids import local_grid_shape
     from policies.registry import TrainConfig, build_algo_config, with_algo_defaults
     from policies.runs import MODULE_PATH
 
     run_dir = Path(run_dir)
     cfg = with_algo_defaults(TrainConfig(data=str(data), embedding=str(embedding), run_dir=str(run_dir), **train_options))
     dim = load_embedding_export(embedding).dim
-    spaces = (observation_space(EnvConfig(n_glimpses=cfg.n_glimpses), dim), action_space(dim))
+    local_shape = local_grid_shape(embedding) if cfg.match != "global" else None
+    spaces = (observation_space(EnvConfig(n_glimpses=cfg.n_glimpses, match=cfg.match), dim, local_shape), action_space(dim))
     module = build_algo_config(cfg).get_rl_module_spec(spaces={DEFAULT_MODULE_ID: spaces}).build()
     module.save_to_path(str((run_dir / "checkpoint" / MODULE_PATH).resolve()))
     atomic_write_json(run_dir / "run.json", {"kind": cfg.algo, "config": dataclasses.asdict(cfg),
@@ -64,14 +66,15 @@ def save_untrained_run(run_dir: Path, data: Path, embedding: Path, **train_optio
     return run_dir
 
 
-def make_phase1_run(root: Path, data: Path) -> Path:
-    """A tiny real phase-1 run (`darp pretrain`, a few seconds: network and export) on `data`."""
+def make_phase1_run(root: Path, data: Path, **options) -> Path:
+    """A tiny real phase-1 run (`darp pretrain`, a few seconds: network and export) on `data`; `options`: more
+    `darp pretrain` settings (e.g. local_dim=8 for local descriptor grids)."""
     from tune_runs.pretrain import PretrainConfig
     from tune_runs.pretrain import run as pretrain
 
     phase1 = root / "phase1"
     pretrain(PretrainConfig(data=data, run_dir=phase1, epochs=1, batch_size=16, image_size=32, embedding_dim=16,
-                            eval_batch=256, time_budget_s=5.0))
+                            eval_batch=256, time_budget_s=5.0, **options))
     return phase1
 
 

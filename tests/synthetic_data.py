@@ -61,3 +61,26 @@ def build_fixture(root: Path, seed: int = 0) -> tuple[str, str]:
 
 def _normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+LOCAL_SHAPE = (4, 4, 6)  # (h, w, d) of the synthetic local grids
+
+
+def with_local_grids(episodes, seed: int = 0, photo_grids=None, sketch_grids=None):
+    """`episodes` (EpisodeData) with local descriptor grids: random unit photo grids of LOCAL_SHAPE, and each
+    sketch's grids drifting from noise towards its photo's as the level grows (or the grids given)."""
+    import dataclasses
+
+    import torch
+
+    def unit(x):
+        return x / x.norm(dim=-1, keepdim=True)
+
+    gen = torch.Generator().manual_seed(seed)
+    if photo_grids is None:
+        photo_grids = unit(torch.randn(len(episodes.gallery), *LOCAL_SHAPE, generator=gen))
+    if sketch_grids is None:
+        own = photo_grids[episodes.target_index][:, None]
+        mix = torch.linspace(0.2, 1.0, N_LEVELS)[None, :, None, None, None]
+        sketch_grids = unit(mix * own + (1 - mix) * torch.randn(len(episodes), N_LEVELS, *LOCAL_SHAPE, generator=gen))
+    return dataclasses.replace(episodes, photo_grids=photo_grids.half(), sketch_grids=sketch_grids.half())

@@ -9,7 +9,12 @@ on the phase-1 embeddings of its export, except for sketches (photos) whose stro
 since the export was made: those are re-embedded by its phase-1 network, so the ranks always belong
 to the strokes evaluated.
 
-Writes OUT/metrics.json (auir, m_at_a, acc@1, acc@5, acc@10, percentile_curve, n_sketches, n_photos),
+`--match` ranks in another mode than the run's own (sketch_env.local_match): a triplet run in local
+match takes its glimpses where a fixed `--locator` rule puts them (what local matching gives without
+RL), in dense match it compares every cell; an RL run can be ranked densely in place of its glimpses.
+
+Writes OUT/metrics.json (auir, m_at_a, acc@1, acc@5, acc@10, percentile_curve, n_sketches, n_photos,
+match and its cost: multiply-adds per gallery photo to score one query at one level),
 OUT/curve.png (ranking percentile vs completion) and OUT/ranks.parquet (sketch_id, level, rank), and
 prints the figures as a table.
 
@@ -69,6 +74,12 @@ class EvaluateConfig:
     noise_seed: int = arg(0, "seed of the noise strokes (the same seed gives the same sketches)")
     gallery: Path | None = arg(None, "rank among the photos of these Parquet shards (darp embed-photos) instead of "
                                      "the split's photos; they must hold every evaluated sketch's photo")
+    match: Literal["run", "global", "local", "dense", "dense-ink"] = arg(
+        "run", "what the ranking compares: the run's own mode (a triplet run: global), global, local (+ local descriptors "
+        "at the glimpses' cells; a triplet run needs a fixed --locator), dense (+ every cell's) or dense-ink (+ every "
+        "inked cell's); all but global need a phase 1 trained with --local-dim")
+    n_glimpses: int = arg(12, "a triplet run in local match: glimpses per completion level (an RL run takes its own)")
+    local_weight: float = arg(1.0, "a triplet run in local or dense matches: weight of the local term (an RL run: its own)")
     force: bool = arg(False, "write into --out even if it holds something other than an evaluation")
 
     def check(self) -> None:
@@ -173,6 +184,24 @@ def write_glimpses(path: Path, extras: dict) -> None:
                   names=[episodes.sketch_id[i] for i in trace.sketch_index])
 
 
+def match_record(env_config, embedding: str | Path | None) -> dict:
+    """{"match", "cost_per_photo"} of an evaluation: its env's match mode (None: a triplet run ranked globally) and
+    the multiply-adds per gallery photo to score one query at one completion level (sketch_env.local_match.local_cost;
+    left out when the phase-1 run `embedding` is unknown)."""
+    from sketch_env.local_grids import local_grid_shape
+    from sketch_env.local_match import local_cost
+
+    match = "global" if env_config is None else env_config.match
+    if embedding is None or not (Path(embedding) / EXPORT_DIR).is_dir():
+        return {"match": match}
+    dim = load_embedding_export(embedding).dim
+    if match == "global":
+        return {"match": "global", "cost_per_photo": dim}
+    h, w, d = local_grid_shape(embedding)
+    return {"match": env_config.match, "cost_per_photo": local_cost(env_config.match, env_config.n_glimpses, (h, w), d, dim),
+            "local_weight": env_config.local_weight, "n_glimpses": env_config.n_glimpses}
+
+
 def run(cfg: EvaluateConfig) -> dict:
     """Evaluate run `cfg.run` on split `cfg.split` of `cfg.data`; returns the metrics dict."""
     from tune_runs.rl_eval import read_run
@@ -184,10 +213,26 @@ def run(cfg: EvaluateConfig) -> dict:
     out_dir = cfg.out if cfg.out is not None else run_dir / f"eval-{cfg.split}"
     check_output_dir(out_dir, EVAL_KIND, inputs=(cfg.data, cfg.run, cfg.gallery), force=cfg.force)  # created once there is a result
     kind = record.get("kind")
-    if kind == "triplet" and cfg.locator != "policy":
-        raise DataError(f"{run_dir}: a triplet run does not look anywhere; --locator needs a policy that looks")
+    match = None if cfg.match == "run" else cfg.match
+    triplet_local = kind == "triplet" and match not in (None, "global")
+    if kind == "triplet" and cfg.locator != "policy" and match != "local":
+        raise DataError(f"{run_dir}: a triplet run looks only in local match; --locator needs --match local or a policy that looks")
+    if kind == "triplet" and match == "local" and cfg.locator == "policy":
+        raise DataError(f"{run_dir}: a triplet run has no locator of its own; choose a fixed --locator (centre, random, ink, newest-ink)")
+    if triplet_local and cfg.gallery is not None:
+        raise DataError(f"{cfg.gallery}: photo shards hold no local grids; --match {match} ranks the data set's photos")
     looks = False
-    if kind == "triplet":
+    if triplet_local:
+        from tune_runs.rl_eval import evaluate_triplet_local
+
+        result = evaluate_triplet_local(run_dir, data_dir, cfg.split, match, cfg.locator if cfg.locator != "policy" else "centre",
+                                        cfg.n_glimpses, cfg.local_weight, cfg.seed, cfg.noise_strokes, cfg.noise_seed)
+        ranks, sketch_id, n_photos = result["ranks"], result["sketch_id"], result["n_photos"]
+        looks = match == "local"
+        queries = None  # the confidence reads global distances; a triplet run in local match has no calibrator for its ranks
+        env_config = result["extras"]["env_config"]
+        print(f"triplet run {run_dir} in {match} match: queries from its export, glimpses by the {cfg.locator} rule")
+    elif kind == "triplet":
         from sketch_env.strokes import with_noise_strokes
 
         split = select_split(load_dataset(data_dir), cfg.split)
@@ -206,26 +251,33 @@ def run(cfg: EvaluateConfig) -> dict:
     else:
         from tune_runs.rl_eval import evaluate_policy_run, load_run_episodes, read_run
 
-        episodes = load_run_episodes(read_run(run_dir), data_dir, cfg.split, cfg.noise_strokes, cfg.noise_seed,
+        episodes = load_run_episodes(read_run(run_dir), data_dir, cfg.split, cfg.noise_strokes, cfg.noise_seed, match,
                                      gallery_dir=cfg.gallery)
-        result = evaluate_policy_run(run_dir, data_dir, cfg.split, locator=cfg.locator, seed=cfg.seed, episodes=episodes)
+        result = evaluate_policy_run(run_dir, data_dir, cfg.split, locator=cfg.locator, seed=cfg.seed, episodes=episodes,
+                                     match=match)
         ranks, sketch_id, n_photos = result["ranks"], result["sketch_id"], result["n_photos"]
         queries = policy_queries(result)
+        env_config = result["extras"].get("env_config")
         looks = result.get("fovea_on_ink") is not None
     out = prepare_output_dir(out_dir, EVAL_KIND, inputs=(cfg.data, cfg.run, cfg.gallery), force=cfg.force)
     if looks:
         write_glimpses(out / "glimpses.png", result["extras"])
     metrics = retrieval_metrics(ranks, n_photos)
     record = {k: metrics[k] for k in METRIC_KEYS}
-    confidence = evaluation_confidence(run_dir, data_dir, cfg.split, queries, out_dir=out, level_batch=cfg.level_batch,
-                                       pristine=not cfg.noise_strokes and cfg.locator == "policy" and cfg.gallery is None)
+    pristine = not cfg.noise_strokes and cfg.locator == "policy" and cfg.gallery is None
+    confidence = None if queries is None else evaluation_confidence(run_dir, data_dir, cfg.split, queries, out_dir=out,
+                                                                    level_batch=cfg.level_batch, pristine=pristine)
     p1, p5, figures, confidence_source = confidence if confidence is not None else (None, None, None, None)
     metrics["confidence"] = record["confidence"] = None if figures is None else {"source": confidence_source, **figures}
     if cfg.gallery is not None:
         record["gallery"] = str(cfg.gallery)
+    record.update(match_record(env_config if kind != "triplet" or triplet_local else None,
+                               run_dir if kind == "triplet" else read_run(run_dir).get("embedding")))
     if cfg.noise_strokes:
         record.update(noise_strokes=cfg.noise_strokes, noise_seed=cfg.noise_seed)
         print(f"{cfg.noise_strokes} noise strokes added to every sketch (seed {cfg.noise_seed})")
+    if record["match"] != "global":
+        print(f"{record['match']} match: {record['cost_per_photo']} multiply-adds per gallery photo per query and level")
     if looks:
         record.update(locator=cfg.locator, locator_seed=cfg.seed, fovea_on_ink=result["fovea_on_ink"])
         print(f"locator: {cfg.locator}; glimpses with ink in the finest patch: {100 * result['fovea_on_ink']:.1f}%")

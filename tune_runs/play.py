@@ -8,7 +8,8 @@ PNG and the episode as an animated GIF.
 
 The query (the predicted sketch embedding) always comes from the policy: for "random" (uniform
 locations) and "center" (always (0, 0)) it is the phase-1 embedding of the current partial sketch;
-a run directory acts with its trained policy (`tune_runs.rl_eval.TrainedPolicy`, loaded safely).
+a run directory acts with its trained policy (`tune_runs.rl_eval.TrainedPolicy`, loaded safely), in
+the environment it trained in (its match mode too: in local match the ranks follow where you look).
 
     darp play --data DIR --embedding RUN [--policy random|center|RUN] [--sketch ID]
 """
@@ -169,7 +170,8 @@ def run(cfg: PlayConfig) -> int:
         env_options = trained_env(read_run(cfg.policy))  # act in the env the policy was trained in
     trained = cfg.policy if cfg.policy not in ("random", "center") else None
     out = prepare_output_dir(cfg.out, FRAMES_KIND, inputs=(cfg.data, cfg.embedding, trained), force=cfg.force)
-    episodes = load_episode_data(cfg.data, cfg.embedding, cfg.split, env_options.get("image_size", 64), thumbnails=True)
+    episodes = load_episode_data(cfg.data, cfg.embedding, cfg.split, env_options.get("image_size", 64), thumbnails=True,
+                                 local=env_options.get("match", "global") != "global")
     env = SketchRetrievalEnv(
         EnvConfig(data=cfg.data, embedding=cfg.embedding, split=cfg.split, **env_options), episodes,
         render_mode="rgb_array",

@@ -27,6 +27,13 @@ with every fixed locator of --locators in place of its own (`darp evaluate --loc
 AUIR minus the best fixed one, per seed), and robustness, every model (the triplet network too)
 evaluated again with --noise-strokes unnecessary strokes added to every sketch (`darp evaluate
 --noise-strokes`). Their evaluations sit in the trial's locator-NAME/ and noise-N/ folders.
+
+With --match local or dense (issue 23) the runs rank with local descriptors, and the report adds what local
+matching gives without RL: the triplet network's queries with glimpses placed by each fixed rule
+(`triplet-local-RULE`, `darp evaluate --match local --locator RULE`) and with dense matching over every cell
+or every inked cell (`triplet-dense`, `triplet-dense-ink`), evaluated once like the triplet row; the
+locator-value table gets columns for the same trained networks ranked densely (dense/ and dense-ink/ folders),
+and a cost table gives each row's multiply-adds per gallery photo to score one query at one level.
 """
 
 from __future__ import annotations
@@ -50,11 +57,17 @@ from policies.registry import ALGOS, GLIMPSING, TrainConfig
 from policies.registry import DISPLAY as RL_DISPLAY
 from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, atomic_write_text, prepare_output_dir
 from sketch_env.data import DataError
+from sketch_env.local_match import DENSE
 from sketch_env.locators import LOCATORS
 from tune_runs.cli import arg
 
-MODELS = ("triplet",) + ALGOS  # the triplet network (phase 1), then the RL models in Table III's order
-DISPLAY = {"triplet": "Triplet network"} | RL_DISPLAY
+# The triplet network's queries in local match, glimpses by a fixed rule, and densely matched (--match local/dense only)
+RULE_MODELS = tuple(f"triplet-local-{rule}" for rule in LOCATORS) + ("triplet-dense", "triplet-dense-ink")
+ONCE = ("triplet",) + RULE_MODELS  # evaluated once, no training and no seeds
+MODELS = ONCE + ALGOS  # the triplet network (phase 1), the fixed rules, then the RL models in Table III's order
+DISPLAY = ({"triplet": "Triplet network"} | {f"triplet-local-{r}": f"Triplet + local match, {r} glimpses" for r in LOCATORS}
+           | {"triplet-dense": "Triplet + dense matching", "triplet-dense-ink": "Triplet + dense matching, inked cells"}
+           | RL_DISPLAY)
 # Table III of the DARP-SBIR paper, Chair-V2 column: (AUIR, acc@5); the ablations are not in it.
 PAPER_CHAIR_V2 = {
     "triplet": (21.05, 64.47),
@@ -79,7 +92,9 @@ class ReportConfig:
              "validates on val to keep its best checkpoint)",
         hide=("algo", "seed", "keep_best", "val_split"))
     seeds: int = arg(3, "seeds per model (0 .. seeds - 1)")
-    models: tuple[str, ...] = arg(MODELS, "models to report (triplet and darp train's --algo names)")
+    models: tuple[str, ...] = arg(MODELS, "models to report (triplet, darp train's --algo names and, with --match local "
+                                          "or dense, triplet-local-RULE and triplet-dense: the triplet network's queries "
+                                          "with fixed-rule glimpses or every cell; ignored in global match)")
     split: Literal["auto", "val", "test"] = arg(
         "auto", "split evaluated: test (the data set's test split), val (a fifth of the train photos, held out by "
         "photo; also where each run picks its best checkpoint) or auto (test when the data set has one, else val)")
@@ -95,7 +110,7 @@ class ReportConfig:
 
 def trial_dir(run_dir: str | Path, model: str, seed: int) -> Path:
     root = Path(run_dir) / "trials"
-    return root / "triplet" if model == "triplet" else root / f"{model}_seed{seed}"
+    return root / model if model in ONCE else root / f"{model}_seed{seed}"
 
 
 def trial_train_config(cfg: ReportConfig, model: str, seed: int) -> TrainConfig:
@@ -156,10 +171,11 @@ def _write_glimpses(out: Path, extras: dict) -> None:
     atomic_write(out / "glimpses.npz", write)
 
 
-def stress_evaluations(cfg: ReportConfig, run_dir: Path, out: Path, looks: bool) -> dict:
+def stress_evaluations(cfg: ReportConfig, run_dir: Path, out: Path, looks: bool, **options) -> dict:
     """The run evaluated on cfg.split with each fixed locator (models that look) and with each count of
-    noise strokes, through `darp evaluate` into out/locator-NAME/ and out/noise-N/:
-    {"locators": {name: {"auir", "fovea_on_ink"}}, "noise": {"N": {metric: value}}}."""
+    noise strokes, through `darp evaluate` (`options`: more of its settings) into out/locator-NAME/ and
+    out/noise-N/: {"locators": {name: {"auir", "fovea_on_ink"}}, "noise": {"N": {metric: value}}}; in local
+    match also {"dense": metrics of the run ranked densely (out/dense/)}."""
     from tune_runs import evaluate
 
     def one(folder: str, **options) -> dict:
@@ -169,13 +185,18 @@ def stress_evaluations(cfg: ReportConfig, run_dir: Path, out: Path, looks: bool)
 
     locators = {}
     for name in (l for l in cfg.locators if looks and l in LOCATORS):
-        m = one(f"locator-{name}", locator=name, seed=cfg.noise_seed)
+        m = one(f"locator-{name}", locator=name, seed=cfg.noise_seed, **options)
         locators[name] = {"auir": m["auir"], "fovea_on_ink": m["fovea_on_ink"]}
     noise = {}
     for n in (n for n in cfg.noise_strokes if n > 0):
-        m = one(f"noise-{n}", noise_strokes=n, noise_seed=cfg.noise_seed)
+        m = one(f"noise-{n}", noise_strokes=n, noise_seed=cfg.noise_seed, **options)
         noise[str(n)] = {k: m[k] for k in METRICS}
-    return {"locators": locators, "noise": noise}
+    stress = {"locators": locators, "noise": noise}
+    if looks and cfg.train.match == "local":  # the same trained networks ranking every (inked) cell, not the glimpses'
+        for match in DENSE:
+            m = one(match, match=match)
+            stress[match] = {k: m[k] for k in METRICS} | {"cost_per_photo": m["cost_per_photo"]}
+    return stress
 
 
 def train_and_evaluate(cfg: ReportConfig, model: str, seed: int) -> dict:
@@ -202,9 +223,12 @@ def train_and_evaluate(cfg: ReportConfig, model: str, seed: int) -> dict:
     stress = stress_evaluations(cfg, Path(train_cfg.run_dir), out, looks)
     if looks:
         stress["locators"] = {"policy": {"auir": metrics["auir"], "fovea_on_ink": result["fovea_on_ink"]}} | stress["locators"]
+    from tune_runs.evaluate import match_record
+
     done = {"model": model, "seed": seed, "train_s": trained - start, "eval_s": evaluated - trained,
             "stress_s": time.time() - evaluated, "metrics": {k: metrics[k] for k in METRICS},
-            "confidence": confidence_summary(metrics["confidence"]), **stress}
+            "confidence": confidence_summary(metrics["confidence"]), **stress,
+            **match_record(result["extras"]["env_config"], Path(cfg.train.embedding))}
     atomic_write_json(out / DONE, done)
     return done
 
@@ -225,7 +249,32 @@ def evaluate_triplet(cfg: ReportConfig) -> dict:
     stress = stress_evaluations(cfg, Path(cfg.train.embedding), out, looks=False)
     done = {"model": "triplet", "seed": TRIPLET_SEED, "train_s": 0.0, "eval_s": evaluated - start,
             "stress_s": time.time() - evaluated, "metrics": {k: metrics[k] for k in METRICS},
-            "confidence": confidence_summary(metrics["confidence"]), **stress}
+            "confidence": confidence_summary(metrics["confidence"]), **stress,
+            "match": "global", "cost_per_photo": json.loads((out / "metrics.json").read_text())["cost_per_photo"]}
+    atomic_write_json(out / DONE, done)
+    return done
+
+
+def evaluate_rule_model(cfg: ReportConfig, model: str) -> dict:
+    """A fixed-rule row (RULE_MODELS): the triplet network's queries in local match with glimpses by one rule
+    (as many per level as the report's DARP takes), or in dense match; evaluated once (darp evaluate)."""
+    from policies.registry import with_algo_defaults
+    from tune_runs import evaluate
+
+    match = model.removeprefix("triplet-") if model.startswith("triplet-dense") else "local"
+    rule = model.removeprefix("triplet-local-") if match == "local" else "centre"
+    options = {"match": match, "locator": rule, "seed": cfg.noise_seed, "local_weight": cfg.train.local_weight,
+               "n_glimpses": with_algo_defaults(dataclasses.replace(cfg.train, algo="darp")).n_glimpses}
+    out = trial_dir(cfg.train.run_dir, model, TRIPLET_SEED)
+    start = time.time()
+    metrics = evaluate.run(evaluate.EvaluateConfig(data=Path(cfg.train.data), run=Path(cfg.train.embedding),
+                                                   split=cfg.split, out=out, force=True, **options))
+    evaluated = time.time()
+    stress = stress_evaluations(cfg, Path(cfg.train.embedding), out, looks=False, **options)
+    record = json.loads((out / "metrics.json").read_text())
+    done = {"model": model, "seed": TRIPLET_SEED, "train_s": 0.0, "eval_s": evaluated - start,
+            "stress_s": time.time() - evaluated, "metrics": {k: metrics[k] for k in METRICS}, **stress,
+            "match": match, "cost_per_photo": record["cost_per_photo"], "fovea_on_ink": record.get("fovea_on_ink")}
     atomic_write_json(out / DONE, done)
     return done
 
@@ -317,7 +366,7 @@ def collect(cfg: ReportConfig) -> dict[str, list[dict]]:
     out = {}
     for model in (m for m in MODELS if m in cfg.models):
         trials = []
-        for seed in [TRIPLET_SEED] if model == "triplet" else range(cfg.seeds):
+        for seed in [TRIPLET_SEED] if model in ONCE else range(cfg.seeds):
             folder = trial_dir(cfg.train.run_dir, model, seed)
             if not (folder / DONE).is_file():
                 continue
@@ -356,14 +405,38 @@ def locator_table(trials: dict[str, list[dict]]) -> str | None:
     if not rows:
         return None
     fixed = [name for name in next(iter(rows.values()))[0]["locators"] if name != "policy"]
-    lines = ["| model | own locator | " + " | ".join(fixed) + " | own − best fixed | glimpses on ink (own) |",
-             "|---|" + "---|" * (len(fixed) + 3)]
+    dense = [m for m in DENSE if all(m in t for ts in rows.values() for t in ts)]
+    names = {"dense": "dense (every cell)", "dense-ink": "dense (inked cells)"}
+    lines = ["| model | own locator | " + " | ".join(fixed) + " | own − best fixed | glimpses on ink (own) |"
+             + "".join(f" {names[m]} | own − {m} |" for m in dense),
+             "|---|" + "---|" * (len(fixed) + 3 + 2 * len(dense))]
     for model, ts in rows.items():
         cells = [_mean_std(t["locators"]["policy"]["auir"] for t in ts)]
         cells += [_mean_std(t["locators"][name]["auir"] for t in ts) for name in fixed]
         cells.append(_mean_std(t["locators"]["policy"]["auir"] - max(t["locators"][n]["auir"] for n in fixed) for t in ts))
         cells.append(f"{100 * np.mean([t['locators']['policy']['fovea_on_ink'] for t in ts]):.1f}%")
+        for m in dense:
+            cells.append(_mean_std(t[m]["auir"] for t in ts))
+            cells.append(_mean_std(t["locators"]["policy"]["auir"] - t[m]["auir"] for t in ts))
         lines.append(f"| {DISPLAY[model]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cost_table(trials: dict[str, list[dict]]) -> str | None:
+    """Each row's match mode and multiply-adds per gallery photo to score one query at one completion level
+    (sketch_env.local_match.local_cost), beside its AUIR; None when every row ranks globally."""
+    rows = {m: ts for m, ts in trials.items() if all("cost_per_photo" in t for t in ts)}
+    if not rows or all(t.get("match", "global") == "global" for ts in rows.values() for t in ts):
+        return None
+    lines = ["| model | match | multiply-adds per photo and level | AUIR |", "|---|---|---|---|"]
+    for model, ts in rows.items():
+        lines.append(f"| {DISPLAY[model]} | {ts[0]['match']} | {ts[0]['cost_per_photo']} | "
+                     f"{_mean_std(t['metrics']['auir'] for t in ts)} |")
+    for match in DENSE:
+        dense = [t[match] for ts in rows.values() for t in ts if match in t]
+        if dense:
+            lines.append(f"| (models that look, ranked {match}) | {match} | {dense[0]['cost_per_photo']} | "
+                         f"{_mean_std(d['auir'] for d in dense)} |")
     return "\n".join(lines)
 
 
@@ -470,6 +543,12 @@ def results_markdown(cfg: ReportConfig, trials: dict[str, list[dict]], manifest:
                   "reaches p: the share of sketches where that happens, how often the top-1 photo is then right (or the "
                   "right photo in the top 5), and the median share of the drawing left undrawn (of those that stop; "
                   "– where none does).", "", confidence, ""]
+    costs = cost_table(trials)
+    if costs:
+        lines += ["## Cost of a query", "",
+                  "What scoring one query against one gallery photo at one completion level costs in each row: the global "
+                  "distance (D multiply-adds) plus 9 d per cell compared (the glimpses' cells in local match, every cell in "
+                  "dense); `benchmarks/bench_local_match.py` measures the time.", "", costs, ""]
     robustness = robustness_table(trials)
     if robustness:
         lines += ["## Robustness to unnecessary strokes", "",
@@ -486,7 +565,7 @@ def results_markdown(cfg: ReportConfig, trials: dict[str, list[dict]], manifest:
     if cfg.split == "val":
         lines += ["", "Caution: each RL run kept its best checkpoint by AUIR on this same val split, so its figures "
                   "are optimistic; report a test split where the data set has one."]
-    missing = [f"{m}_seed{s}" for m in cfg.models if m != "triplet" for s in range(cfg.seeds) if not is_done(cfg.train.run_dir, m, s)]
+    missing = [f"{m}_seed{s}" for m in cfg.models if m not in ONCE for s in range(cfg.seeds) if not is_done(cfg.train.run_dir, m, s)]
     if failed or missing:
         lines += ["", f"Not in the table (failed or unfinished): {', '.join(sorted(set(failed) | set(missing)))}."]
     return "\n".join(lines) + "\n"
@@ -553,6 +632,13 @@ def run(cfg: ReportConfig) -> int:
     from tune_runs.plots import plot_curves
 
     check_config(cfg)
+    if cfg.train.match == "global":  # the fixed-rule rows rank with local descriptors
+        cfg = dataclasses.replace(cfg, models=tuple(m for m in cfg.models if m not in RULE_MODELS))
+    else:  # these read the phase-1 features only (policies.registry.with_algo_defaults refuses them)
+        dropped = [m for m in cfg.models if m in ("vanilla-pg", "ppo")]
+        if dropped:
+            print(f"--match {cfg.train.match}: leaving out {', '.join(dropped)} (they read the phase-1 features only)")
+            cfg = dataclasses.replace(cfg, models=tuple(m for m in cfg.models if m not in dropped))
     start = time.time()
     run_dir = prepare_output_dir(cfg.train.run_dir, REPORT_KIND, inputs=(cfg.train.data, cfg.train.embedding),
                                  force=cfg.train.force)
@@ -560,6 +646,8 @@ def run(cfg: ReportConfig) -> int:
     cfg = with_split(cfg, manifest)
     if "triplet" in cfg.models and not is_done(run_dir, "triplet", TRIPLET_SEED):
         evaluate_triplet(cfg)
+    for model in (m for m in RULE_MODELS if m in cfg.models and not is_done(run_dir, m, TRIPLET_SEED)):
+        evaluate_rule_model(cfg, model)
     jobs = [{"model": m, "seed": s} for m in cfg.models if m in ALGOS for s in range(cfg.seeds)]
     todo = [job for job in jobs if not is_done(run_dir, job["model"], job["seed"])]
     skipped = [_job_name(job) for job in jobs if job not in todo]

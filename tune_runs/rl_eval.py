@@ -75,12 +75,16 @@ def algorithm_config(run_dir: str | Path, run: dict):
 
 
 def run_spaces(run: dict):
-    """(observation space, action space) of the env a run trained in (its phase-1 export gives D)."""
+    """(observation space, action space) of the env a run trained in (its phase-1 export gives D, and its
+    local grids (h, w, d) in local and dense match)."""
     from sketch_env.embeddings import load_embedding_export
     from sketch_env.env import EnvConfig, action_space, observation_space
+    from sketch_env.local_grids import local_grid_shape
 
+    config = EnvConfig(**env_options(run))
     dim = load_embedding_export(run["embedding"]).dim
-    return observation_space(EnvConfig(**env_options(run)), dim), action_space(dim)
+    local_shape = local_grid_shape(run["embedding"]) if config.match != "global" else None
+    return observation_space(config, dim, local_shape), action_space(dim)
 
 
 def load_module(run_dir: str | Path, observation_space=None, action_space=None):
@@ -129,7 +133,7 @@ def load_module(run_dir: str | Path, observation_space=None, action_space=None):
 
 
 def load_run_episodes(run: dict, data_dir: str | Path, split: str, noise_strokes: int = 0, noise_seed: int = 0,
-                      gallery_dir: str | Path | None = None):
+                      match: str | None = None, gallery_dir: str | Path | None = None):
     """The episodes of `split` for an RL run: phase-1 embeddings from the run's export, with the
     sketches and photos that changed since it was made re-embedded by its phase-1 network.
 
@@ -137,39 +141,68 @@ def load_run_episodes(run: dict, data_dir: str | Path, split: str, noise_strokes
     seeded by noise_seed); their partial sketches are embedded by the phase-1 network.
     gallery_dir: rank among the photos of these shards (`darp embed-photos`, see `shards_gallery`)
     instead of the split's photos.
+    match: the match mode they are for (default: the run's); local and dense load the local grids too.
     """
+    options = env_options(run)
+    local = (match or options["match"]) != "global"
+    if gallery_dir is not None:
+        return _shard_episodes(run, data_dir, split, options["image_size"], local, noise_strokes, noise_seed, gallery_dir)
+    return load_episodes(run["embedding"], data_dir, split, options["image_size"], local, noise_strokes, noise_seed)
+
+
+def _shard_episodes(run: dict, data_dir, split: str, image_size: int, local: bool, noise_strokes: int, noise_seed: int,
+                    gallery_dir):
+    """`load_run_episodes` with every photo of the shards in `gallery_dir` as the gallery."""
     from policies.embedding import noisy_episode_data, reembedders
     from sketch_env.data import load_dataset, select_split
-    from sketch_env.embeddings import gallery_for, load_embedding_export, sketch_embeddings_for
-    from sketch_env.episodes import episode_data, load_episode_data
+    from sketch_env.embeddings import load_embedding_export, sketch_embeddings_for
+    from sketch_env.episodes import episode_data
 
-    image_size = env_options(run)["image_size"]
-    if gallery_dir is not None:
-        split_data = select_split(load_dataset(data_dir), split)
-        gallery = shards_gallery(gallery_dir, run["embedding"], split_data)
-        if noise_strokes:
-            return noisy_episode_data(split_data, gallery, run["embedding"], noise_strokes, noise_seed, image_size)
-        embed = reembedders(run["embedding"], log=print)["embed_sketches"]
-        sketches = sketch_embeddings_for(load_embedding_export(run["embedding"]), split_data.sketches, run["embedding"],
-                                         data_dir, embed)
-        return episode_data(split_data, gallery, sketches, image_size)
-    if not noise_strokes:
-        return load_episode_data(data_dir, run["embedding"], split, image_size,
-                                 **reembedders(run["embedding"], log=print))
+    if local:
+        raise DataError(f"{gallery_dir}: photo shards hold no local grids; local and dense matches rank the data set's photos")
     split_data = select_split(load_dataset(data_dir), split)
-    gallery = gallery_for(load_embedding_export(run["embedding"]), split_data.photos, run["embedding"], data_dir,
-                          reembedders(run["embedding"], log=print)["embed_photos"])
-    return noisy_episode_data(split_data, gallery, run["embedding"], noise_strokes, noise_seed, image_size)
+    gallery = shards_gallery(gallery_dir, run["embedding"], split_data)
+    if noise_strokes:
+        return noisy_episode_data(split_data, gallery, run["embedding"], noise_strokes, noise_seed, image_size)
+    embed = reembedders(run["embedding"], log=print)["embed_sketches"]
+    sketches = sketch_embeddings_for(load_embedding_export(run["embedding"]), split_data.sketches, run["embedding"],
+                                     data_dir, embed)
+    return episode_data(split_data, gallery, sketches, image_size)
 
 
-def make_env(run: dict, data_dir: str | Path, split: str, num_envs: int, render_mode: str | None = None, episodes=None):
+def load_episodes(embedding: str | Path, data_dir: str | Path, split: str, image_size: int = 64, local: bool = False,
+                  noise_strokes: int = 0, noise_seed: int = 0):
+    """The episodes of `split` on phase-1 run `embedding`'s export (and its local grids if `local`), what changed
+    since re-embedded by its network; with noise_strokes, noisy sketches embedded by it (`load_run_episodes`)."""
+    from policies.embedding import noisy_episode_data, reembedders
+    from policies.local_descriptors import grid_reembedders
+    from sketch_env.data import load_dataset, select_split
+    from sketch_env.embeddings import gallery_for, load_embedding_export
+    from sketch_env.episodes import load_episode_data
+    from sketch_env.local_grids import load_local_grids, photo_grids_for
+
+    regrid = grid_reembedders(embedding) if local else {}
+    if not noise_strokes:
+        return load_episode_data(data_dir, embedding, split, image_size, local=local,
+                                 **reembedders(embedding, log=print), **regrid)
+    split_data = select_split(load_dataset(data_dir), split)
+    gallery = gallery_for(load_embedding_export(embedding), split_data.photos, embedding, data_dir,
+                          reembedders(embedding, log=print)["embed_photos"])
+    photo_grids = (photo_grids_for(load_local_grids(embedding), split_data.photos, embedding, regrid["embed_photo_grids"])
+                   if local else None)
+    return noisy_episode_data(split_data, gallery, embedding, noise_strokes, noise_seed, image_size, photo_grids)
+
+
+def make_env(run: dict, data_dir: str | Path, split: str, num_envs: int, render_mode: str | None = None, episodes=None,
+             match: str | None = None):
     """The batched env an RL run was trained with, on another data directory/split (on `episodes`
-    when given, e.g. from `load_run_episodes`)."""
+    when given, e.g. from `load_run_episodes`); `match` replaces its match mode (evaluation's --match)."""
     from sketch_env.vector_env import make_vector_env
 
     return make_vector_env(
         {
             **env_options(run),
+            **({"match": match} if match else {}),
             "data": str(Path(data_dir).resolve()),
             "embedding": run["embedding"],
             "split": split,
@@ -181,7 +214,7 @@ def make_env(run: dict, data_dir: str | Path, split: str, num_envs: int, render_
 
 
 def evaluate_policy_run(run_dir: Path, data_dir: Path, split: str, n_traces: int = 6,
-                        locator: str = "policy", seed: int = 0, episodes=None) -> dict:
+                        locator: str = "policy", seed: int = 0, episodes=None, match: str | None = None) -> dict:
     """Ranks (S, 17) of the deterministic policy on every sketch of `split`, plus glimpse traces.
 
     locator: "policy" (its own) or a rule of `sketch_env.locators` that chooses every location in
@@ -191,20 +224,23 @@ def evaluate_policy_run(run_dir: Path, data_dir: Path, split: str, n_traces: int
     what each rank was computed from, as the env clipped it), "gallery" (they were ranked against),
     "fovea_on_ink" (share of chosen glimpses with ink in the finest patch; None for a policy that does
     not look), "extras": {"trace": Trace of the first n_traces, ...}}.
+    match: rank in another match mode than the run trained in (e.g. "dense": every cell's local
+    term in place of the glimpses'); a run trained with local observations needs local or dense.
     """
     from policies.rollout import FixedLocator, rollout_ranks, run_episodes
 
     run = read_run(run_dir)
-    episodes = episodes if episodes is not None else load_run_episodes(run, data_dir, split)
-    env = make_env(run, data_dir, split, num_envs=64, episodes=episodes)
-    module = load_module(run_dir, env.single_observation_space, env.single_action_space)
+    match = check_match(run, run_dir, match)
+    episodes = episodes if episodes is not None else load_run_episodes(run, data_dir, split, match=match)
+    env = make_env(run, data_dir, split, num_envs=64, episodes=episodes, match=match)
+    module = load_module(run_dir, *run_spaces(run))
     looks = bool(getattr(module, "attention", False))
     if locator != "policy" and not looks:
         raise DataError(f"{run_dir}: a {run.get('kind')} run does not choose where to look; --locator needs a policy that looks")
     n = len(env.episodes)
     fixed = FixedLocator(locator, env.episodes, seed) if locator != "policy" else None
     ranks, on_ink, queries = rollout_ranks(module, env, np.arange(n), locator=fixed, with_on_ink=True, with_queries=True)
-    trace_env = make_env(run, data_dir, split, num_envs=min(n_traces, n), episodes=episodes)
+    trace_env = make_env(run, data_dir, split, num_envs=min(n_traces, n), episodes=episodes, match=match)
     trace_locator = FixedLocator(locator, trace_env.episodes, seed) if locator != "policy" else None
     trace = run_episodes(module, trace_env, np.arange(min(n_traces, n)), locator=trace_locator)
     return {
@@ -217,6 +253,63 @@ def evaluate_policy_run(run_dir: Path, data_dir: Path, split: str, n_traces: int
         "fovea_on_ink": on_ink if looks else None,
         "extras": {"trace": trace, "episodes": trace_env.episodes, "env_config": trace_env.config},
     }
+
+
+def check_match(run: dict, run_dir, match: str | None) -> str:
+    """The match mode to evaluate a run in: `match`, or the run's own when None; DataError for a global one
+    asked of a run whose policy reads local observations."""
+    own = env_options(run)["match"]
+    match = match or own
+    if own != "global" and match == "global":
+        raise DataError(f"{run_dir}: trained with --match {own}, its policy reads the local descriptors: evaluate it "
+                        "with --match local or dense")
+    return match
+
+
+class Phase1Query:
+    """The phase-1 (triplet) network as a policy: its query is the phase-1 embedding of the current partial
+    sketch; it looks at the centre unless a `policies.rollout.FixedLocator` chooses in its place. The fixed
+    rules in local match, without RL (`evaluate_triplet_local`)."""
+
+    attention = True
+
+    def get_initial_state(self) -> dict:
+        return {}
+
+    def eval(self):
+        return self
+
+    def forward_inference(self, batch: dict) -> dict:
+        import torch
+        from ray.rllib.core.columns import Columns
+
+        query = batch[Columns.OBS]["sketch_embedding"]
+        return {Columns.ACTIONS: {"location": torch.zeros(*query.shape[:2], 2), "query": query}, Columns.STATE_OUT: {}}
+
+    forward_exploration = forward_inference
+
+
+def evaluate_triplet_local(embedding: Path, data_dir: Path, split: str, match: str, locator: str, n_glimpses: int,
+                           local_weight: float = 1.0, seed: int = 0, noise_strokes: int = 0, noise_seed: int = 0,
+                           n_traces: int = 6) -> dict:
+    """Ranks (S, 17) of the triplet network's queries on `split` in local or dense matches, glimpses placed by a
+    fixed rule (`locator`: centre, random, ink, newest-ink; dense and dense-ink ignore it): what local matching
+    gives without any learning beyond phase 1. Returns evaluate_policy_run's dict."""
+    from policies.rollout import FixedLocator, rollout_ranks, run_episodes
+    from sketch_env.vector_env import make_vector_env
+
+    if match == "global":
+        raise ValueError("evaluate_triplet_local is for match local or dense")
+    episodes = load_episodes(embedding, data_dir, split, 64, True, noise_strokes, noise_seed)
+    options = {"match": match, "n_glimpses": n_glimpses, "local_weight": local_weight, "sketch_order": "sequential"}
+    env = make_vector_env({**options, "num_envs": 64, "episodes": episodes})
+    n = len(episodes)
+    ranks, on_ink = rollout_ranks(Phase1Query(), env, np.arange(n), locator=FixedLocator(locator, episodes, seed),
+                                  with_on_ink=True)
+    trace_env = make_vector_env({**options, "num_envs": min(n_traces, n), "episodes": episodes})
+    trace = run_episodes(Phase1Query(), trace_env, np.arange(min(n_traces, n)), locator=FixedLocator(locator, episodes, seed))
+    return {"ranks": ranks, "sketch_id": np.asarray(episodes.sketch_id), "n_photos": len(episodes.gallery),
+            "fovea_on_ink": on_ink, "extras": {"trace": trace, "episodes": episodes, "env_config": trace_env.config}}
 
 
 class TrainedPolicy:
@@ -294,7 +387,7 @@ def live_retrieval(run_dir: str | Path, split, cache_size: int = 4096, stop_at: 
     from policies.embedding import embed_photos, load_embedding_net
     from policies.rollout import STOP_AT, LivePolicy, LiveRetrieval
     from sketch_env.embeddings import gallery_for, load_embedding_export
-    from sketch_env.env import EnvConfig, action_space, observation_space
+    from sketch_env.env import EnvConfig
 
     run = read_darp_run(run_dir)
     if len(split.photos) == 0:
@@ -306,10 +399,22 @@ def live_retrieval(run_dir: str | Path, split, cache_size: int = 4096, stop_at: 
     else:
         gallery = gallery_for(export, split.photos, run["embedding"], split.path, functools.partial(embed_photos, net))
     env_config = EnvConfig(**env_options(run))  # the glimpse geometry of make_env
-    module = load_module(run_dir, observation_space(env_config, export.dim), action_space(export.dim))
+    module = load_module(run_dir, *run_spaces(run))
+    local_gallery = None
+    if env_config.match != "global":  # the photos' local grids, looked up and checked as the gallery's embeddings
+        if gallery_dir is not None:
+            raise DataError(f"{run_dir}: a run in {env_config.match} match needs the photos' local grids, which "
+                            "photo shards (--gallery) do not hold")
+        from policies.local_descriptors import embed_photo_grids
+        from sketch_env.local_grids import load_local_grids, photo_grids_for
+        from sketch_env.local_match import LocalGallery
+
+        grids = photo_grids_for(load_local_grids(run["embedding"]), split.photos, run["embedding"],
+                                functools.partial(embed_photo_grids, net))
+        local_gallery = LocalGallery(grids)
     confidence = live_confidence(run_dir, len(gallery))
     return LiveRetrieval(LivePolicy(module, net, env_config), gallery, cache_size, confidence,
-                         STOP_AT if stop_at is None else stop_at)
+                         STOP_AT if stop_at is None else stop_at, local_gallery)
 
 
 def live_confidence(run_dir: str | Path, gallery_size: int):
