@@ -64,6 +64,12 @@ RECIPES: dict[str, dict] = {
     "wide": dict(width=24),
     "size96": dict(image_size=96),
     "batch64": dict(batch_size=64),
+    # pretrained VGG16 (HED's weights, installed; torchvision's ImageNet file works the same way), blocks 1-4
+    # frozen and cached once, block 5 and the head fine-tuned (issue 22); random: the same network untrained
+    "vgg16-hed": dict(backbone="vgg16", backbone_weights="hed", frozen_stages=4, photo_input="rgb"),
+    "vgg16-hed-edges": dict(backbone="vgg16", backbone_weights="hed", frozen_stages=4, photo_input="edges"),
+    "vgg16-hed-f3": dict(backbone="vgg16", backbone_weights="hed", frozen_stages=3, photo_input="rgb"),
+    "vgg16-random": dict(backbone="vgg16", frozen_stages=4, photo_input="rgb"),
 }
 FIGURES = ("auir", "m_at_a", "acc@1", "acc@5", "acc@10")
 
@@ -73,13 +79,13 @@ def cached_stems(net: EmbeddingNet, cfg: Phase1Config, d, cache_dir: Path | None
     earlier run computed them (same data, network and frozen weights), and the seconds computing them took."""
     emb = cfg.embedding_config()
     key = [str(Path(cfg.data).resolve()), emb.backbone, emb.backbone_weights, emb.frozen_stages, emb.image_size,
-           emb.photo_input, None if emb.backbone_weights else cfg.seed]  # random frozen stages differ per seed
+           emb.photo_input, cfg.stem_precision, None if emb.backbone_weights else cfg.seed]  # random frozen stages differ per seed
     path = cache_dir / (hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16] + ".pt") if cache_dir else None
     if path is not None and path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         return StemCache(sketch=saved["sketch"], photo=saved["photo"]), saved["seconds"]
     start = time.monotonic()
-    stems = stem_cache(net, d, limit_gib=cfg.stem_cache_gib)
+    stems = stem_cache(net, d, limit_gib=cfg.stem_cache_gib, precision=cfg.stem_precision)
     seconds = time.monotonic() - start
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,8 +174,8 @@ def speed(setups: list[str], seconds: float, batch: int = 32, n_images: int = 95
     """
     photos = np.random.default_rng(0).integers(0, 256, (64, 256, 256, 3), dtype=np.uint8)
     print(f"photo_edges 256 -> 64: {best_rate(lambda: photo_edges(photos, 64), len(photos), seconds):,.0f} photos/s")
-    print("| setup | stem output | stem ms/image | train ms/pair | cache s (Chair-V2) | epoch s (760 pairs) |")
-    print("|---|---|---|---|---|---|")
+    print("| setup | stem output | stem ms/image fp32 | bf16 | train ms/pair | cache s (Chair-V2, bf16) | epoch s (760 pairs) |")
+    print("|---|---|---|---|---|---|---|")
     for setup in setups:
         backbone, rest = setup.split(":") if ":" in setup else (setup, "0@64")
         frozen, size = (int(v) for v in rest.split("@"))
@@ -181,6 +187,11 @@ def speed(setups: list[str], seconds: float, batch: int = 32, n_images: int = 95
         with torch.no_grad():
             stem_rate = best_rate(lambda: net.stem_sketches(sketches), batch, seconds) if frozen else math.inf
             s_stem, p_stem = net.stem_sketches(sketches).half(), net.stem_photos(photo).half()
+            net.eval().to(memory_format=torch.channels_last)  # the stem cache's bfloat16 pass
+            fast = sketches.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                bf16_rate = best_rate(lambda: net.stem_sketches(fast), batch, seconds) if frozen else math.inf
+            net.to(memory_format=torch.contiguous_format)
         labels = torch.arange(batch)
 
         def step() -> None:
@@ -192,9 +203,9 @@ def speed(setups: list[str], seconds: float, batch: int = 32, n_images: int = 95
 
         net.train()
         train_rate = best_rate(step, batch, seconds)
-        stem_ms = 1e3 / stem_rate
-        print(f"| {setup} | {tuple(s_stem.shape[1:])} | {stem_ms:.2f} | {1e3 / train_rate:.2f} | "
-              f"{n_images * stem_ms / 1e3:.0f} | {n_train / train_rate:.1f} |", flush=True)
+        stem_ms, bf16_ms = 1e3 / stem_rate, 1e3 / bf16_rate
+        print(f"| {setup} | {tuple(s_stem.shape[1:])} | {stem_ms:.2f} | {bf16_ms:.2f} | {1e3 / train_rate:.2f} | "
+              f"{n_images * bf16_ms / 1e3:.0f} | {n_train / train_rate:.1f} |", flush=True)
 
 
 def main() -> None:

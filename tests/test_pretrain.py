@@ -251,6 +251,24 @@ def test_an_epoch_on_cached_stems_equals_an_epoch_of_the_full_network(data_dir):
         torch.testing.assert_close(runs[1][2][key], value, atol=1e-4, rtol=1e-3)
 
 
+def test_the_bfloat16_stem_cache_is_within_a_few_percent_of_float32(data_dir):
+    """The fast cache (bfloat16, channels-last) keeps the frozen stages' maps within bfloat16 rounding
+    of float32's, and leaves the network as it found it (layout, mode)."""
+    from policies.embedding import EmbeddingNet
+    from policies.phase1 import prepare_data, stem_cache
+
+    cfg = _config(data_dir, "", backbone="mobilenet_v3_small", frozen_stages=2)
+    d = prepare_data(load_dataset(data_dir), cfg.embedding_config())
+    torch.manual_seed(0)
+    net = EmbeddingNet(cfg.embedding_config()).train()
+    exact = stem_cache(net, d, dtype=torch.float32)
+    fast = stem_cache(net, d, dtype=torch.float32, precision="bfloat16")
+    for a, b in ((fast.sketch, exact.sketch), (fast.photo, exact.photo)):
+        assert a.shape == b.shape and a.is_contiguous()
+        assert ((a - b).norm() / b.norm()).item() < 0.03
+    assert net.training and all(p.is_contiguous() for p in net.parameters())
+
+
 @pytest.mark.slow
 def test_pretrain_fine_tunes_hed_vgg16_end_to_end(data_dir, tmp_path):
     """`darp pretrain --backbone vgg16 --backbone-weights hed --frozen-stages 4`: the frozen blocks keep
