@@ -86,7 +86,7 @@ def test_train_is_one_tune_trial_that_tensorboard_reads(ray_local, tiny, tmp_pat
         train(tiny_config(data, phase1, run_dir, iterations=4))
 
     # --no-resume starts over: nothing of the old run is kept or reported as this run's best
-    val = train(tiny_config(data, phase1, run_dir, iterations=1, resume=False, lr=0.0, seed=1), quiet=True)
+    val = train(tiny_config(data, phase1, run_dir, iterations=1, resume=False, lr=1e-12, seed=1), quiet=True)
     assert iterations_logged(run_dir) == [1]
     (only,) = runs.checkpoints(run_dir)
     assert only.iteration == 1 and val["auir"] == pytest.approx(runs.results(run_dir)[0]["evaluation"]["auir"])

@@ -263,7 +263,7 @@ def evaluate_rule_model(cfg: ReportConfig, model: str) -> dict:
     from tune_runs import evaluate
 
     match = model.removeprefix("triplet-") if model.startswith("triplet-dense") else "local"
-    rule = model.removeprefix("triplet-local-") if match == "local" else "centre"
+    rule = model.removeprefix("triplet-local-") if match == "local" else "policy"  # dense matches take no glimpses
     options = {"match": match, "locator": rule, "seed": cfg.noise_seed, "local_weight": cfg.train.local_weight,
                "n_glimpses": with_algo_defaults(dataclasses.replace(cfg.train, algo="darp")).n_glimpses}
     out = trial_dir(cfg.train.run_dir, model, TRIPLET_SEED)
