@@ -5,10 +5,10 @@
 
 Without --data/--embedding it builds a small built-in data set with a synthetic phase-1 export.
 The plain loop steps the same SketchRetrievalVectorEnv with the same DARPModule (forward_exploration
-per step) and runs the same loss (policies.darp_learner.darp_loss) once per batch of episodes, so the
+per step) and runs the same loss (policies.darp.learner.darp_loss) once per batch of episodes, so the
 ratio (plain steps/s / RLlib steps/s, measured back to back in this process) shows what RLlib's
 per-step machinery costs. RLlib runs DARPConfig as `darp train` builds it (the batched EnvRunner
-and connectors of policies.env_runner / policies.connectors); --compare-default also runs RLlib's
+and connectors of policies.darp.env_runner / policies.darp.connectors); --compare-default also runs RLlib's
 default SingleAgentEnvRunner and connector pipelines. --profile prints where the RLlib sampler with
 0 EnvRunners spends its time (cProfile, top functions by own time). The load average is printed:
 the figures depend on what else runs on the machine.
@@ -35,9 +35,9 @@ def plain_loop(data: str, embedding: str, num_envs: int, n_glimpses: int, batche
     """(env steps/s sampling with the module, updates/s) of a plain PyTorch loop."""
     from ray.rllib.core.columns import Columns
 
-    from policies.darp_learner import TARGET_EMBEDDING, darp_loss
-    from policies.darp_module import BOOTSTRAP_MASK, LOCATION_SAMPLE, DARPModule
-    from policies.rollout import initial_state
+    from policies.darp.learner import TARGET_EMBEDDING, darp_loss
+    from policies.darp.module import BOOTSTRAP_MASK, LOCATION_SAMPLE, DARPModule
+    from policies.darp.rollout import initial_state
     from sketch_env.vector_env import make_vector_env
 
     env = make_vector_env({"data": data, "embedding": embedding, "n_glimpses": n_glimpses, "num_envs": num_envs})
@@ -92,7 +92,7 @@ def rllib_loop(data: str, embedding: str, num_envs: int, runners: int, n_glimpse
     default_pipeline: RLlib's SingleAgentEnvRunner with its default connector pipelines instead of
     DARPConfig's batched EnvRunner and connectors (the figure before issue 6).
     """
-    from policies.registry import TrainConfig, build_algo_config
+    from policies.running.registry import TrainConfig, build_algo_config
 
     cfg = TrainConfig(data=data, embedding=embedding, run_dir="unused", num_env_runners=runners,
                       num_envs_per_env_runner=num_envs, episodes_per_batch=num_envs * max(1, runners),
@@ -148,11 +148,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads in this process (1: per-step batches)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from policies.ray_session import ray_session
+    from policies.running.ray_session import ray_session
 
     data, embedding = args.data, args.embedding
     if not data:
-        from tests.rl_fixtures import make_tiny_setup
+        from sketch_env.synthetic import make_tiny_setup
 
         tmp = Path(tempfile.mkdtemp(prefix="bench_darp_"))
         data, embedding = (str(p) for p in make_tiny_setup(tmp, n_photos=40, sketches_per_photo=3, dim=64))

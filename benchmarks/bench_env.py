@@ -26,7 +26,7 @@ from sketch_env.render import N_LEVELS, render_levels
 from sketch_env.vector_env import SketchRetrievalVectorEnv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.synthetic_data import random_walk_sketch  # noqa: E402  (the tests' random-walk sketches, longer)
+from sketch_env.synthetic import random_walk_sketch  # noqa: E402  (the env tests' random-walk sketches, longer)
 
 ACTION_POOL = 64  # pre-drawn action batches, cycled
 

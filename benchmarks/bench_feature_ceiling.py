@@ -1,8 +1,8 @@
 """How far can a query correction learned from phase-1 features alone go? (no RLlib, no glimpses)
 
-Trains DARP's no-attention networks (policies.darp_networks: GlimpseNetwork(attention=False), the
+Trains DARP's no-attention networks (policies.darp.networks: GlimpseNetwork(attention=False), the
 core RNN over the 17 completion levels, the residual action network) with the supervised objective
-of `darp train` (policies.supervised) on the precomputed phase-1 embeddings of the training split's
+of `darp train` (policies.darp.supervised) on the precomputed phase-1 embeddings of the training split's
 partial sketches, full episodes per minibatch, and prints the validation AUIR every `--eval-every`
 updates. This is the ceiling of what the supervised term can add on top of the triplet network
 without new information from the sketch's pixels, and it shows when that correction starts to
@@ -13,7 +13,7 @@ thousand updates on one core, so it runs where an RLlib run would take many minu
         [--updates 4000] [--sup-loss infonce mse] [--seeds 0]
 
 Without --data/--embedding it runs on a small built-in data set with a synthetic phase-1 export
-(tests.rl_fixtures): that only shows the benchmark works; its AUIR figures mean nothing.
+(sketch_env.synthetic): that only shows the benchmark works; its AUIR figures mean nothing.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from policies.darp_networks import ActionNetwork, CoreNetwork, GlimpseNetwork  # noqa: E402
-from policies.supervised import TARGET_EMBEDDING, TARGET_INDEX, SupervisedObjective  # noqa: E402
+from policies.darp.networks import ActionNetwork, CoreNetwork, GlimpseNetwork  # noqa: E402
+from policies.darp.supervised import TARGET_EMBEDDING, TARGET_INDEX, SupervisedObjective  # noqa: E402
 from sketch_env.episodes import load_episode_data  # noqa: E402
 from sketch_env.metrics import auir  # noqa: E402
 from sketch_env.render import N_LEVELS  # noqa: E402
@@ -93,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(1)
     data, embedding = args.data, args.embedding
     if not data or not embedding:
-        from tests.rl_fixtures import make_tiny_setup
+        from sketch_env.synthetic import make_tiny_setup
 
         print("no --data/--embedding: a small built-in data set with a synthetic phase-1 export (figures mean nothing)")
         tmp = Path(tempfile.mkdtemp(prefix="bench_ceiling_"))

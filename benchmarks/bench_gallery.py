@@ -110,7 +110,7 @@ class RealisticEmbeddings:
     """Synthetic photo embeddings and queries shaped like a phase-1 export (see the module docstring)."""
 
     def __init__(self, run_dir: str, bandwidth: float | None = None):
-        from sketch_env.embeddings import load_embedding_export
+        from sketch_env.embedding_export import load_embedding_export
 
         export = load_embedding_export(run_dir)
         photos = export.photo_embedding.astype(np.float64)

@@ -1,7 +1,7 @@
 """What are glimpses worth to the query, and does where they are taken matter? (supervised only, no RLlib)
 
-Trains DARP's networks (the RLlib module `darp train` builds, policies.darp_module) with the supervised
-term alone on glimpses a fixed rule takes (policies.warm_start: ink, newest-ink, centre, random), for as
+Trains DARP's networks (the RLlib module `darp train` builds, policies.darp.module) with the supervised
+term alone on glimpses a fixed rule takes (policies.darp.warm_start: ink, newest-ink, centre, random), for as
 many updates as an RL run would need hours for, and prints the best validation AUIR, then evaluates
 the kept network with every other rule's glimpses. Read it as:
 - no-attention vs a looking model with the same rule: what glimpses add to the phase-1 features at all
@@ -13,7 +13,7 @@ the kept network with every other rule's glimpses. Read it as:
         [--rules ink centre] [--seeds 0 1 2] [--updates 3000] [--jsonl OUT.jsonl]
 
 Without --data/--embedding it runs on a small built-in data set with a synthetic phase-1 export
-(tests.rl_fixtures): that only shows the benchmark works; its AUIR figures mean nothing.
+(sketch_env.synthetic): that only shows the benchmark works; its AUIR figures mean nothing.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from policies.embedding import noisy_episode_data  # noqa: E402
-from policies.supervised import SupervisedObjective  # noqa: E402
-from policies.warm_start import (  # noqa: E402
+from policies.phase1.embedding import noisy_episode_data  # noqa: E402
+from policies.darp.supervised import SupervisedObjective  # noqa: E402
+from policies.darp.warm_start import (  # noqa: E402
     FixedRuleEpisodes, WarmStartConfig, best_of, validation_auir, validation_ranks, warm_start, with_noisy_copies,
     VAL_SEED,
 )
@@ -57,8 +57,8 @@ MODELS = {
 
 
 def build_module(name: str, env_config: EnvConfig, dim: int, dropout: float):
-    from policies.baselines import NoAttentionModule
-    from policies.darp_module import DARPModule
+    from policies.baselines.feature_policies import NoAttentionModule
+    from policies.darp.module import DARPModule
 
     cls = {"DARPModule": DARPModule, "NoAttentionModule": NoAttentionModule}[MODELS[name][0]]
     model_config = {"dropout": dropout, "n_heads": 6, "std": 0.1, **MODELS[name][2]}
@@ -151,7 +151,7 @@ def main() -> None:
     torch.set_num_threads(1)
     data, embedding = args.data, args.embedding
     if not data or not embedding:
-        from tests.rl_fixtures import make_tiny_setup
+        from sketch_env.synthetic import make_tiny_setup
 
         print("no --data/--embedding: a small built-in data set with a synthetic phase-1 export (figures mean nothing)")
         tmp = Path(tempfile.mkdtemp(prefix="bench_glimpse_"))

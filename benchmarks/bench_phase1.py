@@ -1,6 +1,6 @@
 """Phase-1 recipes compared at convergence: one table of validation figures over seeds.
 
-Each recipe is a set of `darp pretrain` options (policies.phase1.Phase1Config) trained to the end of
+Each recipe is a set of `darp pretrain` options (policies.phase1.training.Phase1Config) trained to the end of
 its schedule (or early stopping) for every seed on the project's own validation split (by photo), and
 judged by the network it keeps (best validation AUIR smoothed over 3 validations). The table gives
 val AUIR, m@A, acc@1/5/10 (mean +- std over seeds), the epoch kept and the training seconds on this
@@ -30,19 +30,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from policies.embedding import EmbeddingConfig, EmbeddingNet, photo_edges  # noqa: E402
-from policies.phase1 import (  # noqa: E402
+from policies.phase1.edges import photo_edges  # noqa: E402
+from policies.phase1.embedding import EmbeddingConfig, EmbeddingNet  # noqa: E402
+from policies.phase1.training import (  # noqa: E402
     Phase1Config,
     StemCache,
+    TrainingState,
     fit,
     make_optimizer,
-    new_state,
     prepare_data,
     stem_cache,
     validate,
     weight_average,
 )
-from policies.triplet import batch_infonce_loss  # noqa: E402
+from policies.phase1.triplet import batch_infonce_loss  # noqa: E402
 from sketch_env.atomic import atomic_write  # noqa: E402
 from sketch_env.data import load_dataset  # noqa: E402
 
@@ -75,7 +76,7 @@ FIGURES = ("auir", "m_at_a", "acc@1", "acc@5", "acc@10")
 
 
 def cached_stems(net: EmbeddingNet, cfg: Phase1Config, d, cache_dir: Path | None) -> tuple[StemCache, float]:
-    """The frozen stages' outputs for `net` (policies.phase1.stem_cache), read from `cache_dir` when an
+    """The frozen stages' outputs for `net` (policies.phase1.training.stem_cache), read from `cache_dir` when an
     earlier run computed them (same data, network and frozen weights), and the seconds computing them took."""
     emb = cfg.embedding_config()
     key = [str(Path(cfg.data).resolve()), emb.backbone, emb.backbone_weights, emb.frozen_stages, emb.image_size,
@@ -109,10 +110,10 @@ def train_recipe(ds, name: str, overrides: dict, seed: int, base: dict, cache: d
         stems, cache_seconds = cached_stems(net, cfg, d, cache_dir)
         d = dataclasses.replace(d, stems=stems)
     optimizer = make_optimizer(cfg, net)
-    state = new_state()
+    state = TrainingState()
     start = time.monotonic()
     fit(cfg, net, optimizer, d, state, run_dir=None, quiet=True, ema=weight_average(cfg, net))
-    net.load_state_dict(state["best_state"])
+    net.load_state_dict(state.best_state)
     metrics = validate(net, d, cfg.eval_batch)
     other_tta = {}
     if d.stems is None:

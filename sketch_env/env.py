@@ -13,7 +13,7 @@ Then the step advances (after G glimpses the level advances) and the next observ
 glimpse at the new location on the (possibly new) level. infos carry the rank, the percentile, the
 sketch's row in the env's episodes (`sketch_index`) and its photo's row in the gallery (`target_index`):
 indices, not embeddings, so that episodes stay small to ship from remote EnvRunners; a learner looks
-the supervised targets up (policies.supervised). The target is never in the observation.
+the supervised targets up (policies.darp.supervised). The target is never in the observation.
 
 The step rule is written once, batched, in `EpisodeBatch`: this env is a batch of one and
 `sketch_env.vector_env.SketchRetrievalVectorEnv` a batch of B, so the two agree by construction.
@@ -43,7 +43,7 @@ from sketch_env.geometry import location_to_pixel
 from sketch_env.glimpse import GlimpseSensor, integral_image
 from sketch_env.local_match import DENSE, MATCHES, LocalGallery, cell_ink, cell_of, inked_cells
 from sketch_env.locators import nearest_ink
-from sketch_env.render import N_LEVELS
+from sketch_env.render import N_GLIMPSES, N_LEVELS
 from sketch_env.rewards import REWARDS, best_rank_reward, eta, rank_gain_reward, threshold_reward
 
 BOUND_TOLERANCE = 1e-6  # actions this far outside [-1, 1] are clipped, further is an error
@@ -77,7 +77,7 @@ class EnvConfig:
     split: Literal["train", "val", "test", "train+val", "all"] = field(
         default="train", metadata={"help": "which sketches and gallery photos (split by photo)"}
     )
-    n_glimpses: int = field(default=12, metadata={"help": "glimpses per completion level (paper: 12)"})
+    n_glimpses: int = field(default=N_GLIMPSES, metadata={"help": "glimpses per completion level (paper: 12)"})
     glimpse_size: int = field(default=8, metadata={"help": "side g of each glimpse patch in pixels"})
     n_patches: int = field(default=3, metadata={"help": "patches k per glimpse, each patch_scale times larger"})
     patch_scale: float = field(default=2.0, metadata={"help": "size ratio s of consecutive glimpse patches"})

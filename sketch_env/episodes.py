@@ -5,7 +5,7 @@ here, in memory (nothing is cached on disk): the partial renders, the phase-1 em
 partial sketch, the index of the sketch's photo in the gallery of its split, and the rank of each
 phase-1 embedding (the triplet baseline, used for the first `rank_gain` reward and by `render`).
 The embeddings come from the phase-1 export, checked sketch by sketch against the strokes they are
-shown with (`sketch_env.embeddings.sketch_embeddings_for`), or from the caller (`episode_data`).
+shown with (`sketch_env.embedding_export.sketch_embeddings_for`), or from the caller (`episode_data`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from sketch_env.data import DataError, Dataset, load_dataset, select_split
-from sketch_env.embeddings import (
+from sketch_env.embedding_export import (
     PhotoEmbedder,
     SketchEmbedder,
     gallery_for,
@@ -125,7 +125,7 @@ def load_episode_data(
     image_size:    side of the partial renders the glimpses are taken from.
     thumbnails:    decode the gallery photos at 64 x 64 for `render` (slow on large galleries).
     embed_sketches, embed_photos: re-embed the sketches (photos) whose strokes (bytes) changed since
-                   the export was made (`sketch_env.embeddings.sketch_embeddings_for`); without them
+                   the export was made (`sketch_env.embedding_export.sketch_embeddings_for`); without them
                    a changed one is a DataError naming it, as is a sketch or photo missing from the
                    export, or a sketch the export pairs with another photo than the data set does.
     local:         also load the local descriptor grids phase 1 exported (`sketch_env.local_grids`; local

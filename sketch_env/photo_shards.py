@@ -36,7 +36,7 @@ SHARDS_META = "photo_shards.json"
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
 SCHEMA_VERSION = 1
-NET_FILE = "embedding_net.pt"  # policies.embedding.NET_FILE (sketch_env imports nothing from policies)
+NET_FILE = "embedding_net.pt"  # policies.phase1.embedding.NET_FILE (sketch_env imports nothing from policies)
 SHARDS_KIND = OutputKind("photo-embedding shards", (SHARDS_META,), frozenset({SHARDS_META, SHARDS_DIR, INDEX_DIR}))
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from sketch_env.data.store import DataError, SketchSet
 
 N_LEVELS = 17
+N_GLIMPSES = 12  # glimpses per completion level by default (the paper's): an episode is N_LEVELS x n_glimpses steps
 NEVER = 255  # first_ink_level of a pixel that no level inks
 
 

@@ -1,6 +1,6 @@
 """Fixtures shared across test modules: the synthetic env data, a local Ray instance and the tiny data set + export.
 
-Helpers they build on live in plain modules (tests.synthetic_data, tests.rl_fixtures, tests.module_batches);
+Helpers they build on live in plain modules (sketch_env.synthetic, tests.rl_fixtures, tests.module_batches);
 no test module imports another.
 """
 
@@ -9,8 +9,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory) -> tuple[str, str]:
-    """(data dir, embedding run dir) of tests.synthetic_data.build_fixture."""
-    from tests.synthetic_data import build_fixture
+    """(data dir, embedding run dir) of sketch_env.synthetic.build_fixture."""
+    from sketch_env.synthetic import build_fixture
 
     return build_fixture(tmp_path_factory.mktemp("synthetic"))
 
@@ -27,7 +27,7 @@ def episodes(synthetic):
 @pytest.fixture(scope="module")
 def ray_local():
     """A 2-CPU local Ray instance for one test module (each module starts its own, then shuts it down)."""
-    from policies.ray_session import ray_session
+    from policies.running.ray_session import ray_session
 
     with ray_session(num_cpus=2):
         yield
@@ -36,6 +36,6 @@ def ray_local():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(data dir, phase-1 run dir) of tests.rl_fixtures.make_tiny_setup."""
-    from tests.rl_fixtures import make_tiny_setup
+    from sketch_env.synthetic import make_tiny_setup
 
     return make_tiny_setup(tmp_path_factory.mktemp("tiny"))

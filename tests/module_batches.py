@@ -4,7 +4,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from policies.darp_module import DARPModule
+from policies.darp.module import DARPModule
 
 D, K, G = 16, 4, 3
 

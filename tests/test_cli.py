@@ -29,6 +29,7 @@ class ToyConfig:
     shape: tuple[int, ...] = arg((2, 3), "a tuple")
     out: Path = arg(Path("runs/x"), "a path")
     limit: int | None = arg(None, "an optional int")
+    research: bool = arg(False, "a research switch", experiment=True)
 
 
 def toy(cfg: ToyConfig) -> int:
@@ -115,6 +116,47 @@ def test_config_file_sets_fields_and_flags_override_it(toy_commands, tmp_path):
     f.write_text(json.dumps({"name": "from-file", "count": 7, "mode": "slow", "shape": [1, 2, 3]}))
     cfg = run(["toy", "--config", str(f), "--count", "9"])
     assert (cfg.name, cfg.count, cfg.mode, cfg.shape) == ("from-file", 9, "slow", (1, 2, 3))
+
+
+def test_a_research_switch_is_no_flag_but_a_config_key(toy_commands, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["toy", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--research" not in help_text and "set only in a --config file" in help_text and "research" in help_text
+    with pytest.raises(SystemExit):
+        main(["toy", "--name", "x", "--research"])
+    assert "unrecognized arguments: --research" in capsys.readouterr().err
+    f = tmp_path / "experiment.json"
+    f.write_text(json.dumps({"research": True}))
+    assert run(["toy", "--name", "x", "--config", str(f)]).research is True
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.json")), ids=lambda p: p.name)
+def test_every_experiment_config_is_a_valid_train_or_pretrain_config(path):
+    from policies.phase1.training import Phase1Config
+    from policies.running.options import checked_values
+    from policies.running.registry import TrainConfig
+
+    data = json.loads(path.read_text())
+    fits = []
+    for cls in (TrainConfig, Phase1Config):
+        try:
+            fits.append(checked_values(cls, data, str(path)))
+        except DataError:
+            continue
+    assert fits, f"{path.name} is neither a darp train nor a darp pretrain config"
+
+
+def test_train_and_pretrain_help_list_everyday_options_only(capsys):
+    for command, research in (("train", ("--cell", "--eval-heads", "--snap-to-ink", "--retina-encoder")),
+                              ("pretrain", ("--tta-flip", "--stroke-augment", "--pen-widths"))):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert not [flag for flag in research if flag in out], out
 
 
 def error_line(capsys) -> str:

@@ -1,4 +1,4 @@
-"""The batched EnvRunner path (policies.env_runner, policies.connectors) samples the same episodes as
+"""The batched EnvRunner path (policies.darp.env_runner, policies.darp.connectors) samples the same episodes as
 RLlib's default SingleAgentEnvRunner and connector pipelines, for DARP and the baselines that share
 its algorithm."""
 
@@ -8,8 +8,8 @@ import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
-from policies.connectors import BatchedEnvToModule, BatchedModuleToEnv, batched_connectors
-from policies.env_runner import DARPEnvRunner, _native
+from policies.darp.connectors import BatchedEnvToModule, BatchedModuleToEnv, batched_connectors
+from policies.darp.env_runner import DARPEnvRunner, _native
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ ALGOS = ["darp", "bdqn", "darp-no-attention", "vanilla-pg"]
 
 
 def _config(data, phase1, algo="darp", **kw):
-    from policies.registry import TrainConfig, build_algo_config
+    from policies.running.registry import TrainConfig, build_algo_config
 
     base = dict(data=str(data), embedding=str(phase1), run_dir="unused", algo=algo, num_envs_per_env_runner=4,
                 episodes_per_batch=4, n_glimpses=2, val_interval=0, seed=3)
@@ -113,8 +113,8 @@ def test_each_sample_call_draws_new_sketches(ray_local, tiny):
 
 
 def test_train_with_two_remote_env_runners(ray_local, tiny, tmp_path):
-    from policies.fit import train
-    from policies.registry import TrainConfig
+    from policies.running.fit import train
+    from policies.running.registry import TrainConfig
 
     data, phase1 = tiny
     cfg = TrainConfig(data=str(data), embedding=str(phase1), run_dir=str(tmp_path / "r2"), iterations=1,

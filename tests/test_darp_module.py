@@ -4,9 +4,10 @@ import pytest
 import torch
 from ray.rllib.core.columns import Columns
 
-from policies.darp_learner import TARGET_EMBEDDING, darp_loss
-from policies.darp_module import BOOTSTRAP_MASK, HEAD, LOCATION_SAMPLE
-from policies.schedules import StdSchedule
+from policies.darp.learner import darp_loss
+from policies.darp.module import BOOTSTRAP_MASK, HEAD, LOCATION_SAMPLE
+from policies.darp.schedules import StdSchedule
+from policies.darp.supervised import TARGET_EMBEDDING
 from tests.module_batches import D, K, batch, make_module, state
 
 
@@ -151,7 +152,7 @@ def test_dropout_acts_in_the_learner_forward_only():
     assert torch.equal(explore[0], explore[1]) and torch.equal(inference[0], inference[1])
     assert torch.allclose(inference[0], explore[0])  # the query does not depend on exploration
     assert not torch.allclose(trained[0], trained[1])
-    plain = make_module(residual_query=False)
+    plain = make_module(residual_query=False, dropout=0.0)
     plain.load_state_dict(m.state_dict())
     assert torch.allclose(plain.forward_train(inp)["query"], inference[0])
 
@@ -162,7 +163,7 @@ def test_dropout_rejects_bad_values():
 
 
 def test_conv_retina_reads_sharp_glimpses():
-    from policies.darp_networks import GlimpseNetwork
+    from policies.darp.networks import GlimpseNetwork
 
     net = GlimpseNetwork((3, 16, 16), 8, 32, encoder="conv")
     out = net(torch.rand(2, 5, 3, 16, 16), torch.zeros(2, 5, 2), torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5, 8))

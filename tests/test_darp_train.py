@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from policies import runs
-from policies.fit import train
-from policies.registry import TrainConfig
+from policies.running import runs
+from policies.running.fit import train
+from policies.running.registry import TrainConfig
 from sketch_env.atomic import prepare_output_dir
 from sketch_env.errors import ConfigError, DataError
 from tests.processes import kill_session, session_processes
@@ -86,14 +86,14 @@ def test_train_is_one_tune_trial_that_tensorboard_reads(ray_local, tiny, tmp_pat
         train(tiny_config(data, phase1, run_dir, iterations=4))
 
     # --no-resume starts over: nothing of the old run is kept or reported as this run's best
-    val = train(tiny_config(data, phase1, run_dir, iterations=1, resume=False, lr=1e-9, seed=1), quiet=True)
+    val = train(tiny_config(data, phase1, run_dir, iterations=1, resume=False, lr=1e-12, seed=1), quiet=True)
     assert iterations_logged(run_dir) == [1]
     (only,) = runs.checkpoints(run_dir)
     assert only.iteration == 1 and val["auir"] == pytest.approx(runs.results(run_dir)[0]["evaluation"]["auir"])
 
 
 def test_std_schedule_reaches_the_module(ray_local, tiny, tmp_path):
-    from tune_runs.rl_eval import load_module
+    from policies.running.trained import load_module
 
     data, phase1 = tiny
     run_dir = tmp_path / "std"
@@ -131,7 +131,7 @@ def expected_first_loss(env_config: dict, sup_loss: str, sup_target: str, temper
 def test_first_supervised_loss_is_the_one_computed_from_the_data(ray_local, tiny, sup_loss, sup_target, num_learners):
     """One update over every training sketch once (sequential order, one pass, one minibatch): the loss
     logged is the loss before that update, of the zero-initialised correction: normalize(e_level)."""
-    from policies.registry import build_algo_config
+    from policies.running.registry import build_algo_config
     from sketch_env.episodes import load_episode_data
 
     data, phase1 = tiny
@@ -154,7 +154,7 @@ def test_first_supervised_loss_is_the_one_computed_from_the_data(ray_local, tiny
 
 
 def test_infonce_needs_the_photo_target(tiny, tmp_path):
-    from policies.registry import build_algo_config
+    from policies.running.registry import build_algo_config
 
     data, phase1 = tiny
     config = build_algo_config(tiny_config(data, phase1, tmp_path, sup_loss="infonce", sup_target="final_sketch"))

@@ -468,23 +468,6 @@ def test_qmul_keys_whose_drawer_is_not_a_number_import(tmp_path):
     assert sk.drawer.tolist() == ["A7QX2KD9PLMZ3", "2", "7z"]
 
 
-def test_data_sets_of_schema_1_still_load(tmp_path):
-    import json
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path, photos = make_qmul(tmp_path, {"/train/a_1": good_sketch(), "/train/a_2": good_sketch(7)})
-    out = tmp_path / "out"
-    import_qmul(path, photos, out)
-    table = pq.read_table(out / "sketches.parquet")
-    old = table.set_column(table.column_names.index("drawer"), "drawer", pa.array([1, 2], pa.int32()))
-    pq.write_table(old, out / "sketches.parquet")
-    manifest = json.loads((out / "manifest.json").read_text())
-    (out / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 1}))
-    assert load_sketches(out).drawer.tolist() == ["1", "2"]
-
-
 @pytest.mark.parametrize("text, message", [("[1, 2]", "expected a JSON object, got list"), ('"x"', "got str"), ("\xff", "not valid JSON")])
 def test_a_manifest_that_is_not_an_object_is_a_one_line_error(tmp_path, capsys, text, message):
     path, photos = make_qmul(tmp_path, {"/train/a_1": good_sketch()})

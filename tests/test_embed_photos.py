@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sketch_env.data import DataError, load_dataset
-from sketch_env.embeddings import load_embedding_export
+from sketch_env.embedding_export import load_embedding_export
 from sketch_env.photo_shards import SHARDS_META, gallery_from_shards, load_photo_shards, shard_table
 
 
@@ -24,7 +24,7 @@ def phase1(tmp_path_factory):
 
 @pytest.mark.slow
 def test_three_workers_give_the_export_and_evaluate_reads_the_shards(phase1, tmp_path):
-    from policies.ray_session import ray_session
+    from policies.running.ray_session import ray_session
     from tune_runs.cli import main
 
     data, run = phase1

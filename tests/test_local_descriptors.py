@@ -6,12 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from policies.embedding import EmbeddingConfig, EmbeddingNet, embed_sketches
-from policies.local_descriptors import (
-    LocalHead,
+from policies.phase1.embedding import EmbeddingConfig, EmbeddingNet, embed_photo_grids, embed_sketch_grids, embed_sketches
+from policies.phase1.local_descriptors import (
     captured_feature_maps,
-    embed_photo_grids,
-    embed_sketch_grids,
     local_infonce_loss,
     local_loss,
 )
@@ -100,8 +97,8 @@ def test_grids_round_trip_and_changed_items_are_re_embedded_or_refused(tmp_path)
 def test_pretrain_with_local_descriptors_exports_grids_that_match_their_photos(tmp_path):
     """A short phase 1 with --local-dim trains the local term and exports grids of the kept network; sketch cells
     then match their own photo better than other photos (local AUIR over chance)."""
-    from policies.embedding import load_embedding_net
-    from policies.phase1 import Phase1Config, run
+    from policies.phase1.embedding import load_embedding_net
+    from policies.phase1.training import Phase1Config, run
     from sketch_env.data.generate import generate_dataset
     from sketch_env.local_match import LocalGallery
 

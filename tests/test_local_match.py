@@ -15,7 +15,7 @@ from sketch_env.local_match import LocalGallery, cell_ink, cell_of, grid_similar
 from sketch_env.metrics import auir
 from sketch_env.render import N_LEVELS
 from sketch_env.vector_env import SketchRetrievalVectorEnv
-from tests.synthetic_data import LOCAL_SHAPE, with_local_grids
+from sketch_env.synthetic import LOCAL_SHAPE, with_local_grids
 
 H, W, D_LOCAL = LOCAL_SHAPE
 

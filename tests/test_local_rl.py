@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from policies.darp_learner import level_returns
+from policies.darp.learner import level_returns
 from sketch_env.env import EnvConfig, action_space, observation_space
 from sketch_env.render import N_LEVELS
 from sketch_env.vector_env import SketchRetrievalVectorEnv
-from tests.synthetic_data import with_local_grids
+from sketch_env.synthetic import with_local_grids
 
 
 def test_level_returns_credit_a_location_with_the_rest_of_the_level_it_is_read_on():
@@ -27,8 +27,8 @@ def test_level_returns_credit_a_location_with_the_rest_of_the_level_it_is_read_o
 
 @pytest.mark.parametrize("rule", ["ink", "random"])
 def test_warm_start_episodes_are_what_the_env_shows_in_local_match(episodes, rule):
-    from policies.darp_module import DARPModule
-    from policies.warm_start import FixedRuleEpisodes
+    from policies.darp.module import DARPModule
+    from policies.darp.warm_start import FixedRuleEpisodes
 
     data = with_local_grids(episodes)
     G, B = 2, 3
@@ -65,7 +65,7 @@ def local_setup(tmp_path_factory):
 
 
 def test_the_match_mode_round_trips_through_run_json(local_setup):
-    from tune_runs.rl_eval import env_options, read_run, run_spaces, train_config
+    from policies.running.trained import env_options, read_run, run_spaces, train_config
 
     data, phase1, run_dir = local_setup
     run = read_run(run_dir)
@@ -115,10 +115,10 @@ def test_evaluate_and_play_follow_the_run_and_dense_matching_costs_more(local_se
 
 def test_live_retrieval_ranks_as_evaluate_in_local_match(local_setup):
     """The server's engine on the test sketches cut at the env's levels gives `darp evaluate`'s ranks."""
-    from policies.rollout import LiveRetrieval
+    from policies.darp.rollout import LiveRetrieval
     from sketch_env.data import load_dataset, select_split
     from sketch_env.render import level_cut_points
-    from tune_runs.rl_eval import evaluate_policy_run, live_retrieval
+    from policies.running.trained import evaluate_policy_run, live_retrieval
 
     data, phase1, run_dir = local_setup
     split = select_split(load_dataset(data), "test")
@@ -135,7 +135,7 @@ def test_live_retrieval_ranks_as_evaluate_in_local_match(local_setup):
 
 @pytest.mark.slow
 def test_report_in_local_match_trains_darp_and_adds_the_fixed_rules_and_dense_rows(ray_local, local_setup, tmp_path):
-    from policies.registry import TrainConfig
+    from policies.running.registry import TrainConfig
     from tune_runs.report import ReportConfig, run, trial_dir
 
     data, phase1, _ = local_setup

@@ -1,10 +1,13 @@
 """End-to-end: `darp evaluate --locator` swaps a fixed rule in for a trained policy's locator."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from tune_runs.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
 
@@ -56,15 +59,18 @@ def test_noise_strokes_reach_an_rl_run_and_are_repeatable(darp_run, tmp_path):
 
 
 def test_a_sharp_fovea_that_snaps_to_ink_trains_and_is_evaluated_as_it_trained(darp_run, tmp_path):
-    """--glimpse-image-size/--glimpse-size/--retina-encoder/--snap-to-ink/--advantage-norm reach the env
-    and the module in training, and evaluation rebuilds the same env from run.json."""
+    """experiments/sharp_fovea.json (glimpse_image_size, glimpse_size, retina_encoder, snap_to_ink, advantage_norm:
+    research switches, set only by --config) reaches the env and the module in training, flags override it,
+    and evaluation rebuilds the same env from run.json."""
     data, first = darp_run
     phase1 = json.loads((first / "run.json").read_text())["embedding"]
     run_dir = tmp_path / "sharp"
     assert main(["train", "--data", str(data), "--embedding", phase1, "--run-dir", str(run_dir), "--iterations", "1",
                  "--num-envs-per-env-runner", "4", "--episodes-per-batch", "8", "--n-glimpses", "2",
-                 "--val-interval", "1", "--glimpse-image-size", "128", "--glimpse-size", "16",
-                 "--retina-encoder", "conv", "--snap-to-ink", "--advantage-norm"]) == 0
+                 "--val-interval", "1", "--config", str(ROOT / "experiments" / "sharp_fovea.json")]) == 0
+    config = json.loads((run_dir / "run.json").read_text())["config"]
+    assert (config["glimpse_image_size"], config["glimpse_size"], config["retina_encoder"], config["snap_to_ink"],
+            config["n_glimpses"]) == (128, 16, "conv", True, 2)
     own = _evaluate(data, run_dir, tmp_path / "own")
     assert own["fovea_on_ink"] == 1.0  # every chosen glimpse lands on ink
     centre = _evaluate(data, run_dir, tmp_path / "centre", "--locator", "centre")

@@ -77,10 +77,10 @@ def test_a_trained_run_acts_with_its_module_and_carries_its_state(synthetic, tmp
     own deterministic steps, recurrent state carried, in an env with the run's glimpses per level."""
     import torch
 
-    from policies.rollout import initial_state, policy_step
+    from policies.darp.rollout import initial_state, policy_step
     from sketch_env.env import EnvConfig, SketchRetrievalEnv
     from tests.rl_fixtures import save_untrained_run
-    from tune_runs.rl_eval import load_module
+    from policies.running.trained import load_module
 
     data, run_dir = synthetic
     trained = save_untrained_run(tmp_path / "darp_run", data, run_dir, n_glimpses=2)

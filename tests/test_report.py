@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from policies.registry import TrainConfig
+from policies.running.registry import TrainConfig
 from tune_runs.report import (
     ReportConfig,
     is_chair_v2,
@@ -125,8 +125,8 @@ def test_confidence_table_averages_over_seeds_and_shows_what_never_fired(tmp_pat
 def tiny_with_triplet(tmp_path_factory):
     """The tiny fixture, its export marked as a triplet run made from this data set."""
     from sketch_env.atomic import atomic_write_json
-    from sketch_env.embeddings import load_embedding_export, save_embedding_export
-    from tests.rl_fixtures import make_tiny_setup
+    from sketch_env.embedding_export import load_embedding_export, save_embedding_export
+    from sketch_env.synthetic import make_tiny_setup
     from sketch_env.data import data_fingerprint
 
     data, phase1 = make_tiny_setup(tmp_path_factory.mktemp("tiny"))
@@ -184,7 +184,7 @@ def test_report_writes_everything_and_a_rerun_skips_finished_trials(ray_local, t
     assert run(cfg) == 0
     printed = capsys.readouterr().out
     assert "running 1 trial(s)" in printed and "vanilla-pg_seed0" in printed
-    from policies.runs import results
+    from policies.running.runs import results
 
     assert len(results(trial_dir(out, "vanilla-pg", 0) / "run")) == 1, "the finished iteration must not be trained again"
     assert (trial_dir(out, "vanilla-pg", 0) / "done.json").is_file()
@@ -205,7 +205,7 @@ def test_no_resume_starts_an_unfinished_trial_over_without_unpickling_its_state(
     report directory; `darp report --no-resume` starts unfinished trials over and opens none of them."""
     import pickle
 
-    from policies import fit, runs
+    from policies.running import fit, runs
     from tune_runs.cli import build_config
     from tune_runs.report import trial_train_config
 

@@ -1,4 +1,4 @@
-"""Run directories (policies.runs) and the Ray start helper (policies.ray_session), without Ray."""
+"""Run directories (policies.running.runs) and the Ray start helper (policies.running.ray_session), without Ray."""
 
 import json
 import math
@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from policies import runs
-from policies.ray_session import _sigterm_as_sigint, ray_descendants, shutdown_ray
+from policies.running import runs
+from policies.running.ray_session import _sigterm_as_sigint, ray_descendants, shutdown_ray
 from sketch_env.data import DataError
 
 
@@ -43,27 +43,6 @@ def test_best_checkpoint_is_the_best_complete_one_else_the_latest(tmp_path):
     (gone / "rllib_checkpoint.json").unlink()
     assert [c.iteration for c in runs.checkpoints(tmp_path)] == [1, 5, 10, 12]
     assert runs.best_checkpoint(tmp_path).iteration == 10
-
-
-def test_runs_of_the_earlier_layout_are_still_read(tmp_path):
-    for name in ("checkpoint", "best_checkpoint"):
-        (tmp_path / name / runs.MODULE_PATH).mkdir(parents=True)
-        (tmp_path / name / runs.MODULE_PATH / "module_state.pkl").write_bytes(b"weights")
-    assert runs.best_module_dir(tmp_path) == tmp_path / "best_checkpoint" / runs.MODULE_PATH
-    fake_checkpoint(tmp_path, 0, 1, 30.0)
-    assert runs.best_module_dir(tmp_path) == runs.trial_dir(tmp_path) / "checkpoint_000000" / runs.MODULE_PATH
-
-
-def test_training_into_an_earlier_layout_run_is_refused(tmp_path):
-    from policies.fit import train
-    from policies.registry import TrainConfig
-
-    (tmp_path / "checkpoint" / runs.MODULE_PATH).mkdir(parents=True)
-    (tmp_path / "checkpoint" / runs.MODULE_PATH / "module_state.pkl").write_bytes(b"weights")
-    runs.write_run(tmp_path, {"kind": "darp"})
-    with pytest.raises(DataError, match="trained before darp train ran on Tune"):
-        train(TrainConfig(data="d", embedding="e", run_dir=str(tmp_path)))
-    assert runs.read_run(tmp_path) == {"kind": "darp"}, "the old run.json is left as it was"
 
 
 def test_only_experiments_darp_named_are_the_runs_own(tmp_path):

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from policies.rollout import LivePolicy, LiveRetrieval
+from policies.darp.rollout import LivePolicy, LiveRetrieval
 from sketch_env.data import load_dataset, select_split
 from sketch_env.data.generate import generate_dataset
 from sketch_env.geometry import split_strokes, unit_to_canvas
 from sketch_env.render import N_LEVELS, level_cut_points
 from tests.rl_fixtures import free_port, make_serve_runs
-from tune_runs.rl_eval import live_retrieval
+from policies.running.trained import live_retrieval
 from tune_runs.serve import BadRequest, build_app, strokes_to_points
 
 pytestmark = pytest.mark.slow
@@ -70,7 +70,7 @@ def client(setup, retriever):
 
 def test_episode_at_the_evaluation_cuts_is_darp_evaluate(setup, retriever):
     """Cut like `darp evaluate` (17 completion levels), the live path gives its ranks at every level."""
-    from tune_runs.rl_eval import evaluate_policy_run
+    from policies.running.trained import evaluate_policy_run
 
     data, darp, split = setup
     evaluated = evaluate_policy_run(darp, data, "val")
@@ -182,13 +182,13 @@ def test_serve_a_gallery_of_shards_with_an_index(setup, retriever, tmp_path, mon
     import pyarrow.parquet as pq
     from starlette.testclient import TestClient
 
-    from policies.embedding import embed_photos, load_embedding_net
+    from policies.phase1.embedding import embed_photos, load_embedding_net
     from sketch_env import gallery_index
     from sketch_env.atomic import atomic_write_json
     from sketch_env.data import PhotoSet, encode_png, photo_digests
     from sketch_env.photo_shards import SHARDS_DIR, SHARDS_META, file_digest, shard_table
     from tune_runs import serve as serve_module
-    from tune_runs.rl_eval import read_darp_run
+    from policies.running.trained import read_darp_run
 
     data, darp, split = setup
     phase1 = read_darp_run(darp)["embedding"]

@@ -1,10 +1,9 @@
-"""The phase-1 export is checked against the strokes and photos it is used with (sketch_env/embeddings.py):
+"""The phase-1 export is checked against the strokes and photos it is used with (sketch_env/embedding_export.py):
 a changed sketch is refused by name, or re-embedded by the phase-1 network, never ranked with its old
 embedding; the result follows the edit."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -15,12 +14,12 @@ import pytest
 import torch
 
 import sketch_env  # noqa: F401  (registers SketchRetrieval-v0)
-from policies.embedding import EmbeddingConfig, EmbeddingNet, embed_photos, embed_sketches, reembedders, save_embedding_net
+from policies.phase1.embedding import EmbeddingConfig, EmbeddingNet, embed_photos, embed_sketches, reembedders, save_embedding_net
 from sketch_env.atomic import atomic_write_json
 from sketch_env.data import (DataError, Dataset, PhotoSet, SketchSet, data_fingerprint, encode_png, load_dataset,
                              photo_digests, save_dataset, select_split, sketch_digests)
 from sketch_env.data.generate import generate_dataset
-from sketch_env.embeddings import EmbeddingExport, gallery_for, load_embedding_export, save_embedding_export
+from sketch_env.embedding_export import EmbeddingExport, gallery_for, load_embedding_export, save_embedding_export
 from sketch_env.episodes import episode_data, load_episode_data, load_supervised_targets
 from tune_runs.cli import main
 
@@ -105,21 +104,6 @@ def test_re_embedding_follows_the_edit(setup, tmp_path):
     assert torch.equal(episodes.phase1_rank, fresh.phase1_rank)
 
 
-def test_an_export_without_digests_is_checked_by_its_data_fingerprint(setup, tmp_path):
-    data, phase1, edited, net, _ = setup
-    old = tmp_path / "old"
-    shutil.copytree(phase1, old)
-    export = load_embedding_export(phase1)
-    save_embedding_export(old, dataclasses.replace(export, sketch_digest=None, photo_digest=None))
-    assert len(load_episode_data(data, old, "all")) == 16  # the data it was made from
-    with pytest.raises(DataError, match=rf"made from another version of {edited} \(its data fingerprint differs\)"):
-        load_episode_data(edited, old, "all")
-    everything = load_episode_data(edited, old, "all", **reembedders(old))  # cannot tell what changed: all re-embedded
-    fresh = load_episode_data(edited, phase1_run(tmp_path / "fresh", net, edited), "all")
-    np.testing.assert_allclose(everything.sketch_embedding, fresh.sketch_embedding, atol=1e-5)
-    np.testing.assert_allclose(everything.gallery.embeddings, fresh.gallery.embeddings, atol=1e-5)
-
-
 def with_blank_photo(data: Path, out: Path, row: int = 2) -> tuple[PhotoSet, Path]:
     """A copy of data set `data` at `out` whose photo `row` is a blank image: (its photos, its path)."""
     ds = load_dataset(data)
@@ -144,7 +128,7 @@ def test_the_served_gallery_follows_the_photos_served(setup, tmp_path):
     """`darp serve`'s gallery is looked up by id like the episodes' (gallery_for): a photo whose image
     changed is re-embedded by the phase-1 network, a photo the export lacks is refused by name."""
     from tests.rl_fixtures import save_untrained_run
-    from tune_runs.rl_eval import live_retrieval
+    from policies.running.trained import live_retrieval
 
     data, phase1, _, net, _ = setup
     ds = load_dataset(data)
@@ -172,7 +156,7 @@ def test_episodes_take_embeddings_computed_elsewhere(setup):
     noisy = Dataset(with_points(split, {0: np.r_[split.sketches.sketch(0), [[0.1, 0.1, 0], [0.9, 0.9, 1]]]}), split.photos, split.manifest)
     export = load_embedding_export(phase1)
     with pytest.raises(DataError, match="other strokes"):
-        from sketch_env.embeddings import sketch_embeddings_for
+        from sketch_env.embedding_export import sketch_embeddings_for
 
         sketch_embeddings_for(export, noisy.sketches, phase1)
     episodes = episode_data(noisy, gallery_for(export, noisy.photos, phase1), embed_sketches(net, noisy.sketches), image_size=32)
@@ -201,9 +185,9 @@ def test_evaluate_names_a_photo_that_is_not_an_image(setup, tmp_path, capsys):
 def test_evaluating_an_rl_run_follows_the_strokes_evaluated(ray_local, setup, tmp_path):
     """Every sketch given another sketch's strokes: an RL run's evaluation must rank the new strokes'
     embeddings (as with an export made from the changed data), not the old ones."""
-    from tune_runs.rl_eval import evaluate_policy_run
-    from policies.fit import train
-    from policies.registry import TrainConfig
+    from policies.running.trained import evaluate_policy_run
+    from policies.running.fit import train
+    from policies.running.registry import TrainConfig
 
     data, phase1, _, net, _ = setup
     run = tmp_path / "darp"
@@ -227,14 +211,14 @@ def test_evaluating_an_rl_run_follows_the_strokes_evaluated(ray_local, setup, tm
 def test_train_on_a_changed_sketch_stops_before_ray_with_one_line_and_no_run(setup, tmp_path, capsys, monkeypatch):
     """Issue 25, item 6: an 80-line Ray traceback ("the actor died ...") named the sketch only inside
     it, and left a run directory with status "running"."""
-    import policies.fit
+    import policies.running.fit
 
     _, phase1, edited, _, name = setup
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray must not start for a stale export")
 
-    monkeypatch.setattr(policies.fit, "ray_session", no_ray)
+    monkeypatch.setattr(policies.running.fit, "ray_session", no_ray)
     run_dir = tmp_path / "run"
     assert main(["train", "--data", str(edited), "--embedding", str(phase1), "--run-dir", str(run_dir)]) == 1
     err = capsys.readouterr().err

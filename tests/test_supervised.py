@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from policies.supervised import TARGET_EMBEDDING, TARGET_INDEX, AddTargetEmbeddings, SupervisedObjective
+from policies.darp.supervised import TARGET_EMBEDDING, TARGET_INDEX, AddTargetEmbeddings, SupervisedObjective
 from sketch_env.episodes import load_episode_data, load_supervised_targets
 
 

@@ -14,10 +14,10 @@ import pytest
 from ray.tune.search.sample import Categorical, Float, Integer
 
 from tests.processes import kill_session
-from tests.rl_fixtures import make_tiny_setup
+from sketch_env.synthetic import make_tiny_setup
 from tune_runs.cli import build_config
 from tune_runs.sweep import SweepConfig, check_config, default_point, experiment_location, param_space
-from policies.registry import TrainConfig
+from policies.running.registry import TrainConfig
 
 DARP_CLI = Path(sys.executable).parent / "darp"
 

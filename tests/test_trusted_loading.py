@@ -1,4 +1,4 @@
-"""Loading a trained run runs no code from it: `tune_runs.rl_eval.load_module` rebuilds the module from
+"""Loading a trained run runs no code from it: `policies.running.trained.load_module` rebuilds the module from
 run.json and reads only plain arrays from module_state.pkl; RLlib's class_and_ctor_args.pkl is never opened.
 
 The fast tests use a run directory RLlib writes without training (`save_untrained_run`); the slow
@@ -15,8 +15,8 @@ import torch
 
 from sketch_env.data import DataError
 from tests.rl_fixtures import save_untrained_run
-from policies.runs import MODULE_PATH, best_module_dir
-from tune_runs.rl_eval import load_module, module_weights_path
+from policies.running.runs import best_module_dir, trial_dir, write_checkpoint_info
+from policies.running.trained import load_module, module_weights_path
 
 
 class Trap:
@@ -46,12 +46,19 @@ def test_the_module_comes_back_with_its_weights(saved):
 
     _, _, run = saved
     module = load_module(run)
-    reference = RLModule.from_checkpoint(str((run / "checkpoint" / MODULE_PATH).resolve()))  # RLlib's own way (trusted here)
+    reference = RLModule.from_checkpoint(str(best_module_dir(run).resolve()))  # RLlib's own way (trusted here)
     assert type(module) is type(reference) and not module.training
     expected = reference.state_dict()
     assert set(module.state_dict()) == set(expected)
     for key, value in module.state_dict().items():
         torch.testing.assert_close(value, expected[key])
+
+
+def resign(run: Path) -> None:
+    """checkpoint.json rewritten for the checkpoint's files as they are now: a hostile user edits it too (its
+    file sizes only tell a checkpoint torn by a kill from a complete one)."""
+    (checkpoint,) = trial_dir(run).glob("checkpoint_*")
+    write_checkpoint_info(checkpoint, 0, {})
 
 
 def test_a_booby_trapped_constructor_pickle_is_never_opened(saved, tmp_path):
@@ -62,6 +69,7 @@ def test_a_booby_trapped_constructor_pickle_is_never_opened(saved, tmp_path):
 
     shutil.copytree(run, trapped)
     plant(best_module_dir(trapped) / "class_and_ctor_args.pkl", marker)
+    resign(trapped)
     module = load_module(trapped)
     assert not marker.exists(), "loading the run ran code from class_and_ctor_args.pkl"
     assert float(module.std) == pytest.approx(0.3)
@@ -97,6 +105,7 @@ def test_bad_weights_are_refused_with_a_one_line_error_naming_the_file(saved, tm
         state[name] = state[name] * float("nan")
         weights.write_bytes(pickle.dumps(state))
         message = f"weight {name!r} holds NaN or infinite values"
+    resign(trapped)
     with pytest.raises(DataError) as error:
         load_module(trapped)
     text = str(error.value)
@@ -149,7 +158,7 @@ def test_evaluate_play_serve_and_report_run_no_code_from_a_booby_trapped_run(ray
 
     data = generate_dataset(tmp_path / "data", n_photos=12, sketches_per_photo=2, seed=0)
     phase1 = make_phase1_run(tmp_path, data)  # serve embeds partial sketches with its network
-    from policies.registry import TrainConfig
+    from policies.running.registry import TrainConfig
 
     train = TrainConfig(data=str(data), embedding=str(phase1), run_dir=str(tmp_path / "report"), iterations=1,
                         episodes_per_batch=8, num_envs_per_env_runner=4, n_glimpses=2, val_interval=1)
@@ -189,7 +198,7 @@ def test_evaluate_play_serve_and_report_run_no_code_from_a_booby_trapped_run(ray
 
     def plant_consistently(path: Path) -> None:
         """Plant the trap and record the new file sizes in checkpoint.json, as someone replacing files would."""
-        from policies import runs
+        from policies.running import runs
 
         plant(path, marker)
         checkpoint = module_dir.parents[3]

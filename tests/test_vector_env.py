@@ -10,7 +10,7 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from sketch_env.env import EnvConfig, SketchRetrievalEnv
 from sketch_env.render import N_LEVELS
 from sketch_env.vector_env import SketchRetrievalVectorEnv, make_vector_env
-from tests.synthetic_data import DIM, G
+from sketch_env.synthetic import DIM, G
 
 B = 4
 

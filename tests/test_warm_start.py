@@ -1,11 +1,11 @@
-"""The supervised warm start (policies.warm_start): its episodes are the env's, and it trains and keeps the best."""
+"""The supervised warm start (policies.darp.warm_start): its episodes are the env's, and it trains and keeps the best."""
 
 import numpy as np
 import pytest
 import torch
 
-from policies.supervised import SupervisedObjective
-from policies.warm_start import FixedRuleEpisodes, WarmStartConfig, validation_auir, warm_start
+from policies.darp.supervised import SupervisedObjective
+from policies.darp.warm_start import FixedRuleEpisodes, WarmStartConfig, validation_auir, warm_start
 from sketch_env.env import EnvConfig, action_space, observation_space
 from sketch_env.locators import InkTable, fixed_locations
 from sketch_env.render import N_LEVELS
@@ -13,7 +13,7 @@ from sketch_env.vector_env import SketchRetrievalVectorEnv
 
 
 def _module(config: EnvConfig, dim: int, **model_config):
-    from policies.darp_module import DARPModule
+    from policies.darp.module import DARPModule
 
     return DARPModule(observation_space=observation_space(config, dim), action_space=action_space(dim),
                       model_config={"hidden": 32, "glimpse_hidden": 16, "n_heads": 2, "std": 0.1, **model_config})
@@ -104,7 +104,7 @@ def test_darp_train_warm_starts_then_learns_by_rl(tiny, tmp_path):
     its figures and time are in that iteration's result."""
     import json
 
-    from policies import runs
+    from policies.running import runs
     from tune_runs.cli import main
 
     data, embedding = tiny
@@ -121,7 +121,7 @@ def test_darp_train_warm_starts_then_learns_by_rl(tiny, tmp_path):
 
 
 def test_warm_start_is_refused_for_models_without_darp_networks():
-    from policies.registry import TrainConfig, with_algo_defaults
+    from policies.running.registry import TrainConfig, with_algo_defaults
 
     with pytest.raises(ValueError, match="warm-start"):
         with_algo_defaults(TrainConfig(data="d", embedding="e", run_dir="r", algo="ppo", warm_start_updates=10))
@@ -130,13 +130,13 @@ def test_warm_start_is_refused_for_models_without_darp_networks():
 @pytest.mark.slow
 def test_noisy_copies_are_the_evaluated_noise_re_embedded(tiny, tmp_path):
     """with_noisy_copies adds copies with more ink, embedded by the phase-1 network; noisy_episode_data with
-    a seed gives what `darp evaluate --noise-strokes N --noise-seed S` ranks (rl_eval.load_run_episodes)."""
-    from policies.embedding import noisy_episode_data
-    from policies.warm_start import with_noisy_copies
+    a seed gives what `darp evaluate --noise-strokes N --noise-seed S` ranks (policies.running.trained.load_run_episodes)."""
+    from policies.phase1.embedding import noisy_episode_data
+    from policies.darp.warm_start import with_noisy_copies
     from sketch_env.data import load_dataset, select_split
     from sketch_env.episodes import load_episode_data
     from tests.rl_fixtures import make_phase1_run
-    from tune_runs.rl_eval import load_run_episodes
+    from policies.running.trained import load_run_episodes
 
     data, _ = tiny
     phase1 = make_phase1_run(tmp_path, data)

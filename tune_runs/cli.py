@@ -6,12 +6,16 @@ names; modules are imported when their command is chosen, so `darp --help` stays
 
 Any subcommand also takes `--config FILE.json`: the file's keys set the dataclass fields, and flags
 given on the command line override them (how `darp sweep`'s best config is re-used by `darp train`).
-A file's values are checked as their flags would be (`checked_value`: true/false for a switch, an
+A file's values are checked as their flags would be (`policies.running.options.checked_value`: true/false for a switch, an
 integer for an int, null only where the option may be left unset), and a config's `check()` (its
 ranges) runs before its command, for flags and files alike.
 
 Errors are raised below as `DataError` (bad input, refused output; `ConfigError` for an option value)
 or `RunStopped` (a run that failed or was interrupted); `main` prints them as one line, exit status 1.
+
+A field marked `experiment` (`arg(..., experiment=True)`) is a research switch whose verdict is measured
+(README, experiments/README.md): it is no flag, only a key of a `--config` file (experiments/*.json name
+the recipes), so `--help` lists the options a user tunes; the help ends with the names of the others.
 
 A field whose type is itself a config dataclass composes it: its fields become flags of the command
 (`darp sweep` takes every `darp train` option), except the ones its `hide` names (the command sets
@@ -31,10 +35,11 @@ import dataclasses
 import importlib
 import json
 import sys
-import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
+
+from policies.running.options import checked_values, flag, unwrap_optional
 
 # name -> ("module:ConfigClass:function", one-line help); nested dicts are command groups.
 COMMANDS: dict[str, Any] = {
@@ -59,14 +64,18 @@ COMMANDS: dict[str, Any] = {
 }
 
 
-def arg(default: Any = dataclasses.MISSING, help: str = "", hide: tuple[str, ...] = (), **kwargs) -> Any:
+def arg(default: Any = dataclasses.MISSING, help: str = "", hide: tuple[str, ...] = (), experiment: bool = False,
+        **kwargs) -> Any:
     """A dataclass field with a help text for the generated CLI; `hide`: for a composed config, its
-    fields that are not flags of this command."""
-    metadata = {"help": help, "hide": tuple(hide)}
+    fields that are not flags of this command; `experiment`: set only in a --config file (no flag)."""
+    metadata = {"help": help, "hide": tuple(hide), EXPERIMENT: experiment}
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+EXPERIMENT = "experiment"  # field metadata: a research switch, set only in a --config file
 
 
 def _options(cls) -> list[tuple[dataclasses.Field, Any]]:
@@ -92,21 +101,8 @@ def _load(target: str):
     return getattr(module, cls_name), getattr(module, fn_name)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _unwrap_optional(tp):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
-
-
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp) -> None:
-    tp, optional = _unwrap_optional(tp)
+    tp, optional = unwrap_optional(tp)
     help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
     required = _required(f)
     default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
@@ -114,7 +110,7 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp) -> Non
     kw: dict[str, Any] = {"dest": f.name, "help": f"{help_text} (default: {shown})" if not required else help_text}
     origin = typing.get_origin(tp)
     if tp is bool:
-        parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, **kw)
+        parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, **kw)
         return
     if origin is Literal:
         choices = list(typing.get_args(tp))
@@ -131,7 +127,7 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp) -> Non
     kw["metavar"] = f.name.upper() if origin is not Literal else None
     if kw["metavar"] is None:
         del kw["metavar"]
-    parser.add_argument(_flag(f.name), default=argparse.SUPPRESS, **kw)
+    parser.add_argument(flag(f.name), default=argparse.SUPPRESS, **kw)
 
 
 def build_config(cls, values: dict[str, Any], config_file: str | None = None):
@@ -152,78 +148,10 @@ def build_config(cls, values: dict[str, Any], config_file: str | None = None):
             raise ConfigError(f"{path}: expected a JSON object of option values")
         merged.update(checked_values(cls, data, str(path)))
     merged.update(values)
-    missing = [_flag(f.name) for f, _ in _options(cls) if f.name not in merged and _required(f)]
+    missing = [flag(f.name) for f, _ in _options(cls) if f.name not in merged and _required(f)]
     if missing:
         raise ConfigError(f"missing required option(s): {' '.join(missing)}")
     return _instantiate(cls, merged)
-
-
-def checked_values(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
-    """`data` (option values by field name, as in a config file: a composed config's flat or under its
-    name) with every value checked and converted as its flag would be (`checked_value`). ConfigError
-    naming `where` and the key for an unknown key or a value of the wrong type."""
-    from sketch_env.errors import ConfigError
-
-    hints = typing.get_type_hints(cls)
-    composed = {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
-    types_of = _leaf_types(cls)
-    unknown = sorted(k for k in data if k not in types_of and k not in composed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown} for {cls.__name__}")
-    out = {}
-    for key, value in data.items():
-        if key in composed:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: {key!r}: expected an object of {composed[key].__name__} options, got {value!r}")
-            out[key] = checked_values(composed[key], value, f"{where}: {key}")
-        else:
-            out[key] = checked_value(types_of[key], value, f"{where}: {key!r} ({_flag(key)})")
-    return out
-
-
-def _leaf_types(cls) -> dict[str, Any]:
-    """Type of every option of config `cls` by name, composed configs' included (hidden ones too)."""
-    out = {}
-    for name, tp in typing.get_type_hints(cls).items():
-        if name in {f.name for f in dataclasses.fields(cls)}:
-            out |= _leaf_types(tp) if dataclasses.is_dataclass(tp) else {name: tp}
-    return out
-
-
-def checked_value(tp, value: Any, where: str) -> Any:
-    """A JSON value for a field of type `tp` as its flag takes it: a switch true or false, an int an
-    integer (not 10.7, "ten" or true), a float any number, a path or text a string, a choice one of its
-    values, a list a list of such; null only for an optional field. ConfigError naming `where` otherwise."""
-    from sketch_env.errors import ConfigError
-
-    inner, optional = _unwrap_optional(tp)
-    origin = typing.get_origin(inner)
-    if value is None and optional:
-        return None
-    if origin is Literal:
-        choices = typing.get_args(inner)
-        if any(type(value) is type(c) and value == c for c in choices):
-            return value
-        raise ConfigError(f"{where}: expected one of {list(choices)}, got {json.dumps(value)}")
-    if origin in (list, tuple):
-        (item,) = typing.get_args(inner)[:1] or (str,)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {json.dumps(value)}")
-        items = [checked_value(item, v, f"{where}, item {i + 1}") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-        Path: lambda v: isinstance(v, str),
-    }
-    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path (a string)"}
-    if inner not in ok:
-        raise TypeError(f"unsupported option type {inner!r}")
-    if not ok[inner](value):
-        raise ConfigError(f"{where}: expected {expected[inner]}, got {json.dumps(value)}")
-    return float(value) if inner is float else value
 
 
 def _instantiate(cls, values: dict[str, Any]):
@@ -238,15 +166,20 @@ def _instantiate(cls, values: dict[str, Any]):
             kwargs[f.name] = _instantiate(tp, {k: v for k, v in values.items() if k in own} | nested)
         elif f.name in values:
             value = values[f.name]
-            inner, _ = _unwrap_optional(tp)
+            inner, _ = unwrap_optional(tp)
             kwargs[f.name] = tuple(value) if typing.get_origin(inner) is tuple and isinstance(value, list) else value
     return cls(**kwargs)
 
 
 def _parser_for(cls, prog: str, help_line: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or help_line).strip())
-    for f, tp in _options(cls):
-        _add_field(parser, f, tp)
+    options = _options(cls)
+    experiments = [f.name for f, _ in options if f.metadata.get(EXPERIMENT)]
+    epilog = ("research switches, set only in a --config file (see experiments/README.md): " + ", ".join(experiments)
+              if experiments else None)
+    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or help_line).strip(), epilog=epilog)
+    for f, tp in options:
+        if not f.metadata.get(EXPERIMENT):
+            _add_field(parser, f, tp)
     parser.add_argument("--config", dest="__config", metavar="FILE.json", default=None,
                         help="JSON file with option values; flags given here override it")
     return parser

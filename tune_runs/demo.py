@@ -42,7 +42,7 @@ DEMO_KIND = OutputKind("demo", ("data/manifest.json", "phase1", "results.md"))
 
 
 def run(cfg: DemoConfig) -> int:
-    from policies.registry import TrainConfig
+    from policies.running.registry import TrainConfig
     from sketch_env.data import load_dataset
     from sketch_env.data.generate import generate_dataset
     from tune_runs import data_cmd, evaluate, pretrain

@@ -1,6 +1,6 @@
 """`darp embed-photos`: embed a photo collection with a phase-1 network on Ray, as Parquet shards.
 
-The engine is `policies.photo_pipeline` (Ray Data `map_batches`, one actor per CPU or GPU); the
+The engine is `policies.running.photo_pipeline` (Ray Data `map_batches`, one actor per CPU or GPU); the
 shards' format and how they become a gallery is `sketch_env.photo_shards`. `darp evaluate --gallery`
 and `darp serve --gallery` read the result.
 
@@ -39,8 +39,8 @@ class EmbedPhotosConfig:
 
 
 def run(cfg: EmbedPhotosConfig) -> dict:
-    from policies.photo_pipeline import check_photo_job, embed_photo_collection
-    from policies.ray_session import ray_session
+    from policies.running.photo_pipeline import check_photo_job, embed_photo_collection
+    from policies.running.ray_session import ray_session
     from sketch_env.data import DataError
 
     problems = [f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}"

@@ -4,7 +4,7 @@ The gallery is the photos of the evaluated split; every sketch of the split is a
 the 17 completion levels. Ranks come from `sketch_env.gallery.Gallery`, figures from
 `sketch_env.metrics.retrieval_metrics`. A triplet run (`darp pretrain`) is queried with the
 embedding of each partial sketch (from its export when the export was made from this data set, else
-by running its saved network); an RL run is evaluated by `tune_runs.rl_eval.evaluate_policy_run`,
+by running its saved network); an RL run is evaluated by `policies.running.trained.evaluate_policy_run`,
 on the phase-1 embeddings of its export, except for sketches (photos) whose strokes (bytes) changed
 since the export was made: those are re-embedded by its phase-1 network, so the ranks always belong
 to the strokes evaluated.
@@ -32,22 +32,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from policies.embedding import (
-    EmbeddingNet,
-    embed_photo_inputs,
-    embed_sketch_levels,
-    load_embedding_net,
-    photo_decode_size,
-    photo_inputs,
-)
+from policies.phase1.embedding import embed_sketch_levels, load_embedding_net
+from policies.phase1.split_embeddings import export_covers, triplet_run_embeddings
+from policies.running.calibration import evaluation_confidence, policy_queries, triplet_queries
 from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, check_output_dir, prepare_output_dir
-from sketch_env.data import DataError, Dataset, data_fingerprint, load_dataset, select_split
+from sketch_env.data import DataError, Dataset, load_dataset, select_split
 from sketch_env.errors import ConfigError
-from sketch_env.embeddings import EXPORT_DIR, EmbeddingExport, gallery_for, load_embedding_export, sketch_embeddings_for
-from sketch_env.gallery import ranks_from_embeddings
+from sketch_env.embedding_export import EXPORT_DIR, load_embedding_export, sketch_embeddings_for
 from sketch_env.metrics import retrieval_metrics
-from sketch_env.render import first_ink_level
-from tune_runs.calibrate import evaluation_confidence, policy_queries, triplet_queries
+from sketch_env.render import N_GLIMPSES, first_ink_level
 from tune_runs.cli import arg
 from tune_runs.plots import format_percentiles, format_table, plot_curves, plot_glimpses, plot_reliability
 
@@ -78,7 +71,7 @@ class EvaluateConfig:
         "run", "what the ranking compares: the run's own mode (a triplet run: global), global, local (+ local descriptors "
         "at the glimpses' cells; a triplet run needs a fixed --locator), dense (+ every cell's) or dense-ink (+ every "
         "inked cell's); all but global need a phase 1 trained with --local-dim")
-    n_glimpses: int = arg(12, "a triplet run in local match: glimpses per completion level (an RL run takes its own)")
+    n_glimpses: int = arg(N_GLIMPSES, "a triplet run in local match: glimpses per completion level (an RL run takes its own)")
     local_weight: float = arg(1.0, "a triplet run in local or dense matches: weight of the local term (an RL run: its own)")
     force: bool = arg(False, "write into --out even if it holds something other than an evaluation")
 
@@ -88,61 +81,13 @@ class EvaluateConfig:
                               f"{self.level_batch}, {self.num_threads} and {self.noise_strokes}")
 
 
-def export_covers(export: EmbeddingExport, ds: Dataset) -> bool:
-    """Whether `export` was made from this data set and holds all of its sketches and photos."""
-    if ds.path is None or export.meta.get("data_fingerprint") != data_fingerprint(ds.path):
-        return False
-    return set(ds.sketches.sketch_id) <= set(export.sketch_id) and set(ds.photos.photo_id) <= set(export.photo_id)
-
-
-def ranks_for_triplet(export_or_net: EmbeddingExport | EmbeddingNet, split: Dataset, batch: int = 1024,
-                      export_dir: str | Path = "the phase-1 run") -> np.ndarray:
-    """Ranks (S, 17) of every sketch of `split` at every level, the gallery being the split's photos.
-
-    export_or_net: an export holding the split's ids (looked up by id and checked item by item:
-    `sketch_env.embeddings.gallery_for`, `sketch_embeddings_for`; export_dir names it in errors), or a
-    network (the split's sketches are rendered and its photos decoded and embedded here). Rows follow
-    split.sketches.
-    """
-    photo_emb, sketch_emb = triplet_embeddings(export_or_net, split, batch, export_dir)
-    return ranks_from_embeddings(photo_emb, split.photos.photo_id, sketch_emb, split.sketches.photo_id)
-
-
-def triplet_embeddings(export_or_net: EmbeddingExport | EmbeddingNet, split: Dataset, batch: int = 1024,
-                       export_dir: str | Path = "the phase-1 run"):
-    """(photo embeddings (N, D), sketch embeddings (S, 17, D)) of `split` (see `ranks_for_triplet`)."""
-    if len(split.sketches) == 0 or len(split.photos) == 0:
-        raise DataError(f"{split.path}: the split has {len(split.sketches)} sketches and {len(split.photos)} photos; need both")
-    if isinstance(export_or_net, EmbeddingExport):
-        photo_emb = gallery_for(export_or_net, split.photos, export_dir, split.path).embeddings
-        sketch_emb = sketch_embeddings_for(export_or_net, split.sketches, export_dir, split.path)
-    else:
-        net = export_or_net
-        cfg = net.config
-        photos = photo_inputs(split.photos.decode_all(photo_decode_size(cfg)), cfg)
-        photo_emb = embed_photo_inputs(net, photos, batch)
-        sketch_emb = embed_sketch_levels(net, first_ink_level(split.sketches, cfg.image_size), batch)
-    return photo_emb, sketch_emb
-
-
-def triplet_run_embeddings(run_dir: Path, split: Dataset, batch: int = 1024, fresh: bool = False):
-    """(photo embeddings, sketch embeddings, source) of a triplet run on `split`: from its export when
-    it covers the split (unless `fresh`), else computed by its saved network."""
-    if not fresh and (run_dir / EXPORT_DIR).is_dir():
-        export = load_embedding_export(run_dir)
-        if export_covers(export, split):
-            return (*triplet_embeddings(export, split, batch, run_dir), "embedding export")
-    net, _ = load_embedding_net(run_dir)
-    return (*triplet_embeddings(net, split, batch), "saved network")
-
-
 def triplet_queries_in_shards(run_dir: Path, split: Dataset, batch: int, gallery_dir: Path,
                               use_export: bool = True):
     """(queries, how they were made): the split's sketches ranked among every photo of the shards in
-    `gallery_dir` (`tune_runs.rl_eval.shards_gallery`), as `tune_runs.calibrate.RankedQueries`. Queries:
+    `gallery_dir` (`policies.running.trained.shards_gallery`), as `policies.running.calibration.RankedQueries`. Queries:
     the export's partial-sketch embeddings when it covers the split (and `use_export`), else the saved network's."""
-    from tune_runs.calibrate import RankedQueries
-    from tune_runs.rl_eval import shards_gallery
+    from policies.running.calibration import RankedQueries
+    from policies.running.trained import shards_gallery
 
     gallery = shards_gallery(gallery_dir, run_dir, split)
     if use_export and (run_dir / EXPORT_DIR).is_dir() and export_covers(export := load_embedding_export(run_dir), split):
@@ -204,7 +149,7 @@ def match_record(env_config, embedding: str | Path | None) -> dict:
 
 def run(cfg: EvaluateConfig) -> dict:
     """Evaluate run `cfg.run` on split `cfg.split` of `cfg.data`; returns the metrics dict."""
-    from tune_runs.rl_eval import read_run
+    from policies.running.trained import read_run
 
     cfg.check()
     torch.set_num_threads(cfg.num_threads)
@@ -223,7 +168,7 @@ def run(cfg: EvaluateConfig) -> dict:
         raise DataError(f"{cfg.gallery}: photo shards hold no local grids; --match {match} ranks the data set's photos")
     looks = False
     if triplet_local:
-        from tune_runs.rl_eval import evaluate_triplet_local
+        from policies.running.trained import evaluate_triplet_local
 
         result = evaluate_triplet_local(run_dir, data_dir, cfg.split, match, cfg.locator if cfg.locator != "policy" else "centre",
                                         cfg.n_glimpses, cfg.local_weight, cfg.seed, cfg.noise_strokes, cfg.noise_seed)
@@ -249,7 +194,7 @@ def run(cfg: EvaluateConfig) -> dict:
         ranks, sketch_id, n_photos = queries.ranks, split.sketches.sketch_id, queries.n_photos
         print(f"triplet run {run_dir}: queries from its {source}")
     else:
-        from tune_runs.rl_eval import evaluate_policy_run, load_run_episodes, read_run
+        from policies.running.trained import evaluate_policy_run, load_run_episodes, read_run
 
         episodes = load_run_episodes(read_run(run_dir), data_dir, cfg.split, cfg.noise_strokes, cfg.noise_seed, match,
                                      gallery_dir=cfg.gallery)

@@ -8,7 +8,7 @@ PNG and the episode as an animated GIF.
 
 The query (the predicted sketch embedding) always comes from the policy: for "random" (uniform
 locations) and "center" (always (0, 0)) it is the phase-1 embedding of the current partial sketch;
-a run directory acts with its trained policy (`tune_runs.rl_eval.TrainedPolicy`, loaded safely), in
+a run directory acts with its trained policy (`policies.running.trained.TrainedPolicy`, loaded safely), in
 the environment it trained in (its match mode too: in local match the ranks follow where you look).
 
     darp play --data DIR --embedding RUN [--policy random|center|RUN] [--sketch ID]
@@ -85,7 +85,7 @@ def make_policy(name: str, seed: int, env: SketchRetrievalEnv):
         return RandomPolicy(seed)
     if name == "center":
         return CenterPolicy()
-    from tune_runs.rl_eval import TrainedPolicy
+    from policies.running.trained import TrainedPolicy
 
     return TrainedPolicy(name, env)
 
@@ -165,7 +165,7 @@ def run(cfg: PlayConfig) -> int:
     if cfg.policy not in ("random", "center"):
         if not Path(cfg.policy).is_dir():
             raise DataError(f"--policy {cfg.policy!r}: not 'random', 'center' or an existing run directory")
-        from tune_runs.rl_eval import env_options as trained_env, read_run
+        from policies.running.trained import env_options as trained_env, read_run
 
         env_options = trained_env(read_run(cfg.policy))  # act in the env the policy was trained in
     trained = cfg.policy if cfg.policy not in ("random", "center") else None

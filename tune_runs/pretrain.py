@@ -1,6 +1,6 @@
 """`darp pretrain`: phase 1, the triplet embedding network and the export of its embeddings.
 
-The options are `policies.phase1.Phase1Config`; the training lives in `policies.phase1`. When it has
+The options are `policies.phase1.training.Phase1Config`; the training lives in `policies.phase1.training`. When it has
 finished, the run's confidence is fitted on the val split (`tune_runs.calibrate`: RUN/calibration.json).
 
     darp pretrain --data data/chairv2 --run-dir runs/chair/phase1
@@ -8,8 +8,8 @@ finished, the run's confidence is fitted on the val split (`tune_runs.calibrate`
 
 from __future__ import annotations
 
-from policies import phase1
-from policies.phase1 import CHECKPOINT_FILE, RUN_FILE, RUN_KIND, Phase1Config
+from policies.phase1 import training
+from policies.phase1.training import CHECKPOINT_FILE, RUN_FILE, RUN_KIND, Phase1Config
 
 PretrainConfig = Phase1Config
 
@@ -17,9 +17,9 @@ __all__ = ["CHECKPOINT_FILE", "RUN_FILE", "RUN_KIND", "PretrainConfig", "run"]
 
 
 def run(cfg: PretrainConfig) -> dict:
-    """Train (or resume) phase 1 and export (`policies.phase1.run`), then fit the run's confidence."""
+    """Train (or resume) phase 1 and export (`policies.phase1.training.run`), then fit the run's confidence."""
     from tune_runs.calibrate import calibrate_after_training
 
-    record = phase1.run(cfg)
+    record = training.run(cfg)
     calibrate_after_training(cfg.run_dir, cfg.data)
     return record

@@ -3,12 +3,12 @@
     darp report --data runs/demo/data --embedding runs/demo/phase1 --run-dir runs/report --seeds 3
 
 Ray Tune runs one trial per (model, seed), `max_concurrent` at a time, each a function trainable
-that trains with `darp train` (policies.fit.train, quiet: the run is itself a Tune trial, started from
+that trains with `darp train` (policies.running.fit.train, quiet: the run is itself a Tune trial, started from
 inside this one; it keeps the checkpoint with the best AUIR on the val split) and evaluates that
-policy on --split (tune_runs.rl_eval.evaluate_policy_run): the test split where the data set has one,
+policy on --split (policies.running.trained.evaluate_policy_run): the test split where the data set has one,
 so the figures are not the ones the selection saw. Every `darp train` option sets what all trials
 train with. A trial keeps everything in run_dir/trials/MODEL_seedS/: run/ (the training run,
-policies.runs' layout), metrics.json, ranks.parquet, glimpses.npz (models that choose where to look)
+policies.running.runs' layout), metrics.json, ranks.parquet, glimpses.npz (models that choose where to look)
 and done.json, written last. The triplet row is the embedding run itself, evaluated once (trials/triplet/).
 
 Rerunning the same command resumes: trials with done.json are skipped (their files are read as JSON,
@@ -51,10 +51,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray import tune
 
-from policies import runs
-from policies.ray_session import ray_session
-from policies.registry import ALGOS, GLIMPSING, TrainConfig
-from policies.registry import DISPLAY as RL_DISPLAY
+from policies.running import runs
+from policies.running.ray_session import ray_session
+from policies.running.registry import ALGOS, GLIMPSING, TrainConfig
+from policies.running.registry import DISPLAY as RL_DISPLAY
 from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, atomic_write_text, prepare_output_dir
 from sketch_env.data import DataError
 from sketch_env.local_match import DENSE
@@ -144,7 +144,8 @@ def policy_confidence(cfg: ReportConfig, run_dir: Path, result: dict) -> dict | 
     """Fit a trained trial's confidence on val (RUN/calibration.json; on the evaluated queries themselves
     when cfg.split is val) and judge it on the evaluated queries (cross-fitted by photo when they are the
     ones it was fitted on): `darp evaluate`'s confidence figures, or None where val cannot fit one."""
-    from tune_runs.calibrate import FIT_SPLIT, calibrate_run, evaluation_confidence, policy_queries
+    from policies.running.calibration import FIT_SPLIT, evaluation_confidence, policy_queries
+    from tune_runs.calibrate import calibrate_run
 
     queries = policy_queries(result)
     try:
@@ -203,8 +204,8 @@ def train_and_evaluate(cfg: ReportConfig, model: str, seed: int) -> dict:
     """Train one model with one seed, evaluate it on cfg.split; writes the trial's files, done.json last."""
     from sketch_env.metrics import retrieval_metrics
     from tune_runs.evaluate import write_ranks
-    from policies.fit import train
-    from tune_runs.rl_eval import evaluate_policy_run
+    from policies.running.fit import train
+    from policies.running.trained import evaluate_policy_run
 
     out = trial_dir(cfg.train.run_dir, model, seed)
     train_cfg = trial_train_config(cfg, model, seed)
@@ -258,11 +259,11 @@ def evaluate_triplet(cfg: ReportConfig) -> dict:
 def evaluate_rule_model(cfg: ReportConfig, model: str) -> dict:
     """A fixed-rule row (RULE_MODELS): the triplet network's queries in local match with glimpses by one rule
     (as many per level as the report's DARP takes), or in dense match; evaluated once (darp evaluate)."""
-    from policies.registry import with_algo_defaults
+    from policies.running.registry import with_algo_defaults
     from tune_runs import evaluate
 
     match = model.removeprefix("triplet-") if model.startswith("triplet-dense") else "local"
-    rule = model.removeprefix("triplet-local-") if match == "local" else "centre"
+    rule = model.removeprefix("triplet-local-") if match == "local" else "policy"  # dense matches take no glimpses
     options = {"match": match, "locator": rule, "seed": cfg.noise_seed, "local_weight": cfg.train.local_weight,
                "n_glimpses": with_algo_defaults(dataclasses.replace(cfg.train, algo="darp")).n_glimpses}
     out = trial_dir(cfg.train.run_dir, model, TRIPLET_SEED)
@@ -300,7 +301,7 @@ def _job_name(job: dict) -> str:
 
 class Progress(tune.Callback):
     """Prints trial starts and ends, and every progress_interval_s the iterations of the running trials
-    (read from their training runs' results, policies.runs.results)."""
+    (read from their training runs' results, policies.running.runs.results)."""
 
     def __init__(self, cfg: ReportConfig, total: int):
         self.cfg, self.total = cfg, total
@@ -634,7 +635,7 @@ def run(cfg: ReportConfig) -> int:
     check_config(cfg)
     if cfg.train.match == "global":  # the fixed-rule rows rank with local descriptors
         cfg = dataclasses.replace(cfg, models=tuple(m for m in cfg.models if m not in RULE_MODELS))
-    else:  # these read the phase-1 features only (policies.registry.with_algo_defaults refuses them)
+    else:  # these read the phase-1 features only (policies.running.registry.with_algo_defaults refuses them)
         dropped = [m for m in cfg.models if m in ("vanilla-pg", "ppo")]
         if dropped:
             print(f"--match {cfg.train.match}: leaving out {', '.join(dropped)} (they read the phase-1 features only)")

@@ -2,7 +2,7 @@
 
 A person draws on the page (tune_runs/static/); after every stroke the page sends all strokes so
 far and the server answers with the top-10 photos, where the policy looked, and the rank of a target
-photo the person picked. The retrieval itself is `policies.rollout.LiveRetrieval` (one level per
+photo the person picked. The retrieval itself is `policies.darp.rollout.LiveRetrieval` (one level per
 new stroke, cached by stroke prefix, so answers depend only on the strokes sent); this module parses
 and checks requests, batches concurrent drawers, and deploys the app on Ray Serve.
 
@@ -40,13 +40,13 @@ from typing import Literal
 import numpy as np
 from ray import serve
 
-from policies.rollout import STOP_AT, Drawing, LiveRetrieval
+from policies.darp.rollout import STOP_AT, Drawing, LiveRetrieval
 from sketch_env.data import DataError, Dataset, encode_png, load_dataset, read_manifest, select_split
 from sketch_env.data.validate import OUTSIDE_MARGIN, normalise_sketch
 from sketch_env.errors import ConfigError
 from sketch_env.geometry import join_strokes, split_strokes, unit_to_canvas
 from tune_runs.cli import arg
-from tune_runs.rl_eval import live_retrieval, load_module, read_darp_run
+from policies.running.trained import live_retrieval, load_module, read_darp_run
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_BODY_BYTES = 1 << 20
@@ -398,9 +398,9 @@ def check_port(host: str, port: int) -> None:
 def check(cfg: ServeConfig) -> None:
     """Load what a replica will load, in this process, so that a bad data set or run fails here with
     a one-line error naming the file (before Ray starts) rather than inside a replica."""
-    from policies.embedding import load_embedding_net
+    from policies.phase1.embedding import load_embedding_net
 
-    from tune_runs.calibrate import load_run_confidence
+    from policies.running.runs import load_run_confidence
 
     if not 0.0 < cfg.stop_confidence <= 1.0:
         raise ConfigError(f"--stop-confidence must be in (0, 1], got {cfg.stop_confidence}")
@@ -445,7 +445,7 @@ def start(cfg: ServeConfig) -> str:
 
 
 def start_ray() -> bool:
-    """Start a local Ray instance for the server unless one is up (`policies.ray_session.init_ray`, no
+    """Start a local Ray instance for the server unless one is up (`policies.running.ray_session.init_ray`, no
     dashboard); True if started here.
 
     Ray runs its workers 15 nice levels below the driver by default, which on a busy machine makes
@@ -453,7 +453,7 @@ def start_ray() -> bool:
     priority instead. ray.init installs its own SIGTERM handler, which ends the process without
     shutting Ray down (its agents outlive it); the handler that was there before comes back.
     """
-    from policies.ray_session import init_ray
+    from policies.running.ray_session import init_ray
 
     os.environ.setdefault("RAY_worker_niceness", "0")
     handler = signal.getsignal(signal.SIGTERM)
@@ -464,10 +464,10 @@ def start_ray() -> bool:
 
 def stop_ray() -> None:
     """Shut Serve and the Ray instance down; Ray processes that outlive the shutdown are killed
-    (`policies.ray_session.shutdown_ray`)."""
+    (`policies.running.ray_session.shutdown_ray`)."""
     import ray
 
-    from policies.ray_session import shutdown_ray
+    from policies.running.ray_session import shutdown_ray
 
     if ray.is_initialized():
         serve.shutdown()

@@ -2,7 +2,7 @@
 
     darp sweep --data runs/demo/data --embedding runs/demo/phase1 --run-dir runs/demo/sweep --samples 16
 
-Each trial is one `darp train` run (policies.fit.TrainTrial, the same trainable) with the same seed,
+Each trial is one `darp train` run (policies.running.fit.TrainTrial, the same trainable) with the same seed,
 so trials differ by their schedule only; every `darp train` option sets what all trials train with.
 Trial 0 runs the given (by default TrainConfig's) schedule, so the table shows what the search gains
 over it. Validation runs every iteration: ASHA compares trials on "evaluation/auir" at every rung.
@@ -27,10 +27,10 @@ from pathlib import Path
 
 from ray import tune
 
-from policies.fit import TrainTrial
-from policies.ray_session import ray_session
-from policies.registry import TrainConfig
-from policies.schedules import STD_SHAPES
+from policies.running.fit import TrainTrial
+from policies.running.ray_session import ray_session
+from policies.running.registry import TrainConfig
+from policies.darp.schedules import STD_SHAPES
 from sketch_env.atomic import (OutputKind, atomic_write, atomic_write_json, atomic_write_text, check_output_dir,
                                 prepare_output_dir)
 from tune_runs.cli import arg
@@ -102,7 +102,7 @@ def check_config(cfg: SweepConfig) -> None:
         raise SystemExit(f"darp sweep: --samples and --max-concurrent must be >= 1, got {cfg.samples}, {cfg.max_concurrent}")
     if not cfg.n_heads_choices or min(cfg.n_heads_choices) < 1:
         raise SystemExit(f"darp sweep: --n-heads-choices must be >= 1, got {list(cfg.n_heads_choices)}")
-    from policies.fit import check_inputs
+    from policies.running.fit import check_inputs
 
     try:
         trial = trial_train_config(cfg)

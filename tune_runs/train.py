@@ -2,23 +2,23 @@
 
     darp train --data runs/demo/data --embedding runs/demo/phase1 --run-dir runs/demo/darp
 
-The options are policies.registry.TrainConfig's; the training is policies.fit.train (the run
-directory's layout: policies.runs). `tensorboard --logdir RUN` shows the curves; `--resume` (default)
+The options are policies.running.registry.TrainConfig's; the training is policies.running.fit.train (the run
+directory's layout: policies.running.runs). `tensorboard --logdir RUN` shows the curves; `--resume` (default)
 continues a killed run. When it has finished, the run's confidence is fitted on the validation split
 (RUN/calibration.json, `tune_runs.calibrate`).
 """
 
 from __future__ import annotations
 
-from policies.registry import TrainConfig
+from policies.running.registry import TrainConfig
 
 __all__ = ["TrainConfig", "run"]
 
 
 def run(cfg: TrainConfig) -> int:
-    """Train (`policies.fit.train`), then fit the run's confidence on its validation split
+    """Train (`policies.running.fit.train`), then fit the run's confidence on its validation split
     (`tune_runs.calibrate`: RUN/calibration.json)."""
-    from policies.fit import train  # Ray is imported when training, not for `darp train --help`
+    from policies.running.fit import train  # Ray is imported when training, not for `darp train --help`
     from tune_runs.calibrate import calibrate_after_training
 
     train(cfg)

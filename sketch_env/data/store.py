@@ -9,7 +9,7 @@ Layout of a data set directory::
 Coordinates are stored normalised to the unit square [0, 1]^2 of the canvas (a non-square canvas is
 scaled by its longer side and centred), y pointing down as on screen. ``pen`` is 1 on the last point
 of every stroke, 0 elsewhere. ``drawer`` names who drew the sketch, as the source names them (a
-string since schema 2; schema 1 stored integers and is still read). Stored splits are "train" and
+string). Stored splits are "train" and
 "test"; "val" is carved out of "train" by `select_split`. Writes go to a temporary sibling directory
 that is renamed at the end (`sketch_env.atomic.replace_dir`), so a crash never leaves a
 half-written data set, and a directory holding anything but a data set is never replaced unasked.
@@ -43,7 +43,6 @@ SCHEMA_VERSION = 2
 # Real sketches have a few hundred points (Chair-V2 at most 519, Sketchy's pigs at most 1,722 once
 # curves are flattened); far more is a malformed or hostile file, refused before it costs memory.
 MAX_POINTS = 20_000
-READABLE_SCHEMAS = (1, 2)  # schema 1: integer drawers
 SPLITS = ("train", "test")  # the splits a data set stores
 DATASET_FILES = ("manifest.json", "sketches.parquet", "photos.parquet")
 DATASET = OutputKind("data set", ("manifest.json",), frozenset(DATASET_FILES))
@@ -355,8 +354,8 @@ def read_manifest(path: str | Path) -> dict:
     mf = path / "manifest.json"
     manifest = read_json_object(mf, f"{path}: not a data set directory (no manifest.json); create one with "
                                     "`darp data generate` or `darp data import-qmul`")
-    if manifest.get("schema_version") not in READABLE_SCHEMAS:
-        raise DataError(f"{mf}: schema_version {manifest.get('schema_version')!r}, this code reads {READABLE_SCHEMAS}")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(f"{mf}: schema_version {manifest.get('schema_version')!r}, this code reads {SCHEMA_VERSION}")
     return manifest
 
 
@@ -393,10 +392,9 @@ class _Columns:
             raise DataError(f"{self.f}: column {name!r} has {arr.null_count} missing value(s)")
         return arr
 
-    def strings(self, name: str, or_integers: bool = False) -> np.ndarray:
-        ok = (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or (or_integers and pa.types.is_integer(t)))
-        arr = self.column(name, ok, "text" + (" or integers" if or_integers else ""))
-        return np.array([str(v) for v in arr.to_pylist()] if or_integers else arr.to_pylist(), dtype=object)
+    def strings(self, name: str) -> np.ndarray:
+        arr = self.column(name, lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "text")
+        return np.array(arr.to_pylist(), dtype=object)
 
     def numbers(self, name: str, dtype, integers: bool = False) -> np.ndarray:
         ok = pa.types.is_integer if integers else (lambda t: pa.types.is_integer(t) or pa.types.is_floating(t))
@@ -439,7 +437,7 @@ def load_sketches(path: str | Path) -> SketchSet:
         sketch_id=c.strings("sketch_id"),
         photo_id=c.strings("photo_id"),
         split=c.strings("split"),
-        drawer=c.strings("drawer", or_integers=True),  # schema 1 stored integers
+        drawer=c.strings("drawer"),
         canvas_width=c.numbers("canvas_width", np.float32),
         canvas_height=c.numbers("canvas_height", np.float32),
     )
