@@ -255,8 +255,8 @@ def test_an_epoch_on_cached_stems_equals_an_epoch_of_the_full_network(data_dir):
 def test_the_bfloat16_stem_cache_is_within_a_few_percent_of_float32(data_dir):
     """The fast cache (bfloat16, channels-last) keeps the frozen stages' maps within bfloat16 rounding
     of float32's, and leaves the network as it found it (layout, mode)."""
-    from policies.embedding import EmbeddingNet
-    from policies.phase1 import prepare_data, stem_cache
+    from policies.phase1.embedding import EmbeddingNet
+    from policies.phase1.training import prepare_data, stem_cache
 
     cfg = _config(data_dir, "", backbone="mobilenet_v3_small", frozen_stages=2)
     d = prepare_data(load_dataset(data_dir), cfg.embedding_config())
