@@ -176,7 +176,9 @@ def run(cfg: EvaluateConfig) -> dict:
         looks = match == "local"
         queries = None  # the confidence reads global distances; a triplet run in local match has no calibrator for its ranks
         env_config = result["extras"]["env_config"]
-        print(f"triplet run {run_dir} in {match} match: queries from its export, glimpses by the {cfg.locator} rule")
+        print(f"triplet run {run_dir} in {match} match: queries from its export"
+              + (f", glimpses by the {cfg.locator} rule" if match == "local" else ", every cell compared" if match == "dense"
+                 else ", every inked cell compared"))
     elif kind == "triplet":
         from sketch_env.strokes import with_noise_strokes
 

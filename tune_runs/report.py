@@ -263,9 +263,10 @@ def evaluate_rule_model(cfg: ReportConfig, model: str) -> dict:
     from tune_runs import evaluate
 
     match = model.removeprefix("triplet-") if model.startswith("triplet-dense") else "local"
-    rule = model.removeprefix("triplet-local-") if match == "local" else "policy"  # dense matches take no glimpses
-    options = {"match": match, "locator": rule, "seed": cfg.noise_seed, "local_weight": cfg.train.local_weight,
+    options = {"match": match, "seed": cfg.noise_seed, "local_weight": cfg.train.local_weight,
                "n_glimpses": with_algo_defaults(dataclasses.replace(cfg.train, algo="darp")).n_glimpses}
+    if match == "local":  # dense rows look nowhere: `darp evaluate` refuses a --locator outside local match
+        options["locator"] = model.removeprefix("triplet-local-")
     out = trial_dir(cfg.train.run_dir, model, TRIPLET_SEED)
     start = time.time()
     metrics = evaluate.run(evaluate.EvaluateConfig(data=Path(cfg.train.data), run=Path(cfg.train.embedding),
