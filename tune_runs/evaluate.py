@@ -86,7 +86,7 @@ def triplet_queries_in_shards(run_dir: Path, split: Dataset, batch: int, gallery
     """(queries, how they were made): the split's sketches ranked among every photo of the shards in
     `gallery_dir` (`policies.running.trained.shards_gallery`), as `policies.running.calibration.RankedQueries`. Queries:
     the export's partial-sketch embeddings when it covers the split (and `use_export`), else the saved network's."""
-    from policies.running.calibration import RankedQueries
+    from policies.running.calibration import ranked_in
     from policies.running.trained import shards_gallery
 
     gallery = shards_gallery(gallery_dir, run_dir, split)
@@ -95,12 +95,7 @@ def triplet_queries_in_shards(run_dir: Path, split: Dataset, batch: int, gallery
     else:
         net, _ = load_embedding_net(run_dir)
         queries, source = embed_sketch_levels(net, first_ink_level(split.sketches, net.config.image_size), batch), "saved network"
-    queries = torch.as_tensor(queries)
-    s, levels, d = queries.shape
-    target = gallery.index_of(list(split.sketches.photo_id)).repeat_interleave(levels)
-    ranks = gallery.rank(queries.reshape(s * levels, d), target).view(s, levels).numpy()
-    ranked = RankedQueries.from_queries(gallery, queries, ranks, split.sketches.sketch_id, split.sketches.photo_id)
-    return ranked, f"{source}, gallery of {len(gallery)} photos from {gallery_dir}"
+    return ranked_in(gallery, queries, split), f"{source}, gallery of {len(gallery)} photos from {gallery_dir}"
 
 
 def write_ranks(path: Path, sketch_id, ranks: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> None:

@@ -78,7 +78,13 @@ def triplet_queries(photo_emb, sketch_emb, split) -> RankedQueries:
     """A triplet run's queries: the partial sketches' embeddings (S, 17, D) against photos (N, D) of `split`."""
     import torch
 
-    gallery = Gallery(torch.as_tensor(photo_emb), split.photos.photo_id)
+    return ranked_in(Gallery(torch.as_tensor(photo_emb), split.photos.photo_id), sketch_emb, split)
+
+
+def ranked_in(gallery: Gallery, sketch_emb, split) -> RankedQueries:
+    """The partial sketches' embeddings (S, 17, D) of `split` ranked against `gallery`, which holds their photos."""
+    import torch
+
     queries = torch.as_tensor(sketch_emb)
     s, levels, d = queries.shape
     target = gallery.index_of(list(split.sketches.photo_id)).repeat_interleave(levels)
