@@ -137,7 +137,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.json")), ids=lambda p: p.name)
 def test_every_experiment_config_is_a_valid_train_or_pretrain_config(path):
     from policies.phase1.training import Phase1Config
-    from policies.running.options import checked_values
+    from sketch_env.options import checked_values
     from policies.running.registry import TrainConfig
 
     data = json.loads(path.read_text())

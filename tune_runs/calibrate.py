@@ -18,7 +18,7 @@ from policies.running.calibration import FIT_SPLIT, RankedQueries, fit_run_confi
 from policies.running.runs import CALIBRATION_FILE
 from sketch_env.confidence import Confidence
 from sketch_env.data import DataError
-from tune_runs.cli import arg
+from sketch_env.options import arg
 
 
 

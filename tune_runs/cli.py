@@ -6,7 +6,7 @@ names; modules are imported when their command is chosen, so `darp --help` stays
 
 Any subcommand also takes `--config FILE.json`: the file's keys set the dataclass fields, and flags
 given on the command line override them (how `darp sweep`'s best config is re-used by `darp train`).
-A file's values are checked as their flags would be (`policies.running.options.checked_value`: true/false for a switch, an
+A file's values are checked as their flags would be (`sketch_env.options.checked_value`: true/false for a switch, an
 integer for an int, null only where the option may be left unset), and a config's `check()` (its
 ranges) runs before its command, for flags and files alike.
 
@@ -39,7 +39,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from policies.running.options import checked_values, flag, unwrap_optional
+from sketch_env.options import ADVANCED, EXPERIMENT, arg, checked_values, flag, unwrap_optional
 
 # name -> ("module:ConfigClass:function", one-line help); nested dicts are command groups.
 COMMANDS: dict[str, Any] = {
@@ -64,18 +64,6 @@ COMMANDS: dict[str, Any] = {
 }
 
 
-def arg(default: Any = dataclasses.MISSING, help: str = "", hide: tuple[str, ...] = (), experiment: bool = False,
-        **kwargs) -> Any:
-    """A dataclass field with a help text for the generated CLI; `hide`: for a composed config, its
-    fields that are not flags of this command; `experiment`: set only in a --config file (no flag)."""
-    metadata = {"help": help, "hide": tuple(hide), EXPERIMENT: experiment}
-    if isinstance(default, (list, dict, set)):
-        value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
-    return dataclasses.field(default=default, metadata=metadata, **kwargs)
-
-
-EXPERIMENT = "experiment"  # field metadata: a research switch, set only in a --config file
 
 
 def _options(cls) -> list[tuple[dataclasses.Field, Any]]:

@@ -23,7 +23,7 @@ import numpy as np
 
 from sketch_env.data import DataError, Dataset, load_dataset
 from sketch_env.errors import ConfigError
-from tune_runs.cli import arg
+from sketch_env.options import arg
 
 
 MAX_GENERATED_PHOTOS = 10_000  # a generated set is held in memory whole (about 50 kB a photo)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sketch_env.atomic import OutputKind, atomic_write_text, prepare_output_dir
-from tune_runs.cli import arg
+from sketch_env.options import arg
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tune_runs.cli import arg
+from sketch_env.options import arg
 
 
 @dataclass

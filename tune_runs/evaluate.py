@@ -41,7 +41,7 @@ from sketch_env.errors import ConfigError
 from sketch_env.embedding_export import EXPORT_DIR, load_embedding_export, sketch_embeddings_for
 from sketch_env.metrics import retrieval_metrics
 from sketch_env.render import N_GLIMPSES, first_ink_level
-from tune_runs.cli import arg
+from sketch_env.options import arg
 from tune_runs.plots import format_percentiles, format_table, plot_curves, plot_glimpses, plot_reliability
 
 METRIC_KEYS = ("auir", "m_at_a", "acc@1", "acc@5", "acc@10", "percentile_curve", "n_sketches", "n_photos")

@@ -29,7 +29,7 @@ from sketch_env.data import DataError
 from sketch_env.errors import ConfigError
 from sketch_env.env import EnvConfig, SketchRetrievalEnv
 from sketch_env.episodes import EpisodeData, load_episode_data
-from tune_runs.cli import arg
+from sketch_env.options import arg
 
 PROMPT = "[Enter] policy acts | x y: look there | q: quit > "
 GIF_FRAME_MS = 250

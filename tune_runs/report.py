@@ -59,7 +59,7 @@ from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, atomi
 from sketch_env.data import DataError
 from sketch_env.local_match import DENSE
 from sketch_env.locators import LOCATORS
-from tune_runs.cli import arg
+from sketch_env.options import arg
 
 # The triplet network's queries in local match, glimpses by a fixed rule, and densely matched (--match local/dense only)
 RULE_MODELS = tuple(f"triplet-local-{rule}" for rule in LOCATORS) + ("triplet-dense", "triplet-dense-ink")

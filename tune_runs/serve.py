@@ -45,7 +45,7 @@ from sketch_env.data import DataError, Dataset, encode_png, load_dataset, read_m
 from sketch_env.data.validate import OUTSIDE_MARGIN, normalise_sketch
 from sketch_env.errors import ConfigError
 from sketch_env.geometry import join_strokes, split_strokes, unit_to_canvas
-from tune_runs.cli import arg
+from sketch_env.options import arg
 from policies.running.trained import live_retrieval, load_module, read_darp_run
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"

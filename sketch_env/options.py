@@ -1,5 +1,7 @@
-"""Config values checked as their `darp` flags would take them: for a `--config` file and for a run.json's config.
+"""Config fields and their values as the `darp` flags take them.
 
+`arg` makes a config dataclass field with what the generated CLI (`tune_runs.cli`) shows: its help, whether it is
+an everyday option (`--help`) or a further one (`--help-all` only), or a research switch set only in a --config file.
 A value is checked by its config field's type (`checked_value`: true/false for a switch, an integer for an int,
 null only where the option may be left unset); `checked_values` checks a whole mapping of field names, a composed
 config's given flat or under its name. `tune_runs.cli` reads config files through it, `policies.running.trained`
@@ -14,6 +16,22 @@ import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
+
+EXPERIMENT = "experiment"  # field metadata: a research switch, set only in a --config file
+ADVANCED = "advanced"  # field metadata: a flag `--help` only names (`--help-all` explains it)
+
+
+def arg(default: Any = dataclasses.MISSING, help: str = "", hide: tuple[str, ...] = (), experiment: bool = False,
+        advanced: bool = False, **kwargs) -> Any:
+    """A config field with its help text for the generated CLI. `advanced`: a flag that `--help` only names, so the
+    everyday options fit on one screen; `experiment`: a research switch whose verdict is measured, set only in a
+    --config file (experiments/); `hide`: for a composed config, its fields that are not flags of this command."""
+    metadata = {"help": help, "hide": tuple(hide), EXPERIMENT: experiment, ADVANCED: advanced}
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -96,4 +114,4 @@ def checked_value(tp, value: Any, where: str) -> Any:
     return float(value) if inner is float else value
 
 
-__all__ = ["checked_value", "checked_values", "flag", "unwrap_optional"]
+__all__ = ["ADVANCED", "EXPERIMENT", "arg", "checked_value", "checked_values", "flag", "unwrap_optional"]
