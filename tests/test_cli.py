@@ -30,6 +30,7 @@ class ToyConfig:
     out: Path = arg(Path("runs/x"), "a path")
     limit: int | None = arg(None, "an optional int")
     research: bool = arg(False, "a research switch", experiment=True)
+    rarely: int = arg(1, "an option few need", advanced=True)
 
 
 def toy(cfg: ToyConfig) -> int:
@@ -148,6 +149,26 @@ def test_every_experiment_config_is_a_valid_train_or_pretrain_config(path):
         except DataError:
             continue
     assert fits, f"{path.name} is neither a darp train nor a darp pretrain config"
+
+
+def test_an_advanced_option_is_a_flag_that_only_help_all_explains(toy_commands, capsys):
+    with pytest.raises(SystemExit):
+        main(["toy", "--help"])
+    short = capsys.readouterr().out
+    assert "an option few need" not in short and "--help-all: --rarely" in short
+    assert main(["toy", "--help-all"]) == 0
+    full = capsys.readouterr().out
+    assert "--rarely N" in full and "an option few need (default: 1)" in full and "--research" not in full
+    assert run(["toy", "--name", "x", "--rarely", "5"]).rarely == 5
+
+
+def test_train_and_pretrain_help_fit_on_one_screen(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    for command in ("train", "pretrain"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) <= 60, f"darp {command} --help: {len(lines)} lines"
 
 
 def test_train_and_pretrain_help_list_everyday_options_only(capsys):

@@ -13,9 +13,10 @@ ranges) runs before its command, for flags and files alike.
 Errors are raised below as `DataError` (bad input, refused output; `ConfigError` for an option value)
 or `RunStopped` (a run that failed or was interrupted); `main` prints them as one line, exit status 1.
 
-A field marked `experiment` (`arg(..., experiment=True)`) is a research switch whose verdict is measured
-(README, experiments/README.md): it is no flag, only a key of a `--config` file (experiments/*.json name
-the recipes), so `--help` lists the options a user tunes; the help ends with the names of the others.
+`--help` explains the everyday options and only names the others: a field marked `advanced`
+(`arg(..., advanced=True)`) is a flag that `--help-all` explains; a field marked `experiment` is a research switch
+whose verdict is measured (README, experiments/README.md): no flag, only a key of a `--config` file
+(experiments/*.json name the recipes).
 
 A field whose type is itself a config dataclass composes it: its fields become flags of the command
 (`darp sweep` takes every `darp train` option), except the ones its `hide` names (the command sets
@@ -89,13 +90,28 @@ def _load(target: str):
     return getattr(module, cls_name), getattr(module, fn_name)
 
 
-def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp) -> None:
+def _metavar(f: dataclasses.Field, tp) -> str:
+    """A short placeholder for the flag's value: N (an integer), X (a number), PATH or TEXT."""
+    if tp is int:
+        return "N"
+    if tp is float:
+        return "X"
+    return "PATH" if tp is Path or any(w in f.name for w in PATH_WORDS) else "TEXT"
+
+
+PATH_WORDS = ("data", "dir", "embedding", "out", "weights", "gallery", "photos", "coords", "svgs", "file")
+
+
+def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp, shown: bool = True) -> None:
+    """Flag `--NAME` for field `f`; `shown` False: parsed but left out of the help."""
     tp, optional = unwrap_optional(tp)
     help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
     required = _required(f)
     default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-    shown = str(default).replace("%", "%%")
-    kw: dict[str, Any] = {"dest": f.name, "help": f"{help_text} (default: {shown})" if not required else help_text}
+    default_text = str(default).replace("%", "%%")
+    kw: dict[str, Any] = {"dest": f.name, "help": help_text if required or default is None else f"{help_text} (default: {default_text})"}
+    if not shown:
+        kw["help"] = argparse.SUPPRESS
     origin = typing.get_origin(tp)
     if tp is bool:
         parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, **kw)
@@ -105,16 +121,11 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp) -> Non
         kw.update(choices=choices, type=type(choices[0]))
     elif origin in (list, tuple):
         (inner, *_) = typing.get_args(tp) or (str,)
-        kw.update(nargs="+", type=inner if inner is not Path else str)
-    elif tp in (int, float, str):
-        kw["type"] = tp
-    elif tp is Path:
-        kw["type"] = str
+        kw.update(nargs="+", type=inner if inner is not Path else str, metavar=_metavar(f, inner))
+    elif tp in (int, float, str, Path):
+        kw.update(type=str if tp is Path else tp, metavar=_metavar(f, tp))
     else:
         raise TypeError(f"config field {f.name}: unsupported type {tp!r} for the CLI")
-    kw["metavar"] = f.name.upper() if origin is not Literal else None
-    if kw["metavar"] is None:
-        del kw["metavar"]
     parser.add_argument(flag(f.name), default=argparse.SUPPRESS, **kw)
 
 
@@ -159,18 +170,43 @@ def _instantiate(cls, values: dict[str, Any]):
     return cls(**kwargs)
 
 
-def _parser_for(cls, prog: str, help_line: str) -> argparse.ArgumentParser:
+HELP_ALL = "--help-all"
+
+
+def _parser_for(cls, prog: str, help_line: str, show_all: bool = False) -> argparse.ArgumentParser:
+    """The command's parser; its help explains the everyday options (`show_all`: the advanced ones too) and
+    names the rest."""
     options = _options(cls)
+    advanced = [flag(f.name) for f, _ in options if f.metadata.get(ADVANCED) and not f.metadata.get(EXPERIMENT)]
     experiments = [f.name for f, _ in options if f.metadata.get(EXPERIMENT)]
-    epilog = ("research switches, set only in a --config file (see experiments/README.md): " + ", ".join(experiments)
-              if experiments else None)
-    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or help_line).strip(), epilog=epilog)
+    epilog = []
+    if advanced and not show_all:
+        epilog.append(f"more options, explained by {prog} {HELP_ALL}: " + " ".join(advanced))
+    if experiments:
+        epilog.append("research switches, set only in a --config file (see experiments/README.md): " + ", ".join(experiments))
+    parser = argparse.ArgumentParser(
+        prog=prog, usage=f"{prog} [options]", description=(cls.__doc__ or help_line).strip(),
+        epilog="\n\n".join(epilog) or None,
+        formatter_class=lambda prog: _Formatter(prog, max_help_position=30))
     for f, tp in options:
         if not f.metadata.get(EXPERIMENT):
-            _add_field(parser, f, tp)
+            _add_field(parser, f, tp, shown=show_all or not f.metadata.get(ADVANCED))
     parser.add_argument("--config", dest="__config", metavar="FILE.json", default=None,
                         help="JSON file with option values; flags given here override it")
+    if advanced:
+        parser.add_argument(HELP_ALL, action="store_true", dest="__help_all", help="show every option and exit")
     return parser
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's help with the epilog's paragraphs kept apart and each wrapped to the terminal."""
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        return "\n\n".join(textwrap.fill(p, width, initial_indent=indent, subsequent_indent=indent,
+                                          break_on_hyphens=False)
+                            for p in text.split("\n\n"))
 
 
 def _usage(tree: dict, prog: str) -> str:
@@ -197,8 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         tree, prog = tree[name], f"{prog} {name}"
     target, help_line = tree
     cls, fn = _load(target)
+    if HELP_ALL in argv:
+        _parser_for(cls, prog, help_line, show_all=True).print_help()
+        return 0
     ns = vars(_parser_for(cls, prog, help_line).parse_args(argv))
     config_file = ns.pop("__config", None)
+    ns.pop("__help_all", None)
     from sketch_env.errors import DataError, RunStopped
 
     try:

@@ -62,61 +62,59 @@ class TrainConfig:
     data: str = arg(help="data set directory (darp data generate / import-qmul)")
     embedding: str = arg(help="phase-1 run directory (darp pretrain) with embeddings/")
     run_dir: str = arg(help="output directory for checkpoints and results")
-    algo: Algo = arg("darp", "model: " + "; ".join(f"{m.name} ({m.summary})" for m in MODELS))
-    iterations: int = arg(40, "training iterations (each: one batch of complete episodes + one update)")
+    algo: Algo = arg("darp", "the model: darp, its ablations or a baseline (README, Models)")
+    iterations: int = arg(40, "training iterations (each: a batch of complete episodes, then an update)")
     time_budget_s: float = arg(0.0, "stop after this many seconds of training (0: no limit)")
     seed: int = arg(0, "random seed")
-    resume: bool = arg(True, "continue the run in run-dir if it did not finish (the same options are required)")
+    resume: bool = arg(True, "continue an unfinished run in --run-dir (with the same options)")
     # sampling and hardware
     num_env_runners: int = arg(0, "remote EnvRunners (0: sample in the trial's process)")
-    num_envs_per_env_runner: int = arg(ENVS_PER_RUNNER, "vectorised envs per EnvRunner")
-    episodes_per_batch: int = arg(EPISODES_PER_BATCH, "complete episodes per update (multiple of envs x runners and of learners)")
+    num_envs_per_env_runner: int = arg(ENVS_PER_RUNNER, "vectorised envs per EnvRunner", advanced=True)
+    episodes_per_batch: int = arg(EPISODES_PER_BATCH, "complete episodes per update (multiple of envs x runners and of learners)", advanced=True)
     num_learners: int = arg(0, "remote learners (0: learn in the trial's process; 2+: DDP)")
     num_gpus_per_learner: float = arg(0.0, "GPUs per learner (1 on a GPU cluster)")
-    num_threads: int = arg(1, "torch CPU threads of the training process; 1 suits per-step batches on few cores")
+    num_threads: int = arg(1, "torch CPU threads of the training process; 1 suits per-step batches on few cores", advanced=True)
     # environment
     n_glimpses: int | None = arg(
-        None, f"glimpses per completion level (default: {N_GLIMPSES} for {', '.join(GLIMPSING)}; 1 for the others)")
+        None, f"glimpses per completion level (default: {N_GLIMPSES} for the models that look, 1 for the others)")
     glimpse_image_size: int = arg(64, "side of the partial-sketch render glimpses are read from (128 with --glimpse-size "
                                        "16: the same field of view as 64 with 8, a fovea twice as sharp)", experiment=True)
-    glimpse_size: int = arg(8, "side g of each glimpse patch in pixels (the paper: 8 on a 64 x 64 render)")
+    glimpse_size: int = arg(8, "side of each glimpse patch in pixels (of a 64 x 64 render)")
     snap_to_ink: bool = arg(False, "every glimpse looks at the inked pixel nearest to the chosen location", experiment=True)
-    reward: Literal["threshold", "best_rank", "rank_gain"] = arg("rank_gain", "reward variant (see sketch_env.rewards)")
+    reward: Literal["threshold", "best_rank", "rank_gain"] = arg("rank_gain", "reward variant (see sketch_env.rewards)", advanced=True)
     match: Literal["global", "local", "dense", "dense-ink"] = arg(
-        "global", "what the ranking compares (sketch_env.local_match): global (the query against each photo's embedding, "
-        "the paper), local (+ the phase-1 local descriptors at the cells the level's glimpses looked at: where the agent "
-        "looks decides what is compared), dense (+ every cell's: no attention) or dense-ink (+ every inked cell's); all "
-        "but global need an --embedding run of `darp pretrain --local-dim`")
-    local_weight: float = arg(1.0, "weight of the local term in the score (--match local, dense or dense-ink)")
+        "global", "what the ranking compares: global embeddings (the paper), + local descriptors where the glimpses "
+        "look, at every cell or every inked cell (all but global: `darp pretrain --local-dim`)")
+    local_weight: float = arg(1.0, "weight of the local term in the score (--match local, dense or dense-ink)", advanced=True)
     # loss and optimisation
-    num_epochs: int = arg(4, "passes over each batch of episodes (more supervised steps per sampled batch)")
-    minibatch_episodes: int = arg(16, "episodes per gradient step (0: the whole batch)")
+    num_epochs: int = arg(4, "passes over each batch of episodes (more supervised steps per sampled batch)", advanced=True)
+    minibatch_episodes: int = arg(16, "episodes per gradient step (0: the whole batch)", advanced=True)
     lr: float = arg(3e-4, "learning rate")
     gamma: float | None = arg(None, "discount of the returns-to-go (default: 0.99; 0 for vanilla-pg and ppo, whose query "
-                                     "does not change what they see next: with rank_gain a return would cancel its effect)")
-    rl_weight: float = arg(0.01, "weight of the policy-gradient term (authors' code: 0.01)")
-    advantage_norm: bool = arg(False, "scale the locator's advantages to zero mean and unit std per minibatch")
+                                     "does not change what they see next: with rank_gain a return would cancel its effect)", advanced=True)
+    rl_weight: float = arg(0.01, "weight of the policy-gradient term (authors' code: 0.01)", advanced=True)
+    advantage_norm: bool = arg(False, "scale the locator's advantages to zero mean and unit std per minibatch", advanced=True)
     locator_return: Literal["episode", "level"] | None = arg(
         None, "what the locator's policy gradient credits a location with: the discounted return of the rest of the "
         "episode, or the rewards until the end of the level whose evidence its glimpse joins (default: level with "
         "--match local, else episode)", experiment=True)
-    sup_lambda: float = arg(1.0, "weight of the supervised ||a - e_target||^2 term")
-    sup_target: Literal["photo", "final_sketch"] = arg("photo", "e_target: the true photo's embedding or the complete sketch's")
+    sup_lambda: float = arg(1.0, "weight of the supervised ||a - e_target||^2 term", advanced=True)
+    sup_target: Literal["photo", "final_sketch"] = arg("photo", "e_target: the true photo's embedding or the complete sketch's", advanced=True)
     sup_loss: Literal["mse", "infonce"] = arg(
         "infonce", "supervised objective: infonce, cross-entropy of the target photo among the training gallery (needs "
-        "--sup-target photo; beat mse on Chair-V2 validation), or mse, squared error to e_target (the paper)")
-    sup_temperature: float = arg(0.2, "infonce temperature, relative to the gallery's mean squared pairwise distance")
-    residual_query: bool = arg(MODEL_DEFAULTS.residual_query, "query = normalize(phase-1 embedding of the partial sketch + learned correction)")
+        "--sup-target photo; beat mse on Chair-V2 validation), or mse, squared error to e_target (the paper)", advanced=True)
+    sup_temperature: float = arg(0.2, "infonce temperature, relative to the gallery's mean squared pairwise distance", advanced=True)
+    residual_query: bool = arg(MODEL_DEFAULTS.residual_query, "query = normalize(phase-1 embedding of the partial sketch + learned correction)", advanced=True)
     dropout: float = arg(MODEL_DEFAULTS.dropout, "dropout on the core state before the action network, in updates only: the query "
-                               "correction overfits the training photos without it (0.3 beat 0 on Chair-V2 validation)")
+                               "correction overfits the training photos without it (0.3 beat 0 on Chair-V2 validation)", advanced=True)
     # locator exploration
     n_heads: int = arg(MODEL_DEFAULTS.n_heads, "bootstrapped locator heads K")
-    bootstrap_p: float = arg(MODEL_DEFAULTS.bootstrap_p, "Bernoulli probability of each head's bootstrap mask")
-    grid: int = arg(MODEL_DEFAULTS.grid, "bdqn: locations per side of the grid (grid x grid actions)")
+    bootstrap_p: float = arg(MODEL_DEFAULTS.bootstrap_p, "Bernoulli probability of each head's bootstrap mask", advanced=True)
+    grid: int = arg(MODEL_DEFAULTS.grid, "bdqn: locations per side of the grid (grid x grid actions)", advanced=True)
     std_start: float = arg(DEFAULT_STD_SCHEDULE.start, "locator std at the start")
     std_end: float = arg(DEFAULT_STD_SCHEDULE.end, "locator std at the end of the schedule")
-    std_shape: StdShape = arg(DEFAULT_STD_SCHEDULE.shape, "shape of the std decay")
-    std_horizon: int = arg(DEFAULT_STD_SCHEDULE.horizon, "env steps over which the std decays")
+    std_shape: StdShape = arg(DEFAULT_STD_SCHEDULE.shape, "shape of the std decay", advanced=True)
+    std_horizon: int = arg(DEFAULT_STD_SCHEDULE.horizon, "env steps over which the std decays", advanced=True)
     # networks
     cell: Literal["gru", "lstm"] = arg(MODEL_DEFAULTS.cell, "core RNN cell", experiment=True)
     h0_init: Literal["sketch", "zeros"] = arg(MODEL_DEFAULTS.h0_init, "initialise h0 from the first partial sketch's embedding, or zeros", experiment=True)
@@ -125,23 +123,19 @@ class TrainConfig:
     retina_encoder: Literal["linear", "conv"] = arg(MODEL_DEFAULTS.retina_encoder, "what the glimpse network reads a retina with: one linear "
                                                       "layer (the paper's), or a small CNN (for sharp glimpses)", experiment=True)
     # supervised warm start (policies.darp.warm_start)
-    warm_start_updates: int = arg(0, "before RL, train the glimpse network, core and action network with the supervised "
-                                      "term alone for this many updates on whole episodes of glimpses taken by "
-                                      "--warm-start-locator, keeping the best validation AUIR (0: no warm start; its time "
-                                      "counts in the first iteration and in --time-budget-s)")
+    warm_start_updates: int = arg(0, "supervised updates before RL on glimpses placed by --warm-start-locator (0: none)")
     warm_start_locator: Literal["ink", "newest-ink", "centre", "random"] = arg(
-        "ink", "the fixed rule the warm start's glimpses are taken by (sketch_env.locators)")
+        "ink", "the fixed rule the warm start's glimpses are taken by (sketch_env.locators)", advanced=True)
     warm_start_noise_copies: int = arg(0, "the warm start also trains on this many copies of the training sketches with "
                                            "unnecessary strokes added (copy c of n: --warm-start-noise-strokes x (c + 1) / n "
-                                           "strokes), re-embedded by the phase-1 network")
-    warm_start_noise_strokes: int = arg(4, "noise strokes in the noisiest copy of --warm-start-noise-copies")
+                                           "strokes), re-embedded by the phase-1 network", advanced=True)
+    warm_start_noise_strokes: int = arg(4, "noise strokes in the noisiest copy of --warm-start-noise-copies", advanced=True)
     # validation
     val_interval: int = arg(DEFAULT_VAL_INTERVAL, "validate every this many iterations (0: only at the end)")
-    val_split: str = arg("val", "split to validate on")
-    keep_best: bool = arg(True, "evaluate the checkpoint of the best validation AUIR (else the latest)")
-    val_max_sketches: int = arg(0, "validate on at most this many sketches (0: all)")
-    force: bool = arg(False, "write into --run-dir even if it holds something other than this command's output "
-                              "(never over its inputs)")
+    val_split: str = arg("val", "split to validate on", advanced=True)
+    keep_best: bool = arg(True, "evaluate the checkpoint of the best validation AUIR (else the latest)", advanced=True)
+    val_max_sketches: int = arg(0, "validate on at most this many sketches (0: all)", advanced=True)
+    force: bool = arg(False, "write into --run-dir even if it holds other files (never over the inputs)")
 
     def check(self) -> None:
         """Refuse values no run can train with, before anything is built or allocated (ConfigError naming
