@@ -1,5 +1,6 @@
 """Run directories (policies.running.runs) and the Ray start helper (policies.running.ray_session), without Ray."""
 
+import dataclasses
 import json
 import math
 import os
@@ -128,3 +129,19 @@ def test_building_a_module_logs_no_rlmoduleconfig_deprecation():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "RLModuleConfig" not in out.stderr and "another deprecation" in out.stderr
+
+
+def test_resuming_a_run_saved_by_another_layout_is_one_clear_error(tmp_path):
+    """Issue 25: a run whose Tune state names classes this version moved (policies.darp_module before the
+    subpackages) is refused with the run named and --no-resume offered, not a traceback from Tune's unpickling."""
+    from policies.running import fit
+    from policies.running.registry import TrainConfig
+
+    cfg = TrainConfig(data="d", embedding="e", run_dir=str(tmp_path))
+    experiment = tmp_path / runs.new_experiment_name()
+    experiment.mkdir()
+    (experiment / "tuner.pkl").write_bytes(b"cpolicies.darp_module\nDARPModule\n.")  # a pickled reference, nothing else
+    record = {"kind": "darp", "config": dataclasses.asdict(cfg)}
+    runs.write_run(tmp_path, record)
+    with pytest.raises(DataError, match=r"cannot resume .*another version.*darp_module.*--no-resume"):
+        fit._tuner(cfg, tmp_path, record)

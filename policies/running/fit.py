@@ -187,7 +187,11 @@ def _tuner(cfg: TrainConfig, run_dir: Path, record: dict) -> tune.Tuner:
             if changed:
                 raise ConfigError(f"{run_dir} was started with other options ({'; '.join(changed)}); "
                                   "rerun with the same options to resume it, or --no-resume to start over")
-            return tune.Tuner.restore(str(experiment), TrainTrial, resume_unfinished=True, resume_errored=True)
+            try:
+                return tune.Tuner.restore(str(experiment), TrainTrial, resume_unfinished=True, resume_errored=True)
+            except (ModuleNotFoundError, AttributeError) as e:  # its pickles name classes this version does not have
+                raise DataError(f"cannot resume {run_dir}: its Tune state was saved by another version of this "
+                                f"project ({e}); --no-resume starts the run over") from None
         if damaged or runs.checkpoints(run_dir):
             raise DataError(f"cannot resume {run_dir}: Tune's experiment state "
                             f"({damaged[0].name if damaged else 'missing'}) was cut short by a kill; "
