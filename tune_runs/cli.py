@@ -34,7 +34,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import dataclasses
 import importlib
-import json
 import sys
 import typing
 from pathlib import Path
@@ -132,20 +131,15 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp, shown:
 def build_config(cls, values: dict[str, Any], config_file: str | None = None):
     """Instantiate config `cls` from a JSON file's keys overridden by command-line values.
 
-    ConfigError naming the file and the key for a file that is unreadable, not an object, has keys
-    `cls` does not know, or values its flags would not take."""
+    DataError naming the file for one that is missing, unreadable or not a JSON object; ConfigError naming the
+    file and the key for keys `cls` does not know or values its flags would not take."""
+    from sketch_env.atomic import read_json_object
     from sketch_env.errors import ConfigError
 
     merged: dict[str, Any] = {}
     if config_file:
-        path = Path(config_file)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read config file {path}: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object of option values")
-        merged.update(checked_values(cls, data, str(path)))
+        data = read_json_object(config_file, f"cannot read config file {config_file}: no such file")
+        merged.update(checked_values(cls, data, config_file))
     merged.update(values)
     missing = [flag(f.name) for f, _ in _options(cls) if f.name not in merged and _required(f)]
     if missing:
