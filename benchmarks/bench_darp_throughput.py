@@ -21,7 +21,6 @@ import cProfile
 import os
 import pstats
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -149,13 +148,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from policies.running.ray_session import ray_session
+    from sketch_env.synthetic import given_or_tiny_setup
 
-    data, embedding = args.data, args.embedding
-    if not data:
-        from sketch_env.synthetic import make_tiny_setup
-
-        tmp = Path(tempfile.mkdtemp(prefix="bench_darp_"))
-        data, embedding = (str(p) for p in make_tiny_setup(tmp, n_photos=40, sketches_per_photo=3, dim=64))
+    data, embedding, _ = given_or_tiny_setup(args.data, args.embedding, "bench_darp")
     with ray_session():
         compare(args, data, embedding)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from policies.darp.networks import ActionNetwork, CoreNetwork, GlimpseNetwork  #
 from policies.darp.supervised import TARGET_EMBEDDING, TARGET_INDEX, SupervisedObjective  # noqa: E402
 from sketch_env.episodes import load_episode_data  # noqa: E402
 from sketch_env.metrics import auir  # noqa: E402
+from sketch_env.synthetic import given_or_tiny_setup  # noqa: E402
 from sketch_env.render import N_LEVELS  # noqa: E402
 
 
@@ -91,13 +91,8 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=250)
     args = p.parse_args()
     torch.set_num_threads(1)
-    data, embedding = args.data, args.embedding
-    if not data or not embedding:
-        from sketch_env.synthetic import make_tiny_setup
-
-        print("no --data/--embedding: a small built-in data set with a synthetic phase-1 export (figures mean nothing)")
-        tmp = Path(tempfile.mkdtemp(prefix="bench_ceiling_"))
-        data, embedding = (str(p) for p in make_tiny_setup(tmp, n_photos=40, sketches_per_photo=3, dim=64))
+    data, embedding, tiny = given_or_tiny_setup(args.data, args.embedding, "bench_ceiling")
+    if tiny:
         args.updates, args.eval_every = min(args.updates, 500), min(args.eval_every, 250)
     train = load_episode_data(data, embedding, args.train_split, image_size=8)
     val = load_episode_data(data, embedding, args.val_split, image_size=8)

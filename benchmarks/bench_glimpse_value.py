@@ -22,7 +22,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from sketch_env.locators import LOCATORS  # noqa: E402
 from sketch_env.glimpse import integral_image  # noqa: E402
 from sketch_env.metrics import auir, retrieval_metrics  # noqa: E402
 from sketch_env.render import N_LEVELS  # noqa: E402
+from sketch_env.synthetic import given_or_tiny_setup  # noqa: E402
 
 COLUMNS = LOCATORS + ("own (gradient)",)
 # model -> (module class name, environment options, model_config)
@@ -149,13 +149,8 @@ def main() -> None:
                         "updates and report its own-locator AUIR (an upper bound for a learned locator on that reader)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    data, embedding = args.data, args.embedding
-    if not data or not embedding:
-        from sketch_env.synthetic import make_tiny_setup
-
-        print("no --data/--embedding: a small built-in data set with a synthetic phase-1 export (figures mean nothing)")
-        tmp = Path(tempfile.mkdtemp(prefix="bench_glimpse_"))
-        data, embedding = (str(p) for p in make_tiny_setup(tmp, n_photos=40, sketches_per_photo=3, dim=64))
+    data, embedding, tiny = given_or_tiny_setup(args.data, args.embedding, "bench_glimpse")
+    if tiny:
         args.updates, args.eval_every = min(args.updates, 100), min(args.eval_every, 50)
     loaded = {}
     results = {}

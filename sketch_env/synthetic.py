@@ -118,3 +118,16 @@ def with_local_grids(episodes, seed: int = 0, photo_grids=None, sketch_grids=Non
         mix = torch.linspace(0.2, 1.0, N_LEVELS)[None, :, None, None, None]
         sketch_grids = unit(mix * own + (1 - mix) * torch.randn(len(episodes), N_LEVELS, *LOCAL_SHAPE, generator=gen))
     return dataclasses.replace(episodes, photo_grids=photo_grids.half(), sketch_grids=sketch_grids.half())
+
+
+def given_or_tiny_setup(data: str | None, embedding: str | None, name: str) -> tuple[str, str, bool]:
+    """(data, embedding, tiny) for a benchmark: the given directories, or a tiny built-in data set with a synthetic
+    phase-1 export in a new temporary directory (tiny True: its figures check that the code runs, nothing more)."""
+    if data and embedding:
+        return data, embedding, False
+    import tempfile
+
+    print("no --data/--embedding: a small built-in data set with a synthetic phase-1 export (figures mean nothing)")
+    root = Path(tempfile.mkdtemp(prefix=f"{name}_"))
+    data, embedding = (str(p) for p in make_tiny_setup(root, n_photos=40, sketches_per_photo=3, dim=64))
+    return data, embedding, True
