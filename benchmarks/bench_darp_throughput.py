@@ -34,7 +34,8 @@ def plain_loop(data: str, embedding: str, num_envs: int, n_glimpses: int, batche
     """(env steps/s sampling with the module, updates/s) of a plain PyTorch loop."""
     from ray.rllib.core.columns import Columns
 
-    from policies.darp.learner import TARGET_EMBEDDING, darp_loss
+    from policies.darp.learner import darp_loss
+    from policies.darp.supervised import TARGET_EMBEDDING
     from policies.darp.module import BOOTSTRAP_MASK, LOCATION_SAMPLE, DARPModule
     from policies.darp.rollout import initial_state
     from sketch_env.vector_env import make_vector_env

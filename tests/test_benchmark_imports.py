@@ -1,0 +1,35 @@
+"""Every name a benchmark imports from this project exists: benchmarks run rarely, so a moved or renamed
+function would otherwise be found only by the next person who runs one (imports inside functions included)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = ("sketch_env", "policies", "tune_runs")
+
+
+def project_imports(path: Path) -> list[tuple[str, str, int]]:
+    """(module, name, line) of every `from PROJECT_MODULE import name` in the file, at any depth."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] in PROJECT:
+            out += [(node.module, alias.name, node.lineno) for alias in node.names]
+    return out
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks").glob("*.py")), ids=lambda p: p.name)
+def test_every_project_name_a_benchmark_imports_exists(path):
+    missing = []
+    for module_name, name, line in project_imports(path):
+        module = importlib.import_module(module_name)
+        if not hasattr(module, name):
+            try:
+                importlib.import_module(f"{module_name}.{name}")
+            except ModuleNotFoundError:
+                missing.append(f"{path.name}:{line}: {module_name}.{name}")
+    assert not missing, missing
