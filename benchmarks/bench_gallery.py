@@ -293,7 +293,7 @@ def main() -> None:
     parser.add_argument("--ann", action="store_true", help="the approximate-search table (needs --embedding)")
     parser.add_argument("--embedding", help="phase-1 run whose export the synthetic embeddings are fitted to")
     parser.add_argument("--indexes", nargs="+", default=["ivfpq", "ivfflat", "hnsw"], choices=["ivfpq", "ivfflat", "hnsw"])
-    parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 48, 96])
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 48, 64, 96], help="IVF settings measured (64: the default)")
     parser.add_argument("--ef-search", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--pq-m", type=int, default=16)
     parser.add_argument("--candidates", type=int, default=256, help="candidates re-ranked exactly per query")

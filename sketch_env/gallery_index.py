@@ -38,7 +38,8 @@ from sketch_env.atomic import read_json_object, replace_dir
 from sketch_env.errors import DataError
 
 # Galleries up to this many photos are searched exactly even when an index is offered: below it the
-# exact pass is as fast as the index (benchmarks/bench_gallery.py --crossover, README "Large galleries").
+# exact pass is as fast as the index (benchmarks/bench_gallery.py --ann --sizes 50000 100000 200000 500000,
+# README "Large galleries").
 EXACT_UP_TO = 200_000
 
 IndexKind = Literal["ivfpq", "ivfflat", "hnsw"]
