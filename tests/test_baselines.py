@@ -178,7 +178,7 @@ def test_algo_defaults():
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", [a for a in ALGOS if a != "darp"])
 def test_each_model_trains_and_evaluates(ray_local, tiny, tmp_path, algo):
-    from tune_runs import evaluate
+    from policies.running import evaluate
     from policies.running.fit import train
 
     data, phase1 = tiny

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from policies.running.registry import TrainConfig
-from tune_runs.report import (
+from policies.running.report import (
     ReportConfig,
     is_chair_v2,
     results_markdown,
@@ -38,7 +38,7 @@ def test_chair_v2_is_recognised_from_the_manifest():
 
 
 def test_auto_split_is_test_when_the_data_set_has_one():
-    from tune_runs.report import with_split
+    from policies.running.report import with_split
 
     cfg = ReportConfig(train=TrainConfig(data="d", embedding="e", run_dir="r"))
     assert with_split(cfg, {"splits": {"train": 270, "test": 90}}).split == "test"
@@ -64,7 +64,7 @@ def test_results_markdown_has_table_iii_paper_figures_and_ordering(tmp_path):
 
 
 def test_locator_and_robustness_tables_take_differences_per_seed(tmp_path):
-    from tune_runs.report import locator_table, robustness_table
+    from policies.running.report import locator_table, robustness_table
 
     def stressed(model, seed, own, fixed, noisy):
         t = fake_trial(model, seed, own)
@@ -95,7 +95,7 @@ def test_locator_and_robustness_tables_take_differences_per_seed(tmp_path):
 
 
 def test_confidence_table_averages_over_seeds_and_shows_what_never_fired(tmp_path):
-    from tune_runs.report import confidence_table
+    from policies.running.report import confidence_table
 
     def confident(model, seed, ece, fires, right):
         stop = lambda p, f, r, r5=100.0: {"threshold": p, "fires": f, "n_fired": int(f > 0), "top1_right": r,  # noqa: E731
@@ -138,7 +138,7 @@ def tiny_with_triplet(tmp_path_factory):
 
 @pytest.mark.slow
 def test_report_writes_everything_and_a_rerun_skips_finished_trials(ray_local, tiny_with_triplet, tmp_path, capsys):
-    from tune_runs.report import run
+    from policies.running.report import run
 
     data, phase1 = tiny_with_triplet
     train = TrainConfig(data=str(data), embedding=str(phase1), run_dir=str(tmp_path / "report"), iterations=1,
@@ -207,7 +207,7 @@ def test_no_resume_starts_an_unfinished_trial_over_without_unpickling_its_state(
 
     from policies.running import fit, runs
     from tune_runs.cli import build_config
-    from tune_runs.report import trial_train_config
+    from policies.running.report import trial_train_config
 
     cfg = build_config(ReportConfig, {"data": "d", "embedding": "e", "run_dir": str(tmp_path), "resume": False})
     trial = trial_train_config(cfg, "darp", 0)

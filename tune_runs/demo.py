@@ -45,9 +45,10 @@ def run(cfg: DemoConfig) -> int:
     from policies.running.registry import TrainConfig
     from sketch_env.data import load_dataset
     from sketch_env.data.generate import generate_dataset
-    from tune_runs import data_cmd, evaluate, pretrain
+    from policies.running import evaluate
+    from tune_runs import data_cmd, pretrain
     from tune_runs import train as train_cmd
-    from tune_runs.plots import format_table, plot_curves
+    from policies.running.plots import format_table, plot_curves
 
     root = prepare_output_dir(cfg.run_dir, DEMO_KIND, inputs=(cfg.shared_data,), force=cfg.force)
     timings = {}

@@ -18,7 +18,7 @@ __all__ = ["CHECKPOINT_FILE", "RUN_FILE", "RUN_KIND", "PretrainConfig", "run"]
 
 def run(cfg: PretrainConfig) -> dict:
     """Train (or resume) phase 1 and export (`policies.phase1.training.run`), then fit the run's confidence."""
-    from tune_runs.calibrate import calibrate_after_training
+    from policies.running.calibration import calibrate_after_training
 
     record = training.run(cfg)
     calibrate_after_training(cfg.run_dir, cfg.data)

@@ -19,7 +19,7 @@ def run(cfg: TrainConfig) -> int:
     """Train (`policies.running.fit.train`), then fit the run's confidence on its validation split
     (`tune_runs.calibrate`: RUN/calibration.json)."""
     from policies.running.fit import train  # Ray is imported when training, not for `darp train --help`
-    from tune_runs.calibrate import calibrate_after_training
+    from policies.running.calibration import calibrate_after_training
 
     train(cfg)
     calibrate_after_training(cfg.run_dir, cfg.data, cfg.val_split)

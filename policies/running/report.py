@@ -128,7 +128,7 @@ def trial_train_config(cfg: ReportConfig, model: str, seed: int) -> TrainConfig:
 
 
 def _write_metrics(out: Path, metrics: dict) -> None:
-    from tune_runs.evaluate import METRIC_KEYS
+    from policies.running.evaluate import METRIC_KEYS
 
     atomic_write_json(out / "metrics.json", {k: metrics[k] for k in METRIC_KEYS + ("confidence",) if k in metrics})
 
@@ -145,7 +145,7 @@ def policy_confidence(cfg: ReportConfig, run_dir: Path, result: dict) -> dict | 
     when cfg.split is val) and judge it on the evaluated queries (cross-fitted by photo when they are the
     ones it was fitted on): `darp evaluate`'s confidence figures, or None where val cannot fit one."""
     from policies.running.calibration import FIT_SPLIT, evaluation_confidence, policy_queries
-    from tune_runs.calibrate import calibrate_run
+    from policies.running.calibration import calibrate_run
 
     queries = policy_queries(result)
     try:
@@ -177,7 +177,7 @@ def stress_evaluations(cfg: ReportConfig, run_dir: Path, out: Path, looks: bool,
     noise strokes, through `darp evaluate` (`options`: more of its settings) into out/locator-NAME/ and
     out/noise-N/: {"locators": {name: {"auir", "fovea_on_ink"}}, "noise": {"N": {metric: value}}}; in local
     match also {"dense": metrics of the run ranked densely (out/dense/)}."""
-    from tune_runs import evaluate
+    from policies.running import evaluate
 
     def one(folder: str, **options) -> dict:
         evaluate.run(evaluate.EvaluateConfig(data=Path(cfg.train.data), run=run_dir, split=cfg.split, out=out / folder,
@@ -203,7 +203,7 @@ def stress_evaluations(cfg: ReportConfig, run_dir: Path, out: Path, looks: bool,
 def train_and_evaluate(cfg: ReportConfig, model: str, seed: int) -> dict:
     """Train one model with one seed, evaluate it on cfg.split; writes the trial's files, done.json last."""
     from sketch_env.metrics import retrieval_metrics
-    from tune_runs.evaluate import write_ranks
+    from policies.running.evaluate import write_ranks
     from policies.running.fit import train
     from policies.running.trained import evaluate_policy_run
 
@@ -224,7 +224,7 @@ def train_and_evaluate(cfg: ReportConfig, model: str, seed: int) -> dict:
     stress = stress_evaluations(cfg, Path(train_cfg.run_dir), out, looks)
     if looks:
         stress["locators"] = {"policy": {"auir": metrics["auir"], "fovea_on_ink": result["fovea_on_ink"]}} | stress["locators"]
-    from tune_runs.evaluate import match_record
+    from policies.running.evaluate import match_record
 
     done = {"model": model, "seed": seed, "train_s": trained - start, "eval_s": evaluated - trained,
             "stress_s": time.time() - evaluated, "metrics": {k: metrics[k] for k in METRICS},
@@ -236,7 +236,7 @@ def train_and_evaluate(cfg: ReportConfig, model: str, seed: int) -> dict:
 
 def evaluate_triplet(cfg: ReportConfig) -> dict:
     """The triplet row: the embedding run evaluated once on cfg.split (darp evaluate)."""
-    from tune_runs import evaluate
+    from policies.running import evaluate
 
     kind = runs.read_run(cfg.train.embedding).get("kind")
     if kind != "triplet":
@@ -260,7 +260,7 @@ def evaluate_rule_model(cfg: ReportConfig, model: str) -> dict:
     """A fixed-rule row (RULE_MODELS): the triplet network's queries in local match with glimpses by one rule
     (as many per level as the report's DARP takes), or in dense match; evaluated once (darp evaluate)."""
     from policies.running.registry import with_algo_defaults
-    from tune_runs import evaluate
+    from policies.running import evaluate
 
     match = model.removeprefix("triplet-") if model.startswith("triplet-dense") else "local"
     options = {"match": match, "seed": cfg.noise_seed, "local_weight": cfg.train.local_weight,
@@ -505,7 +505,7 @@ def confidence_table(trials: dict[str, list[dict]]) -> str | None:
 def results_markdown(cfg: ReportConfig, trials: dict[str, list[dict]], manifest: dict, wall_s: float,
                      failed: list[str]) -> str:
     """results.md: the table (mean ± std over seeds), the paper's Chair-V2 figures, ordering and timings."""
-    from tune_runs.plots import format_table
+    from policies.running.plots import format_table
 
     rows, spreads = {}, {}
     for model, ts in trials.items():
@@ -593,7 +593,7 @@ def write_ranks_table(cfg: ReportConfig, trials: dict[str, list[dict]], out: Pat
 
 def plot_report_glimpses(cfg: ReportConfig, out: Path) -> Path | None:
     """glimpses.png from the first seed of the first model that looks (darp first); None if none did."""
-    from tune_runs.plots import plot_glimpses
+    from policies.running.plots import plot_glimpses
 
     for model in sorted(GLIMPSING, key=lambda m: m != "darp"):
         if model not in cfg.models:
@@ -631,7 +631,7 @@ REPORT_KIND = OutputKind("report", ("trials", "tune", "results.md"))
 
 def run(cfg: ReportConfig) -> int:
     from sketch_env.data.store import read_manifest
-    from tune_runs.plots import plot_curves
+    from policies.running.plots import plot_curves
 
     check_config(cfg)
     if cfg.train.match == "global":  # the fixed-rule rows rank with local descriptors

@@ -42,7 +42,7 @@ from sketch_env.embedding_export import EXPORT_DIR, load_embedding_export, sketc
 from sketch_env.metrics import retrieval_metrics
 from sketch_env.render import N_GLIMPSES, first_ink_level
 from sketch_env.options import arg
-from tune_runs.plots import format_percentiles, format_table, plot_curves, plot_glimpses, plot_reliability
+from policies.running.plots import format_percentiles, format_table, plot_curves, plot_glimpses, plot_reliability
 
 METRIC_KEYS = ("auir", "m_at_a", "acc@1", "acc@5", "acc@10", "percentile_curve", "n_sketches", "n_photos")
 EVAL_KIND = OutputKind("evaluation", ("metrics.json", "glimpses.png"))
@@ -243,7 +243,7 @@ def run(cfg: EvaluateConfig) -> dict:
 
 def format_confidence(confidence: dict) -> str:
     """The printed confidence figures: where the calibrator comes from, ECE and the early-stop table."""
-    from tune_runs.plots import format_early_stop
+    from policies.running.plots import format_early_stop
 
     return "\n".join([
         f"confidence: {confidence['source']}",
