@@ -48,13 +48,13 @@ def test_plot_curves_draws_one_line_per_model_over_completion(tmp_path, monkeypa
 def test_evaluate_prints_the_shared_table_and_the_percentile_line(tmp_path, capsys):
     """A triplet run whose export covers the data set: no network needed, the table is plots'."""
     from sketch_env.synthetic import make_tiny_setup
-    from policies.running.evaluate import EvaluateConfig, run
+    from policies.running.evaluate import EvaluateConfig, evaluate_run
 
     data, phase1 = make_tiny_setup(tmp_path)
     export = load_embedding_export(phase1)
     save_embedding_export(phase1, dataclasses.replace(export, meta={"data_fingerprint": data_fingerprint(data)}))
     atomic_write_json(phase1 / "run.json", {"kind": "triplet"})
-    metrics = run(EvaluateConfig(data=data, run=phase1, split="all", out=tmp_path / "eval"))
+    metrics = evaluate_run(EvaluateConfig(data=data, run=phase1, split="all", out=tmp_path / "eval"))
     out = capsys.readouterr().out
     assert "queries from its embedding export" in out
     assert f"triplet on all: {metrics['n_sketches']} sketches, gallery of {metrics['n_photos']} photos" in out

@@ -138,7 +138,7 @@ def tiny_with_triplet(tmp_path_factory):
 
 @pytest.mark.slow
 def test_report_writes_everything_and_a_rerun_skips_finished_trials(ray_local, tiny_with_triplet, tmp_path, capsys):
-    from policies.running.report import run
+    from tune_runs.report import run
 
     data, phase1 = tiny_with_triplet
     train = TrainConfig(data=str(data), embedding=str(phase1), run_dir=str(tmp_path / "report"), iterations=1,
@@ -232,3 +232,26 @@ def test_report_help_renders(capsys):
     assert "--lr" in out and "--sup-loss" in out, "every darp train option applies to the report's runs"
     assert "--algo {" not in out and "--seed SEED" not in out, "the report sets the model and seed of each run"
     assert "--no-resume" in out
+
+
+def test_bad_options_are_one_line_errors_before_anything_is_written(tmp_path, capsys):
+    """The report's checks raise (ConfigError naming the option, DataError naming the input); only the CLI
+    turns them into exit status 1 and one line."""
+    from sketch_env.errors import ConfigError, DataError
+    from policies.running.report import check_config
+    from tune_runs.cli import main
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "phase1").mkdir()
+    train = TrainConfig(data=str(tmp_path / "data"), embedding=str(tmp_path / "phase1"), run_dir=str(tmp_path / "report"))
+    with pytest.raises(ConfigError, match="--models"):
+        check_config(ReportConfig(train=train, models=("triplet", "alphago")))
+    with pytest.raises(ConfigError, match="--seeds"):
+        check_config(ReportConfig(train=train, seeds=0))
+    with pytest.raises(DataError, match="--embedding .*missing is not a directory"):
+        check_config(ReportConfig(train=dataclasses.replace(train, embedding=str(tmp_path / "missing"))))
+    status = main(["report", "--data", train.data, "--embedding", train.embedding, "--run-dir", train.run_dir,
+                   "--models", "alphago"])
+    err = capsys.readouterr().err
+    assert status == 1 and err.count("\n") == 1 and err.startswith("darp report: error: --models")
+    assert not (tmp_path / "report").exists()

@@ -1,24 +1,12 @@
-"""`darp evaluate`: retrieval figures of a trained run on one split of a data set.
+"""The engine of `darp evaluate` (tune_runs/evaluate.py: what it ranks and writes); `darp report` and `darp demo`
+evaluate through it too.
 
-The gallery is the photos of the evaluated split; every sketch of the split is a query at each of
-the 17 completion levels. Ranks come from `sketch_env.gallery.Gallery`, figures from
-`sketch_env.metrics.retrieval_metrics`. A triplet run (`darp pretrain`) is queried with the
-embedding of each partial sketch (from its export when the export was made from this data set, else
-by running its saved network); an RL run is evaluated by `policies.running.trained.evaluate_policy_run`,
-on the phase-1 embeddings of its export, except for sketches (photos) whose strokes (bytes) changed
-since the export was made: those are re-embedded by its phase-1 network, so the ranks always belong
-to the strokes evaluated.
-
-`--match` ranks in another mode than the run's own (sketch_env.local_match): a triplet run in local
-match takes its glimpses where a fixed `--locator` rule puts them (what local matching gives without
-RL), in dense match it compares every cell; an RL run can be ranked densely in place of its glimpses.
-
-Writes OUT/metrics.json (auir, m_at_a, acc@1, acc@5, acc@10, percentile_curve, n_sketches, n_photos,
-match and its cost: multiply-adds per gallery photo to score one query at one level),
-OUT/curve.png (ranking percentile vs completion) and OUT/ranks.parquet (sketch_id, level, rank), and
-prints the figures as a table.
-
-    darp evaluate --data /tmp/builtin --split test --run /tmp/runs/triplet --out /tmp/eval/triplet
+`evaluate_run` gets the ranks of a run's queries on a split: a triplet run's through
+`policies.phase1.split_embeddings.triplet_run_embeddings` (among `--gallery` shards: `triplet_queries_in_shards`; in
+local or dense match: `policies.running.trained.evaluate_triplet_local`), an RL run's through
+`policies.running.trained.evaluate_policy_run`. Ranks come from `sketch_env.gallery.Gallery`, figures from
+`sketch_env.metrics.retrieval_metrics`, the confidence from `policies.running.calibration.evaluation_confidence`;
+`write_ranks` and `match_record` give the shapes of ranks.parquet and of a record's match, which the report shares.
 """
 
 from __future__ import annotations
@@ -142,7 +130,7 @@ def match_record(env_config, embedding: str | Path | None) -> dict:
             "local_weight": env_config.local_weight, "n_glimpses": env_config.n_glimpses}
 
 
-def run(cfg: EvaluateConfig) -> dict:
+def evaluate_run(cfg: EvaluateConfig) -> dict:
     """Evaluate run `cfg.run` on split `cfg.split` of `cfg.data`; returns the metrics dict."""
     from policies.running.trained import read_run
 

@@ -1,39 +1,11 @@
-"""`darp report`: train and evaluate the paper's models over several seeds; its Table III and Fig. 7.
+"""The engine of `darp report` (tune_runs/report.py: what it runs, writes and resumes).
 
-    darp report --data runs/demo/data --embedding runs/demo/phase1 --run-dir runs/report --seeds 3
-
-Ray Tune runs one trial per (model, seed), `max_concurrent` at a time, each a function trainable
-that trains with `darp train` (policies.running.fit.train, quiet: the run is itself a Tune trial, started from
-inside this one; it keeps the checkpoint with the best AUIR on the val split) and evaluates that
-policy on --split (policies.running.trained.evaluate_policy_run): the test split where the data set has one,
-so the figures are not the ones the selection saw. Every `darp train` option sets what all trials
-train with. A trial keeps everything in run_dir/trials/MODEL_seedS/: run/ (the training run,
-policies.running.runs' layout), metrics.json, ranks.parquet, glimpses.npz (models that choose where to look)
-and done.json, written last. The triplet row is the embedding run itself, evaluated once (trials/triplet/).
-
-Rerunning the same command resumes: trials with done.json are skipped (their files are read as JSON,
-Parquet and numpy arrays, no pickles), an unfinished one continues from its last checkpoint, which
-restores Tune's and RLlib's pickled state (`--no-resume`: it starts over instead, unpickling
-nothing). Then it writes under --run-dir:
-- results.md: AUIR, acc@1, acc@5, acc@10, m@A as mean ± standard deviation over seeds (Table III's
-  shape), the paper's Chair-V2 figures beside ours when the data set is Chair-V2, the AUIR ordering
-  and the time each model took;
-- curves.png: mean ranking percentile vs completion, one line per model (the paper's Fig. 7);
-- glimpses.png: where DARP looks, level by level, on a few sketches of the split;
-- ranks.parquet: model, seed, sketch_id, level, rank for every evaluated sketch (seed -1: triplet).
-
-Two stress tables follow the main one (issue 15): locator value, each model that looks evaluated again
-with every fixed locator of --locators in place of its own (`darp evaluate --locator`; value = its own
-AUIR minus the best fixed one, per seed), and robustness, every model (the triplet network too)
-evaluated again with --noise-strokes unnecessary strokes added to every sketch (`darp evaluate
---noise-strokes`). Their evaluations sit in the trial's locator-NAME/ and noise-N/ folders.
-
-With --match local or dense (issue 23) the runs rank with local descriptors, and the report adds what local
-matching gives without RL: the triplet network's queries with glimpses placed by each fixed rule
-(`triplet-local-RULE`, `darp evaluate --match local --locator RULE`) and with dense matching over every cell
-or every inked cell (`triplet-dense`, `triplet-dense-ink`), evaluated once like the triplet row; the
-locator-value table gets columns for the same trained networks ranked densely (dense/ and dense-ink/ folders),
-and a cost table gives each row's multiply-adds per gallery photo to score one query at one level.
+`run_report` evaluates once the rows that train nothing (`evaluate_triplet`; in local or dense match the fixed
+rules, `evaluate_rule_model`), runs one Ray Tune function trainable per (model, seed) (`run_trial`:
+`train_and_evaluate`, done.json written last), then reads the finished trials back (`collect`) into
+results.md (`results_markdown` and its tables), curves.png, glimpses.png and ranks.parquet. Every evaluation,
+the stress tables' included, goes through `darp evaluate`'s engine (`policies.running.evaluate.evaluate_run`)
+or `policies.running.trained.evaluate_policy_run`.
 """
 
 from __future__ import annotations
@@ -56,7 +28,7 @@ from policies.running.ray_session import ray_session
 from policies.running.registry import ALGOS, GLIMPSING, TrainConfig
 from policies.running.registry import DISPLAY as RL_DISPLAY
 from sketch_env.atomic import OutputKind, atomic_write, atomic_write_json, atomic_write_text, prepare_output_dir
-from sketch_env.data import DataError
+from sketch_env.errors import ConfigError, DataError, RunStopped
 from sketch_env.local_match import DENSE
 from sketch_env.locators import LOCATORS
 from sketch_env.options import arg
@@ -177,11 +149,11 @@ def stress_evaluations(cfg: ReportConfig, run_dir: Path, out: Path, looks: bool,
     noise strokes, through `darp evaluate` (`options`: more of its settings) into out/locator-NAME/ and
     out/noise-N/: {"locators": {name: {"auir", "fovea_on_ink"}}, "noise": {"N": {metric: value}}}; in local
     match also {"dense": metrics of the run ranked densely (out/dense/)}."""
-    from policies.running import evaluate
+    from policies.running.evaluate import EvaluateConfig, evaluate_run
 
     def one(folder: str, **options) -> dict:
-        evaluate.run(evaluate.EvaluateConfig(data=Path(cfg.train.data), run=run_dir, split=cfg.split, out=out / folder,
-                                             num_threads=cfg.train.num_threads, force=True, **options))
+        evaluate_run(EvaluateConfig(data=Path(cfg.train.data), run=run_dir, split=cfg.split, out=out / folder,
+                                    num_threads=cfg.train.num_threads, force=True, **options))
         return json.loads((out / folder / "metrics.json").read_text())
 
     locators = {}
@@ -236,7 +208,7 @@ def train_and_evaluate(cfg: ReportConfig, model: str, seed: int) -> dict:
 
 def evaluate_triplet(cfg: ReportConfig) -> dict:
     """The triplet row: the embedding run evaluated once on cfg.split (darp evaluate)."""
-    from policies.running import evaluate
+    from policies.running.evaluate import EvaluateConfig, evaluate_run
 
     kind = runs.read_run(cfg.train.embedding).get("kind")
     if kind != "triplet":
@@ -244,8 +216,7 @@ def evaluate_triplet(cfg: ReportConfig) -> dict:
                         "leave 'triplet' out of --models or point --embedding at a darp pretrain run")
     out = trial_dir(cfg.train.run_dir, "triplet", TRIPLET_SEED)
     start = time.time()
-    metrics = evaluate.run(evaluate.EvaluateConfig(data=Path(cfg.train.data), run=Path(cfg.train.embedding),
-                                                   split=cfg.split, out=out))
+    metrics = evaluate_run(EvaluateConfig(data=Path(cfg.train.data), run=Path(cfg.train.embedding), split=cfg.split, out=out))
     evaluated = time.time()
     stress = stress_evaluations(cfg, Path(cfg.train.embedding), out, looks=False)
     done = {"model": "triplet", "seed": TRIPLET_SEED, "train_s": 0.0, "eval_s": evaluated - start,
@@ -260,7 +231,7 @@ def evaluate_rule_model(cfg: ReportConfig, model: str) -> dict:
     """A fixed-rule row (RULE_MODELS): the triplet network's queries in local match with glimpses by one rule
     (as many per level as the report's DARP takes), or in dense match; evaluated once (darp evaluate)."""
     from policies.running.registry import with_algo_defaults
-    from policies.running import evaluate
+    from policies.running.evaluate import EvaluateConfig, evaluate_run
 
     match = model.removeprefix("triplet-") if model.startswith("triplet-dense") else "local"
     options = {"match": match, "seed": cfg.noise_seed, "local_weight": cfg.train.local_weight,
@@ -269,8 +240,8 @@ def evaluate_rule_model(cfg: ReportConfig, model: str) -> dict:
         options["locator"] = model.removeprefix("triplet-local-")
     out = trial_dir(cfg.train.run_dir, model, TRIPLET_SEED)
     start = time.time()
-    metrics = evaluate.run(evaluate.EvaluateConfig(data=Path(cfg.train.data), run=Path(cfg.train.embedding),
-                                                   split=cfg.split, out=out, force=True, **options))
+    metrics = evaluate_run(EvaluateConfig(data=Path(cfg.train.data), run=Path(cfg.train.embedding), split=cfg.split,
+                                          out=out, force=True, **options))
     evaluated = time.time()
     stress = stress_evaluations(cfg, Path(cfg.train.embedding), out, looks=False, **options)
     record = json.loads((out / "metrics.json").read_text())
@@ -615,21 +586,24 @@ def with_split(cfg: ReportConfig, manifest: dict) -> ReportConfig:
 
 
 def check_config(cfg: ReportConfig) -> None:
+    """Fail before anything is written on options no trial could run with (ConfigError naming the option) or
+    inputs that are no directories (DataError)."""
     unknown = [m for m in cfg.models if m not in MODELS]
     if unknown or not cfg.models:
-        raise SystemExit(f"darp report: unknown --models {unknown}; choose from {MODELS}")
+        raise ConfigError(f"--models: unknown {unknown}; choose from {MODELS}")
     if cfg.seeds < 1 or cfg.max_concurrent < 1 or cfg.train.iterations < 1:
-        raise SystemExit(f"darp report: --seeds, --max-concurrent and --iterations must be >= 1, got "
-                         f"{cfg.seeds}, {cfg.max_concurrent}, {cfg.train.iterations}")
+        raise ConfigError(f"--seeds, --max-concurrent and --iterations must be >= 1, got "
+                          f"{cfg.seeds}, {cfg.max_concurrent}, {cfg.train.iterations}")
     for name in ("data", "embedding"):
         if not Path(getattr(cfg.train, name)).is_dir():
-            raise SystemExit(f"darp report: --{name} {getattr(cfg.train, name)} is not a directory")
+            raise DataError(f"--{name} {getattr(cfg.train, name)} is not a directory")
 
 
 REPORT_KIND = OutputKind("report", ("trials", "tune", "results.md"))
 
 
-def run(cfg: ReportConfig) -> int:
+def run_report(cfg: ReportConfig) -> list[str]:
+    """Run the report's missing trials and write its outputs; returns the trials that failed (a rerun retries them)."""
     from sketch_env.data.store import read_manifest
     from policies.running.plots import plot_curves
 
@@ -662,7 +636,7 @@ def run(cfg: ReportConfig) -> int:
             failed = run_trials(cfg, todo)
     trials = collect(cfg)
     if not trials:
-        raise SystemExit(f"darp report: no finished trial under {run_dir / 'trials'}; failed: {failed}")
+        raise RunStopped(f"no finished trial under {run_dir / 'trials'}; failed: {', '.join(failed) or 'none'}")
     text = results_markdown(cfg, trials, manifest, time.time() - start, failed)
     atomic_write_text(run_dir / "results.md", text)
     curves = {DISPLAY[m]: np.mean([t["curve"] for t in ts], axis=0) for m, ts in trials.items()}
@@ -674,5 +648,4 @@ def run(cfg: ReportConfig) -> int:
           f"{glimpses if glimpses else '(no glimpses.png: no model that looks)'}, {run_dir / 'ranks.parquet'}")
     if failed:
         print(f"darp report: {len(failed)} trial(s) failed: {', '.join(failed)}; rerun to retry them")
-        return 1
-    return 0
+    return failed

@@ -1,18 +1,8 @@
-"""`darp sweep`: Ray Tune search over DARP's std schedule, ASHA early stopping on validation AUIR.
+"""The engine of `darp sweep` (tune_runs/sweep.py: what it searches, writes and resumes).
 
-    darp sweep --data runs/demo/data --embedding runs/demo/phase1 --run-dir runs/demo/sweep --samples 16
-
-Each trial is one `darp train` run (policies.running.fit.TrainTrial, the same trainable) with the same seed,
-so trials differ by their schedule only; every `darp train` option sets what all trials train with.
-Trial 0 runs the given (by default TrainConfig's) schedule, so the table shows what the search gains
-over it. Validation runs every iteration: ASHA compares trials on "evaluation/auir" at every rung.
-
-Writes under --run-dir: tune/ (Tune's experiment: trial results and checkpoints; on a multi-node
-cluster it lives under --storage instead, which every node must reach), best_config.json (TrainConfig
-keys, for `darp train --config`), trials.csv (one row per trial) and sweep.png (validation AUIR against
-each searched parameter). Rerunning the same command after a kill resumes the experiment
-(Tuner.restore): finished trials are kept, unfinished ones continue from their last checkpoint; the
-search space and budget of the first run apply.
+`run_sweep` checks the options (`check_config`), builds the Tuner (`make_tuner`: `param_space` over the searched
+parameters, ASHA on METRIC, the default point first) or restores the killed sweep's, and turns the results into
+best_config.json, trials.csv (`trial_rows`, `with_auir_at_default_iterations`) and sweep.png (`plot_sweep`).
 """
 
 from __future__ import annotations
@@ -27,12 +17,13 @@ from pathlib import Path
 
 from ray import tune
 
-from policies.running.fit import TrainTrial
+from policies.running.fit import TrainTrial, check_inputs
 from policies.running.ray_session import ray_session
 from policies.running.registry import TrainConfig
 from policies.darp.schedules import STD_SHAPES
 from sketch_env.atomic import (OutputKind, atomic_write, atomic_write_json, atomic_write_text, check_output_dir,
                                 prepare_output_dir)
+from sketch_env.errors import ConfigError, DataError, RunStopped
 from sketch_env.options import arg
 
 METRIC = "evaluation/auir"
@@ -85,31 +76,27 @@ def searched_params(cfg: SweepConfig) -> tuple[str, ...]:
 
 
 def check_config(cfg: SweepConfig) -> None:
-    """Fail before starting Ray on options no trial could run with."""
+    """Fail before starting Ray on options no trial could run with (ConfigError naming the option) or inputs
+    no trial could read (DataError)."""
     for name in ("data", "embedding"):
         if not Path(getattr(cfg.train, name)).is_dir():
-            raise SystemExit(f"darp sweep: --{name} {getattr(cfg.train, name)} is not a directory")
+            raise DataError(f"--{name} {getattr(cfg.train, name)} is not a directory")
     for name in ("std_start_range", "std_end_range", "std_horizon_range", "bootstrap_p_range"):
         values = getattr(cfg, name)
         if len(values) != 2 or not 0 < values[0] < values[1]:
-            raise SystemExit(f"darp sweep: --{name.replace('_', '-')} needs two values 0 < low < high, got {list(values)}")
+            raise ConfigError(f"--{name.replace('_', '-')} needs two values 0 < low < high, got {list(values)}")
     unknown = sorted(set(cfg.std_shapes) - set(STD_SHAPES))
     if unknown or not cfg.std_shapes:
-        raise SystemExit(f"darp sweep: --std-shapes must be among {STD_SHAPES}, got {list(cfg.std_shapes)}")
+        raise ConfigError(f"--std-shapes must be among {STD_SHAPES}, got {list(cfg.std_shapes)}")
     if not 1 <= cfg.grace_period <= cfg.train.iterations:
-        raise SystemExit(f"darp sweep: need 1 <= --grace-period <= --iterations, got {cfg.grace_period}, {cfg.train.iterations}")
+        raise ConfigError(f"need 1 <= --grace-period <= --iterations, got {cfg.grace_period}, {cfg.train.iterations}")
     if cfg.samples < 1 or cfg.max_concurrent < 1:
-        raise SystemExit(f"darp sweep: --samples and --max-concurrent must be >= 1, got {cfg.samples}, {cfg.max_concurrent}")
+        raise ConfigError(f"--samples and --max-concurrent must be >= 1, got {cfg.samples}, {cfg.max_concurrent}")
     if not cfg.n_heads_choices or min(cfg.n_heads_choices) < 1:
-        raise SystemExit(f"darp sweep: --n-heads-choices must be >= 1, got {list(cfg.n_heads_choices)}")
-    from policies.running.fit import check_inputs
-
-    try:
-        trial = trial_train_config(cfg)
-        trial.check()
-        check_inputs(trial)  # what every trial's actors would find out (a stale export names its sketch)
-    except ValueError as e:
-        raise SystemExit(f"darp sweep: {e}")
+        raise ConfigError(f"--n-heads-choices must be >= 1, got {list(cfg.n_heads_choices)}")
+    trial = trial_train_config(cfg)
+    trial.check()
+    check_inputs(trial)  # what every trial's actors would find out (a stale export names its sketch)
 
 
 def param_space(cfg: SweepConfig) -> dict:
@@ -280,7 +267,7 @@ def write_outputs(cfg: SweepConfig, results) -> list[dict]:
     run_dir = Path(cfg.train.run_dir)
     rows = with_auir_at_default_iterations(trial_rows(results, default_values(cfg)))
     if math.isnan(rows[0]["final_auir"]):
-        raise SystemExit(f"darp sweep: no trial reported {METRIC}; see the errors under {'/'.join(experiment_location(cfg))}")
+        raise RunStopped(f"no trial reported {METRIC}; see the errors under {'/'.join(experiment_location(cfg))}")
     best = {k: rows[0][k] for k in searched_params(cfg)}
     atomic_write_json(run_dir / "best_config.json", dataclasses.asdict(trial_train_config(cfg, **best)))
     write_table(rows, run_dir / "trials.csv")
@@ -291,7 +278,8 @@ def write_outputs(cfg: SweepConfig, results) -> list[dict]:
 SWEEP_KIND = OutputKind("sweep", ("best_config.json", "trials.csv", EXPERIMENT))
 
 
-def run(cfg: SweepConfig) -> int:
+def run_sweep(cfg: SweepConfig) -> list[dict]:
+    """Run (or resume) the sweep and write its outputs; returns the table's rows, best first."""
     check_output_dir(cfg.train.run_dir, SWEEP_KIND, inputs=(cfg.train.data, cfg.train.embedding), force=cfg.train.force)
     check_config(cfg)
     prepare_output_dir(cfg.train.run_dir, SWEEP_KIND, inputs=(cfg.train.data, cfg.train.embedding), force=cfg.train.force)
@@ -314,4 +302,4 @@ def run(cfg: SweepConfig) -> int:
             print(f"  at equal training ({default['iterations']} iterations): best {best['auir_at_default_iters']:.2f} "
                   f"vs default {default['final_auir']:.2f}, {best['auir_at_default_iters'] - default['final_auir']:+.2f} AUIR")
     print(f"train it: darp train --config {Path(cfg.train.run_dir) / 'best_config.json'}")
-    return 0
+    return rows
