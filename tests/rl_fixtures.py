@@ -51,7 +51,7 @@ def make_serve_runs(root: Path, data: Path) -> Path:
     (as `darp train` does); returns the DARP run."""
     from policies.running.fit import train
     from policies.running.registry import TrainConfig
-    from tune_runs.calibrate import calibrate_run
+    from policies.running.calibration import calibrate_run
 
     phase1 = make_phase1_run(root, data)
     darp = root / "darp"

@@ -178,7 +178,7 @@ def test_algo_defaults():
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", [a for a in ALGOS if a != "darp"])
 def test_each_model_trains_and_evaluates(ray_local, tiny, tmp_path, algo):
-    from tune_runs import evaluate
+    from policies.running import evaluate
     from policies.running.fit import train
 
     data, phase1 = tiny
@@ -188,7 +188,7 @@ def test_each_model_trains_and_evaluates(ray_local, tiny, tmp_path, algo):
                       num_envs_per_env_runner=4, episodes_per_batch=8, n_glimpses=glimpses, val_interval=0), quiet=True)
     run = json.loads((run_dir / "run.json").read_text())
     assert run["kind"] == algo and run["config"]["n_glimpses"] == (glimpses or 1)
-    metrics = evaluate.run(evaluate.EvaluateConfig(data=data, run=run_dir, split="test", out=tmp_path / "eval"))
+    metrics = evaluate.evaluate_run(evaluate.EvaluateConfig(data=data, run=run_dir, split="test", out=tmp_path / "eval"))
     assert metrics["n_sketches"] > 0 and 0 < metrics["auir"] <= 100
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["auir"] == pytest.approx(metrics["auir"])
 

@@ -60,8 +60,8 @@ def test_three_workers_give_the_export_and_evaluate_reads_the_shards(phase1, tmp
     assert [s["rows"] for s in meta["shards"]] == [7, 5] and "index" not in meta
 
     # darp evaluate --gallery: the triplet run ranked among the shards' photos gives the same figures
-    from tune_runs.evaluate import EvaluateConfig
-    from tune_runs.evaluate import run as evaluate
+    from policies.running.evaluate import EvaluateConfig
+    from policies.running.evaluate import evaluate_run as evaluate
 
     plain = evaluate(EvaluateConfig(data=data, run=run, split="all", out=tmp_path / "eval"))
     sharded = evaluate(EvaluateConfig(data=data, run=run, split="all", out=tmp_path / "eval_shards", gallery=out_data))

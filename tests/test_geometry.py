@@ -72,7 +72,7 @@ def test_glimpse_overlay_is_centred_where_the_sensor_sees(tmp_path, monkeypatch)
     """plots.plot_glimpses draws each glimpse square centred on the pixel the sensor read there (it used
     H - 1): one-pixel dots, found by the sensor at their locations, lie at the squares' centres as
     imshow draws them (pixel (col, row) centred at (col, row))."""
-    import tune_runs.plots as plots
+    import policies.running.plots as plots
 
     dots = [(0, 0), (63, 40), (17, 5)]  # (col, row)
     images = np.zeros((1, 17, 64, 64))

@@ -136,7 +136,8 @@ def test_live_retrieval_ranks_as_evaluate_in_local_match(local_setup):
 @pytest.mark.slow
 def test_report_in_local_match_trains_darp_and_adds_the_fixed_rules_and_dense_rows(ray_local, local_setup, tmp_path):
     from policies.running.registry import TrainConfig
-    from tune_runs.report import ReportConfig, run, trial_dir
+    from policies.running.report import ReportConfig, trial_dir
+    from tune_runs.report import run
 
     data, phase1, _ = local_setup
     train = TrainConfig(data=str(data), embedding=str(phase1), run_dir=str(tmp_path / "report"), iterations=1,

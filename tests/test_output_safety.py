@@ -269,8 +269,8 @@ def test_a_command_never_writes_beside_its_input(tmp_path, capsys, command):
     assert snapshot(tmp_path) == before
 
 
-KINDS = ["tune_runs.pretrain:RUN_KIND", "policies.running.runs:RL_RUN_KIND", "tune_runs.evaluate:EVAL_KIND",
-         "tune_runs.report:REPORT_KIND", "tune_runs.sweep:SWEEP_KIND", "tune_runs.demo:DEMO_KIND",
+KINDS = ["tune_runs.pretrain:RUN_KIND", "policies.running.runs:RL_RUN_KIND", "policies.running.evaluate:EVAL_KIND",
+         "policies.running.report:REPORT_KIND", "policies.running.sweep:SWEEP_KIND", "tune_runs.demo:DEMO_KIND",
          "tune_runs.play:FRAMES_KIND"]
 
 

@@ -1,4 +1,4 @@
-"""The shared figures and tables (tune_runs.plots), and `darp evaluate` printing through them."""
+"""The shared figures and tables (policies.running.plots), and `darp evaluate` printing through them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from sketch_env.atomic import atomic_write_json
 from sketch_env.data import data_fingerprint
 from sketch_env.embedding_export import load_embedding_export, save_embedding_export
-from tune_runs.plots import format_percentiles, format_table, plot_curves
+from policies.running.plots import format_percentiles, format_table, plot_curves
 
 METRICS = {"auir": 71.234, "acc@1": 10.0, "acc@5": 45.5, "acc@10": 80.0, "m_at_a": 33.333}
 
@@ -34,7 +34,7 @@ def test_format_percentiles_names_the_completion_of_each_level():
 
 
 def test_plot_curves_draws_one_line_per_model_over_completion(tmp_path, monkeypatch):
-    import tune_runs.plots as plots
+    import policies.running.plots as plots
 
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, out: figures.append(fig))
@@ -48,13 +48,13 @@ def test_plot_curves_draws_one_line_per_model_over_completion(tmp_path, monkeypa
 def test_evaluate_prints_the_shared_table_and_the_percentile_line(tmp_path, capsys):
     """A triplet run whose export covers the data set: no network needed, the table is plots'."""
     from sketch_env.synthetic import make_tiny_setup
-    from tune_runs.evaluate import EvaluateConfig, run
+    from policies.running.evaluate import EvaluateConfig, evaluate_run
 
     data, phase1 = make_tiny_setup(tmp_path)
     export = load_embedding_export(phase1)
     save_embedding_export(phase1, dataclasses.replace(export, meta={"data_fingerprint": data_fingerprint(data)}))
     atomic_write_json(phase1 / "run.json", {"kind": "triplet"})
-    metrics = run(EvaluateConfig(data=data, run=phase1, split="all", out=tmp_path / "eval"))
+    metrics = evaluate_run(EvaluateConfig(data=data, run=phase1, split="all", out=tmp_path / "eval"))
     out = capsys.readouterr().out
     assert "queries from its embedding export" in out
     assert f"triplet on all: {metrics['n_sketches']} sketches, gallery of {metrics['n_photos']} photos" in out

@@ -16,7 +16,7 @@ from sketch_env.data.generate import generate_dataset
 from sketch_env.embedding_export import load_embedding_export
 from tune_runs.cli import main
 from policies.phase1.split_embeddings import ranks_for_triplet
-from tune_runs.evaluate import METRIC_KEYS
+from policies.running.evaluate import METRIC_KEYS
 from tune_runs.pretrain import CHECKPOINT_FILE, PretrainConfig, run
 
 SIZE = 32
@@ -178,7 +178,7 @@ def test_evaluate_hands_other_runs_to_trained(data_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trained, "evaluate_policy_run", fake)
     monkeypatch.setattr(trained, "load_run_episodes", lambda run, data, split, n, seed, match=None, gallery_dir=None: ("episodes", split, n, seed))
-    monkeypatch.setattr("tune_runs.evaluate.write_glimpses", lambda path, extras: calls.append(path.name))
+    monkeypatch.setattr("policies.running.evaluate.write_glimpses", lambda path, extras: calls.append(path.name))
     out = tmp_path / "eval"
     main(["evaluate", "--data", str(data_dir), "--run", str(run_dir), "--split", "val", "--out", str(out),
           "--locator", "newest-ink", "--seed", "3"])

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from policies.running.registry import TrainConfig
-from tune_runs.report import (
+from policies.running.report import (
     ReportConfig,
     is_chair_v2,
     results_markdown,
@@ -38,7 +38,7 @@ def test_chair_v2_is_recognised_from_the_manifest():
 
 
 def test_auto_split_is_test_when_the_data_set_has_one():
-    from tune_runs.report import with_split
+    from policies.running.report import with_split
 
     cfg = ReportConfig(train=TrainConfig(data="d", embedding="e", run_dir="r"))
     assert with_split(cfg, {"splits": {"train": 270, "test": 90}}).split == "test"
@@ -64,7 +64,7 @@ def test_results_markdown_has_table_iii_paper_figures_and_ordering(tmp_path):
 
 
 def test_locator_and_robustness_tables_take_differences_per_seed(tmp_path):
-    from tune_runs.report import locator_table, robustness_table
+    from policies.running.report import locator_table, robustness_table
 
     def stressed(model, seed, own, fixed, noisy):
         t = fake_trial(model, seed, own)
@@ -95,7 +95,7 @@ def test_locator_and_robustness_tables_take_differences_per_seed(tmp_path):
 
 
 def test_confidence_table_averages_over_seeds_and_shows_what_never_fired(tmp_path):
-    from tune_runs.report import confidence_table
+    from policies.running.report import confidence_table
 
     def confident(model, seed, ece, fires, right):
         stop = lambda p, f, r, r5=100.0: {"threshold": p, "fires": f, "n_fired": int(f > 0), "top1_right": r,  # noqa: E731
@@ -207,7 +207,7 @@ def test_no_resume_starts_an_unfinished_trial_over_without_unpickling_its_state(
 
     from policies.running import fit, runs
     from tune_runs.cli import build_config
-    from tune_runs.report import trial_train_config
+    from policies.running.report import trial_train_config
 
     cfg = build_config(ReportConfig, {"data": "d", "embedding": "e", "run_dir": str(tmp_path), "resume": False})
     trial = trial_train_config(cfg, "darp", 0)
@@ -232,3 +232,26 @@ def test_report_help_renders(capsys):
     assert "--lr" in out and "--sup-loss" in out, "every darp train option applies to the report's runs"
     assert "--algo {" not in out and "--seed SEED" not in out, "the report sets the model and seed of each run"
     assert "--no-resume" in out
+
+
+def test_bad_options_are_one_line_errors_before_anything_is_written(tmp_path, capsys):
+    """The report's checks raise (ConfigError naming the option, DataError naming the input); only the CLI
+    turns them into exit status 1 and one line."""
+    from sketch_env.errors import ConfigError, DataError
+    from policies.running.report import check_config
+    from tune_runs.cli import main
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "phase1").mkdir()
+    train = TrainConfig(data=str(tmp_path / "data"), embedding=str(tmp_path / "phase1"), run_dir=str(tmp_path / "report"))
+    with pytest.raises(ConfigError, match="--models"):
+        check_config(ReportConfig(train=train, models=("triplet", "alphago")))
+    with pytest.raises(ConfigError, match="--seeds"):
+        check_config(ReportConfig(train=train, seeds=0))
+    with pytest.raises(DataError, match="--embedding .*missing is not a directory"):
+        check_config(ReportConfig(train=dataclasses.replace(train, embedding=str(tmp_path / "missing"))))
+    status = main(["report", "--data", train.data, "--embedding", train.embedding, "--run-dir", train.run_dir,
+                   "--models", "alphago"])
+    err = capsys.readouterr().err
+    assert status == 1 and err.count("\n") == 1 and err.startswith("darp report: error: --models")
+    assert not (tmp_path / "report").exists()

@@ -228,8 +228,8 @@ def test_serve_a_gallery_of_shards_with_an_index(setup, retriever, tmp_path, mon
         assert thumb.status_code == 200 and thumb.content[:8] == b"\x89PNG\r\n\x1a\n"
         assert c.get("/photos/../../etc/passwd").status_code == 404
     # darp evaluate --gallery of the RL run: exact ranks among the 306 photos, the split's as the targets
-    from tune_runs.evaluate import EvaluateConfig
-    from tune_runs.evaluate import run as evaluate
+    from policies.running.evaluate import EvaluateConfig
+    from policies.running.evaluate import evaluate_run as evaluate
 
     metrics = evaluate(EvaluateConfig(data=data, run=darp, split="val", out=tmp_path / "eval", gallery=out))
     assert metrics["n_photos"] == len(photos) and metrics["n_sketches"] == len(split.sketches)

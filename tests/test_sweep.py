@@ -14,9 +14,10 @@ import pytest
 from ray.tune.search.sample import Categorical, Float, Integer
 
 from tests.processes import kill_session
+from sketch_env.errors import DataError
 from sketch_env.synthetic import make_tiny_setup
 from tune_runs.cli import build_config
-from tune_runs.sweep import SweepConfig, check_config, default_point, experiment_location, param_space
+from policies.running.sweep import SweepConfig, check_config, default_point, experiment_location, param_space
 from policies.running.registry import TrainConfig
 
 DARP_CLI = Path(sys.executable).parent / "darp"
@@ -83,7 +84,7 @@ def test_experiment_location_local_or_shared_storage(tmp_path):
     (dict(num_envs_per_env_runner=4, episodes_per_batch=10), "multiple of"),
 ])
 def test_check_config_rejects_bad_options(tmp_path, bad, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(DataError, match=message):  # ConfigError naming the option, DataError for a missing input
         check_config(sweep_config(tmp_path, **bad))
 
 
@@ -150,7 +151,7 @@ def test_sweep_killed_then_resumed_keeps_finished_trials(tmp_path):
 
 
 def test_gain_is_compared_at_the_iterations_the_default_ran():
-    from tune_runs.sweep import with_auir_at_default_iterations
+    from policies.running.sweep import with_auir_at_default_iterations
 
     rows = [
         {"default": False, "_auir_by_iteration": {1: 40.0, 2: 41.0, 3: 45.0}},

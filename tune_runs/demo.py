@@ -45,9 +45,10 @@ def run(cfg: DemoConfig) -> int:
     from policies.running.registry import TrainConfig
     from sketch_env.data import load_dataset
     from sketch_env.data.generate import generate_dataset
-    from tune_runs import data_cmd, evaluate, pretrain
+    from policies.running.evaluate import EvaluateConfig, evaluate_run
+    from policies.running.plots import format_table, plot_curves
+    from tune_runs import data_cmd, pretrain
     from tune_runs import train as train_cmd
-    from tune_runs.plots import format_table, plot_curves
 
     root = prepare_output_dir(cfg.run_dir, DEMO_KIND, inputs=(cfg.shared_data,), force=cfg.force)
     timings = {}
@@ -92,7 +93,7 @@ def run(cfg: DemoConfig) -> int:
     results, curves = {}, {}
     for name, run_dir in (("Triplet network", phase1), ("DARP-SBIR", darp_dir)):
         out = root / "eval" / run_dir.name
-        evaluate.run(evaluate.EvaluateConfig(data=str(data), run=str(run_dir), split=cfg.split, out=str(out)))
+        evaluate_run(EvaluateConfig(data=str(data), run=str(run_dir), split=cfg.split, out=str(out)))
         metrics = json.loads((out / "metrics.json").read_text())
         results[name], curves[name] = metrics, metrics["percentile_curve"]
     plot_curves(curves, root / "curves.png", title=f"built-in data set, {cfg.split} split")

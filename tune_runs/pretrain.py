@@ -1,7 +1,8 @@
 """`darp pretrain`: phase 1, the triplet embedding network and the export of its embeddings.
 
-The options are `policies.phase1.training.Phase1Config`; the training lives in `policies.phase1.training`. When it has
-finished, the run's confidence is fitted on the val split (`tune_runs.calibrate`: RUN/calibration.json).
+The options are `policies.phase1.training.Phase1Config`; the training lives in `policies.phase1.training`. When it
+has finished, the run's confidence is fitted on the val split (RUN/calibration.json,
+`policies.running.calibration.calibrate_after_training`).
 
     darp pretrain --data data/chairv2 --run-dir runs/chair/phase1
 """
@@ -18,7 +19,7 @@ __all__ = ["CHECKPOINT_FILE", "RUN_FILE", "RUN_KIND", "PretrainConfig", "run"]
 
 def run(cfg: PretrainConfig) -> dict:
     """Train (or resume) phase 1 and export (`policies.phase1.training.run`), then fit the run's confidence."""
-    from tune_runs.calibrate import calibrate_after_training
+    from policies.running.calibration import calibrate_after_training
 
     record = training.run(cfg)
     calibrate_after_training(cfg.run_dir, cfg.data)

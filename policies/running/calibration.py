@@ -8,7 +8,8 @@ of a photo in one fold), keeps the one with the lowest held-out log loss for eac
 in the top 5) and refits it on the whole split. `evaluation_confidence` is what `darp evaluate` and `darp report`
 report: the run's stored calibrator applied to the evaluated queries, except on the very queries it was fitted on
 (same data, same split, no noise strokes, the policy's own locator), which get the cross-fitted figures, since
-fitting and checking on the same sketches flatters the ECE. `darp calibrate` (tune_runs.calibrate) writes the fit.
+fitting and checking on the same sketches flatters the ECE. `calibrate_run` writes the fit (RUN/calibration.json,
+JSON, atomically): `darp calibrate`, and `darp pretrain` / `darp train` when they finish (`calibrate_after_training`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from policies.running.runs import CALIBRATION_FILE, load_run_confidence
+from policies.running.runs import CALIBRATION_FILE, load_run_confidence, read_run
 from sketch_env.confidence import (
     METHODS,
     N_BINS,
@@ -221,5 +222,52 @@ def _cross_fitted(conf: Confidence, q: RankedQueries, folds: int, seed: int):
     return p1, np.maximum(p5, p1)
 
 
-__all__ = ["FIT_SPLIT", "RankedQueries", "confidence_figures", "evaluation_confidence", "fit_run_confidence",
-           "fitted_on", "policy_queries", "run_queries", "same_queries", "triplet_queries"]
+def calibrate_run(run_dir: str | Path, data_dir: str | Path, split: str = FIT_SPLIT, method: str = "auto",
+                  folds: int = 5, seed: int = 0, queries: RankedQueries | None = None, level_batch: int = 1024,
+                  quiet: bool = False) -> Confidence:
+    """Fit run `run_dir`'s confidence on `split` of `data_dir` (its queries, or `queries` when given) and
+    write RUN/calibration.json; prints the held-out figures unless `quiet`."""
+    run_dir = Path(run_dir)
+    kind = read_run(run_dir).get("kind")
+    q = queries if queries is not None else run_queries(run_dir, data_dir, split, level_batch)
+    info = {"run_kind": kind, "fitted_on": fitted_on(data_dir, split, q)}
+    conf, _, _, record = fit_run_confidence(q, method, folds, seed, info)
+    conf.save(run_dir / CALIBRATION_FILE)
+    if not quiet:
+        print(describe_fit(conf, split))
+        print(f"wrote {run_dir / CALIBRATION_FILE}")
+    return conf
+
+
+def calibrate_after_training(run_dir: str | Path, data_dir: str | Path, split: str = FIT_SPLIT) -> Confidence | None:
+    """What `darp pretrain` and `darp train` do when they finish: fit the run's confidence on `split`.
+    A split it cannot be fitted on (no sketches, one photo) is said in one line, not an error: the
+    training is done and kept; `darp calibrate` can fit it later."""
+    try:
+        return calibrate_run(run_dir, data_dir, split)
+    except DataError as e:
+        print(f"no confidence fitted for {run_dir}: {e}")
+        return None
+
+
+def describe_fit(conf: Confidence, split: str) -> str:
+    """The held-out figures of a fitted confidence: every candidate, the choice and the early-stop table."""
+    from policies.running.plots import format_early_stop
+
+    held, where = conf.info["held_out"], conf.info["fitted_on"]
+    lines = [f"confidence fitted on {split} ({where['n_sketches']} sketches x levels = {where['n_queries']} queries, "
+             f"gallery of {where['n_photos']}); held-out figures cross-fitted over {held['folds']} folds of photos:",
+             "  event        method       log loss   Brier     ECE"]
+    for name, label in (("top1", "top-1 right"), ("top5", "in top 5")):
+        for method, row in held["candidates"][name].items():
+            mark = " <- kept" if method == held[f"method_{name}"] else ""
+            lines.append(f"  {label:<12} {method:<12} {row['log_loss']:8.4f} {row['brier']:8.4f} {row['ece']:7.4f}{mark}")
+    lines.append(f"  ECE top-1 {held['ece_top1']:.4f}, top-5 {held['ece_top5']:.4f} (held out)")
+    lines.append(format_early_stop(held["early_stop"], "P(top-1 right)"))
+    lines.append(format_early_stop(held["early_stop_top5"], "P(in the top 5)"))
+    return "\n".join(lines)
+
+
+__all__ = ["FIT_SPLIT", "RankedQueries", "calibrate_after_training", "calibrate_run", "confidence_figures", "describe_fit",
+           "evaluation_confidence", "fit_run_confidence", "fitted_on", "policy_queries", "run_queries", "same_queries",
+           "triplet_queries"]

@@ -38,7 +38,7 @@ from sketch_env.confidence import Confidence
 from sketch_env.data import DataError
 
 RUN_FILE = "run.json"
-CALIBRATION_FILE = "calibration.json"  # the run's confidence (tune_runs.calibrate), both kinds of run
+CALIBRATION_FILE = "calibration.json"  # the run's confidence (policies.running.calibration.calibrate_run), both kinds of run
 EXPERIMENT_PREFIX = "tune-"
 TRIAL = "train"
 CHECKPOINT_INFO = "checkpoint.json"

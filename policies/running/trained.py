@@ -380,7 +380,7 @@ def live_retrieval(run_dir: str | Path, split, cache_size: int = 4096, stop_at: 
     `darp evaluate` (`sketch_env.embedding_export.gallery_for`: photos whose image changed since the export are
     re-embedded); partial sketches are embedded by the run's phase-1 network. With `gallery_dir`, the
     gallery is every photo of those shards instead (`shards_gallery`). The answers carry the
-    run's calibrated confidence (RUN/calibration.json, `tune_runs.calibrate`) when it has one, "you
+    run's calibrated confidence (RUN/calibration.json, `policies.running.calibration.calibrate_run`) when it has one, "you
     can stop" from P(top-1 right) >= stop_at (default `policies.darp.rollout.STOP_AT`).
     """
     from policies.phase1.embedding import embed_photos, load_embedding_net
