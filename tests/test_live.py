@@ -102,7 +102,7 @@ def run_concurrently(batcher, requests, delays=None, rounds=()):
 
 
 def test_concurrent_drawers_share_batched_levels_and_ranking(policy, gallery, monkeypatch, outside_a_replica):
-    from tune_runs.serve import Batcher
+    from policies.running.live_service import Batcher
 
     retrieval = LiveRetrieval(policy, gallery)
     batches = {"advance": [], "answer": []}
@@ -122,7 +122,7 @@ def test_concurrent_drawers_share_batched_levels_and_ranking(policy, gallery, mo
 def test_a_long_uncached_drawing_takes_one_level_per_round_beside_a_new_stroke(policy, gallery, monkeypatch,
                                                                               outside_a_replica):
     """A 60-stroke drawing nobody has seen must not hold up a drawer's one-stroke request."""
-    from tune_runs.serve import Batcher
+    from policies.running.live_service import Batcher
 
     retrieval = LiveRetrieval(policy, gallery)
     rounds = []
@@ -141,7 +141,7 @@ def test_a_long_uncached_drawing_takes_one_level_per_round_beside_a_new_stroke(p
 
 def test_a_level_in_flight_is_computed_once(policy, gallery, monkeypatch, outside_a_replica):
     """The page sends stroke 3 before stroke 2's answer is back: stroke 2's level is computed once."""
-    from tune_runs.serve import Batcher
+    from policies.running.live_service import Batcher
 
     retrieval = LiveRetrieval(policy, gallery)
     rows = []

@@ -271,7 +271,7 @@ def test_a_command_never_writes_beside_its_input(tmp_path, capsys, command):
 
 KINDS = ["tune_runs.pretrain:RUN_KIND", "policies.running.runs:RL_RUN_KIND", "policies.running.evaluate:EVAL_KIND",
          "policies.running.report:REPORT_KIND", "policies.running.sweep:SWEEP_KIND", "tune_runs.demo:DEMO_KIND",
-         "tune_runs.play:FRAMES_KIND"]
+         "policies.running.hand_play:FRAMES_KIND"]
 
 
 def output_kind(name: str) -> OutputKind:

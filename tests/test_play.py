@@ -13,7 +13,7 @@ from PIL import Image
 from sketch_env.atomic import prepare_output_dir
 from sketch_env.data import DataError
 from tune_runs.cli import main
-from tune_runs.play import FRAMES_KIND, PlayConfig, run
+from policies.running.hand_play import FRAMES_KIND, PlayConfig, run
 
 
 def play(monkeypatch, capsys, stdin: str, **options) -> str:

@@ -26,7 +26,7 @@ from sketch_env.geometry import split_strokes, unit_to_canvas
 from sketch_env.render import N_LEVELS, level_cut_points
 from tests.rl_fixtures import free_port, make_serve_runs
 from policies.running.trained import live_retrieval
-from tune_runs.serve import BadRequest, build_app, strokes_to_points
+from policies.running.live_service import BadRequest, build_app, strokes_to_points
 
 pytestmark = pytest.mark.slow
 
@@ -187,7 +187,7 @@ def test_serve_a_gallery_of_shards_with_an_index(setup, retriever, tmp_path, mon
     from sketch_env.atomic import atomic_write_json
     from sketch_env.data import PhotoSet, encode_png, photo_digests
     from sketch_env.photo_shards import SHARDS_DIR, SHARDS_META, file_digest, shard_table
-    from tune_runs import serve as serve_module
+    from policies.running import live_service as serve_module
     from policies.running.trained import read_darp_run
 
     data, darp, split = setup
@@ -372,7 +372,7 @@ def test_a_port_in_use_is_one_line_before_ray_starts(tmp_path, capsys, monkeypat
     """Issue 25, item 7: `darp serve` on a port in use ended in a 42-line Ray traceback."""
     import socket
 
-    from tune_runs import serve as serve_cmd
+    from policies.running import live_service as serve_cmd
     from tune_runs.cli import main
 
     def no_ray():

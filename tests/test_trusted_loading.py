@@ -152,7 +152,7 @@ def test_evaluate_play_serve_and_report_run_no_code_from_a_booby_trapped_run(ray
 
     from tune_runs.cli import main
     from policies.running.report import ReportConfig, train_and_evaluate, trial_train_config
-    from tune_runs.serve import ServeConfig, start
+    from policies.running.live_service import ServeConfig, start
     from sketch_env.data.generate import generate_dataset
     from tests.rl_fixtures import free_port, make_phase1_run
 

@@ -1,6 +1,6 @@
 """`darp serve`: live on-the-fly retrieval in the browser, on Ray Serve (the HTTP side).
 
-A person draws on the page (tune_runs/static/); after every stroke the page sends all strokes so
+A person draws on the page (policies/running/static/); after every stroke the page sends all strokes so
 far and the server answers with the top-10 photos, where the policy looked, and the rank of a target
 photo the person picked. The retrieval itself is `policies.darp.rollout.LiveRetrieval` (one level per
 new stroke, cached by stroke prefix, so answers depend only on the strokes sent); this module parses
