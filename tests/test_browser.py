@@ -27,7 +27,8 @@ from sketch_env.data import load_dataset, save_dataset, select_split
 from sketch_env.render import N_LEVELS, level_cut_points
 from tests.rl_fixtures import free_port, make_serve_runs
 from policies.running.trained import live_retrieval
-from policies.running.live_service import ServeConfig, start, stop_ray, strokes_to_points
+from policies.running.live_app import strokes_to_points
+from policies.running.live_service import ServeConfig, start, stop_ray
 
 pytestmark = pytest.mark.slow
 

@@ -12,13 +12,13 @@ from PIL import Image
 
 from sketch_env.atomic import prepare_output_dir
 from sketch_env.data import DataError
+from policies.running.hand_play import FRAMES_KIND, PlayConfig, play_episode
 from tune_runs.cli import main
-from policies.running.hand_play import FRAMES_KIND, PlayConfig, run
 
 
 def play(monkeypatch, capsys, stdin: str, **options) -> str:
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    assert run(PlayConfig(**options)) == 0
+    play_episode(PlayConfig(**options))
     return capsys.readouterr().out
 
 

@@ -26,7 +26,7 @@ from sketch_env.geometry import split_strokes, unit_to_canvas
 from sketch_env.render import N_LEVELS, level_cut_points
 from tests.rl_fixtures import free_port, make_serve_runs
 from policies.running.trained import live_retrieval
-from policies.running.live_service import BadRequest, build_app, strokes_to_points
+from policies.running.live_app import BadRequest, build_app, strokes_to_points
 
 pytestmark = pytest.mark.slow
 
@@ -187,7 +187,7 @@ def test_serve_a_gallery_of_shards_with_an_index(setup, retriever, tmp_path, mon
     from sketch_env.atomic import atomic_write_json
     from sketch_env.data import PhotoSet, encode_png, photo_digests
     from sketch_env.photo_shards import SHARDS_DIR, SHARDS_META, file_digest, shard_table
-    from policies.running import live_service as serve_module
+    from policies.running import live_app
     from policies.running.trained import read_darp_run
 
     data, darp, split = setup
@@ -212,7 +212,7 @@ def test_serve_a_gallery_of_shards_with_an_index(setup, retriever, tmp_path, mon
         "network": {"run": str(phase1), "digest": file_digest(Path(phase1) / "embedding_net.pt")},
         "source": {"kind": "directory", "path": str(images)}})
     monkeypatch.setattr(gallery_index, "EXACT_UP_TO", 100)
-    monkeypatch.setattr(serve_module, "MAX_LISTED", 50)
+    monkeypatch.setattr(live_app, "MAX_LISTED", 50)
     sharded = live_retrieval(darp, split, gallery_dir=out)
     assert len(sharded.gallery) == len(split.photos) + 300 and sharded.gallery.index is not None
     points = split.sketches.sketch(0)
@@ -221,7 +221,7 @@ def test_serve_a_gallery_of_shards_with_an_index(setup, retriever, tmp_path, mon
     exact = sharded.query(points, split.sketches.photo_id[0])
     assert answer["target_ranks"] == exact["target_ranks"]  # ranks never use the index
     assert len(answer["top"]) == 10 and set(p for p, _, _ in answer["top"]) <= set(photos.photo_id)
-    with TestClient(build_app(sharded, split, images=serve_module.shard_images(out))) as c:
+    with TestClient(build_app(sharded, split, images=live_app.shard_images(out))) as c:
         info = c.get("/api/gallery").json()
         assert len(info["photo_ids"]) == 50 and info["photo_ids"][: len(split.photos)] == list(split.photos.photo_id)
         thumb = c.get("/photos/distractor007")
@@ -372,13 +372,13 @@ def test_a_port_in_use_is_one_line_before_ray_starts(tmp_path, capsys, monkeypat
     """Issue 25, item 7: `darp serve` on a port in use ended in a 42-line Ray traceback."""
     import socket
 
-    from policies.running import live_service as serve_cmd
+    from policies.running import live_service
     from tune_runs.cli import main
 
     def no_ray():
         raise AssertionError("Ray must not start when the port is taken")
 
-    monkeypatch.setattr(serve_cmd, "start_ray", no_ray)
+    monkeypatch.setattr(live_service, "start_ray", no_ray)
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         assert main(["serve", "--data", str(tmp_path), "--run", str(tmp_path), "--port", str(port)]) == 1

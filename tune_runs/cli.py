@@ -54,11 +54,11 @@ COMMANDS: dict[str, Any] = {
     "train": ("tune_runs.train:TrainConfig:run", "phase 2: train DARP (or a baseline) with RLlib"),
     "evaluate": ("tune_runs.evaluate:EvaluateConfig:run", "evaluate a run on a split: metrics.json, curve.png"),
     "calibrate": ("tune_runs.calibrate:CalibrateConfig:run", "fit a run's confidence (when to stop drawing) on the val split"),
-    "play": ("policies.running.hand_play:PlayConfig:run", "step one episode of the environment by hand in the terminal"),
+    "play": ("tune_runs.play:PlayConfig:run", "step one episode of the environment by hand in the terminal"),
     "sweep": ("tune_runs.sweep:SweepConfig:run", "Ray Tune search over DARP's std schedule"),
     "report": ("tune_runs.report:ReportConfig:run", "train + evaluate all models over seeds: the results table"),
     "demo": ("tune_runs.demo:DemoConfig:run", "the whole pipeline on the built-in data set (the README's first command)"),
-    "serve": ("policies.running.live_service:ServeConfig:run", "live on-the-fly retrieval in the browser (Ray Serve)"),
+    "serve": ("tune_runs.serve:ServeConfig:run", "live on-the-fly retrieval in the browser (Ray Serve)"),
     "embed-photos": ("tune_runs.embed_photos:EmbedPhotosConfig:run",
                      "embed a photo collection on Ray workers into Parquet shards (a gallery for evaluate/serve)"),
 }

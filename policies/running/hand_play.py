@@ -1,17 +1,10 @@
-"""`darp play`: step one episode of SketchRetrieval-v0 by hand in the terminal.
+"""The engine of `darp play` (tune_runs/play.py: what the terminal shows and what you type): one episode of
+SketchRetrieval-v0 stepped by hand.
 
-Each step prints the level, the glimpse, where the agent looks next, the target's rank and the
-reward. At the prompt, type a location "x y" (each in [-1, 1]; -1 is the left/top edge) to look
-there, press Enter to let the policy choose, or type q to stop. When stdin is not a terminal the
-same answers are read line by line (end of input: the policy plays on). Every frame is saved as a
-PNG and the episode as an animated GIF.
-
-The query (the predicted sketch embedding) always comes from the policy: for "random" (uniform
-locations) and "center" (always (0, 0)) it is the phase-1 embedding of the current partial sketch;
-a run directory acts with its trained policy (`policies.running.trained.TrainedPolicy`, loaded safely), in
-the environment it trained in (its match mode too: in local match the ranks follow where you look).
-
-    darp play --data DIR --embedding RUN [--policy random|center|RUN] [--sketch ID]
+`play_episode` loads the episode data and the env (a trained run's own env options, `policies.running.trained`),
+picks who acts on Enter (`make_policy`: `RandomPolicy`, `CenterPolicy` or the run's `TrainedPolicy`), reads the
+answers (`answers`, `ask`) and saves every frame (`save_png`) and the episode (`save_gif`) into --out, a folder
+that holds only play frames (FRAMES_KIND).
 """
 
 from __future__ import annotations
@@ -25,14 +18,14 @@ from typing import Literal
 import numpy as np
 
 from sketch_env.atomic import OutputKind, atomic_write, prepare_output_dir
-from sketch_env.data import DataError
-from sketch_env.errors import ConfigError
+from sketch_env.errors import ConfigError, DataError
 from sketch_env.env import EnvConfig, SketchRetrievalEnv
 from sketch_env.episodes import EpisodeData, load_episode_data
 from sketch_env.options import arg
 
 PROMPT = "[Enter] policy acts | x y: look there | q: quit > "
 GIF_FRAME_MS = 250
+FRAMES_KIND = OutputKind("play frames folder", ("episode.gif", "frame_[0-9][0-9][0-9].png"))
 
 
 @dataclass
@@ -156,11 +149,8 @@ def save_gif(path: Path, frames: list[np.ndarray]) -> None:
     )
 
 
-FRAMES_KIND = OutputKind("play frames folder", ("episode.gif", "frame_[0-9][0-9][0-9].png"))
-
-
-def run(cfg: PlayConfig) -> int:
-    """Play one episode (see the module docstring); frames of an earlier play in `out` are replaced."""
+def play_episode(cfg: PlayConfig) -> None:
+    """Play one episode (tune_runs/play.py says how); frames of an earlier play in `out` are replaced."""
     env_options = {}
     if cfg.policy not in ("random", "center"):
         if not Path(cfg.policy).is_dir():
@@ -212,4 +202,3 @@ def run(cfg: PlayConfig) -> int:
         save_png(out / f"frame_{step:03d}.png", frames[-1])
     save_gif(out / "episode.gif", frames)
     print(f"{len(frames) - 1} steps, return {total:+.3f}; frames and episode.gif in {out}")
-    return 0
