@@ -69,7 +69,8 @@ def test_chosen_sketch_and_whole_episode(synthetic, tmp_path, monkeypatch, capsy
     assert out.startswith("sketch /train/chair03_2 (photo chair03)")
     assert len(step_lines(out)) == 17 * 12 and "level 17/17  glimpse 12/12" in step_lines(out)[-1]
     with pytest.raises(DataError, match="no sketch 'nope' in split 'all'"):
-        play(monkeypatch, capsys, "", data=data, embedding=run_dir, split="all", sketch="nope")
+        play(monkeypatch, capsys, "", data=data, embedding=run_dir, split="all", sketch="nope", out=str(tmp_path / "no"))
+    assert not (tmp_path / "no").exists(), "a refused sketch leaves no output folder behind"
 
 
 def test_a_trained_run_acts_with_its_module_and_carries_its_state(synthetic, tmp_path, monkeypatch, capsys):

@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from sketch_env.atomic import OutputKind, atomic_write, prepare_output_dir
+from sketch_env.atomic import OutputKind, atomic_write, check_output_dir, prepare_output_dir
 from sketch_env.errors import ConfigError, DataError
 from sketch_env.env import EnvConfig, SketchRetrievalEnv
 from sketch_env.episodes import EpisodeData, load_episode_data
@@ -159,7 +159,8 @@ def play_episode(cfg: PlayConfig) -> None:
 
         env_options = trained_env(read_run(cfg.policy))  # act in the env the policy was trained in
     trained = cfg.policy if cfg.policy not in ("random", "center") else None
-    out = prepare_output_dir(cfg.out, FRAMES_KIND, inputs=(cfg.data, cfg.embedding, trained), force=cfg.force)
+    inputs = (cfg.data, cfg.embedding, trained)
+    check_output_dir(cfg.out, FRAMES_KIND, inputs=inputs, force=cfg.force)  # refused before anything is read
     episodes = load_episode_data(cfg.data, cfg.embedding, cfg.split, env_options.get("image_size", 64), thumbnails=True,
                                  local=env_options.get("match", "global") != "global")
     env = SketchRetrievalEnv(
@@ -168,6 +169,7 @@ def play_episode(cfg: PlayConfig) -> None:
     )
     policy = make_policy(cfg.policy, cfg.seed, env)
     options = None if cfg.sketch is None else {"sketch_index": sketch_index(episodes, cfg.sketch, cfg.split)}
+    out = prepare_output_dir(cfg.out, FRAMES_KIND, inputs=inputs, force=cfg.force)  # made once the inputs are good
     obs, info = env.reset(seed=cfg.seed, options=options)
     state = policy.initial_state()
     n_photos, glimpses = len(episodes.gallery), env.config.n_glimpses
