@@ -501,33 +501,30 @@ def results_markdown(cfg: ReportConfig, trials: dict[str, list[dict]], manifest:
                 mean = rows[DISPLAY[model]]
                 lines.append(f"| {DISPLAY[model]} | {mean['auir']:.2f} | {auir:.2f} | {mean['acc@5']:.2f} | {acc5:.2f} |")
         lines.append("")
-    locators = locator_table(trials)
-    if locators:
-        lines += ["## Locator value (models that look)", "",
-                  f"AUIR on the {cfg.split} split of the same trained networks, each glimpse located by the policy "
-                  "itself or by a fixed rule in its place (centre; random: uniform; ink: a random inked pixel; "
-                  "newest-ink: on the stroke drawn last). Own − best fixed is taken per seed.", "", locators, ""]
-    confidence = confidence_table(trials)
-    if confidence:
-        lines += ["## Confidence: when to stop drawing", "",
-                  f"The confidence P(top-1 right) of every query on the {cfg.split} split, from the run's calibrator "
-                  "(fitted on val; on val itself the figures are cross-fitted over folds of photos). ECE: expected "
-                  "calibration error (15 bins). Stopping each sketch at the first completion level whose confidence "
-                  "reaches p: the share of sketches where that happens, how often the top-1 photo is then right (or the "
-                  "right photo in the top 5), and the median share of the drawing left undrawn (of those that stop; "
-                  "– where none does).", "", confidence, ""]
-    costs = cost_table(trials)
-    if costs:
-        lines += ["## Cost of a query", "",
-                  "What scoring one query against one gallery photo at one completion level costs in each row: the global "
-                  "distance (D multiply-adds) plus 9 d per cell compared (the glimpses' cells in local match, every cell in "
-                  "dense); `benchmarks/bench_local_match.py` measures the time.", "", costs, ""]
-    robustness = robustness_table(trials)
-    if robustness:
-        lines += ["## Robustness to unnecessary strokes", "",
-                  f"The same networks with noise strokes (random lines and scribbles at random places of the drawing "
-                  f"order, seed {cfg.noise_seed}) added to every sketch; lost = clean minus noisy, per seed.", "",
-                  robustness, ""]
+    sections = [  # (title, what the table shows, the table or None where no trial has its figures)
+        ("Locator value (models that look)",
+         f"AUIR on the {cfg.split} split of the same trained networks, each glimpse located by the policy "
+         "itself or by a fixed rule in its place (centre; random: uniform; ink: a random inked pixel; "
+         "newest-ink: on the stroke drawn last). Own − best fixed is taken per seed.", locator_table(trials)),
+        ("Confidence: when to stop drawing",
+         f"The confidence P(top-1 right) of every query on the {cfg.split} split, from the run's calibrator "
+         "(fitted on val; on val itself the figures are cross-fitted over folds of photos). ECE: expected "
+         "calibration error (15 bins). Stopping each sketch at the first completion level whose confidence "
+         "reaches p: the share of sketches where that happens, how often the top-1 photo is then right (or the "
+         "right photo in the top 5), and the median share of the drawing left undrawn (of those that stop; "
+         "– where none does).", confidence_table(trials)),
+        ("Cost of a query",
+         "What scoring one query against one gallery photo at one completion level costs in each row: the global "
+         "distance (D multiply-adds) plus 9 d per cell compared (the glimpses' cells in local match, every cell in "
+         "dense); `benchmarks/bench_local_match.py` measures the time.", cost_table(trials)),
+        ("Robustness to unnecessary strokes",
+         f"The same networks with noise strokes (random lines and scribbles at random places of the drawing "
+         f"order, seed {cfg.noise_seed}) added to every sketch; lost = clean minus noisy, per seed.",
+         robustness_table(trials)),
+    ]
+    for title, text, table in sections:
+        if table:
+            lines += [f"## {title}", "", text, "", table, ""]
     order = sorted(trials, key=lambda m: -rows[DISPLAY[m]]["auir"])
     lines += ["Ordering by mean AUIR: " + " > ".join(f"{m} ({rows[DISPLAY[m]]['auir']:.2f})" for m in order), "",
               "## Time on this machine", "", "| model | trials | train s (mean) | evaluate s (mean) | stress tables s (mean) |", "|---|---|---|---|---|"]
