@@ -121,10 +121,10 @@ def train_recipe(ds, name: str, overrides: dict, seed: int, base: dict, cache: d
         other = validate(net, d, cfg.eval_batch)  # the same network with test-time flips switched
         other_tta = {k: other[k] for k in FIGURES}
     return {"other_tta": other_tta, "recipe": name, "seed": seed, "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
-            "base": base, **{k: metrics[k] for k in FIGURES}, "best_epoch": state["best_epoch"], "epochs": state["epoch"],
-            "train_seconds": round(state["train_seconds"], 1), "cache_seconds": round(cache_seconds, 1),
+            "base": base, **{k: metrics[k] for k in FIGURES}, "best_epoch": state.best_epoch, "epochs": state.epoch,
+            "train_seconds": round(state.train_seconds, 1), "cache_seconds": round(cache_seconds, 1),
             "wall_seconds": round(time.monotonic() - start, 1),
-            "curve": [(h["epoch"], h.get("auir"), h.get("acc@5"), round(h["loss"], 4)) for h in state["history"] if "auir" in h]}
+            "curve": [(h["epoch"], h.get("auir"), h.get("acc@5"), round(h["loss"], 4)) for h in state.history if "auir" in h]}
 
 
 def row_of_run(run_dir: str, name: str, base: dict) -> dict:
