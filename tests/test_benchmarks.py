@@ -1,11 +1,12 @@
-"""Benchmarks still run against the code they measure: every name a benchmark imports from this project exists, and
-bench_phase1 trains a recipe. Benchmarks run rarely, so a moved or renamed
-function would otherwise be found only by the next person who runs one (imports inside functions included)."""
+"""Benchmarks still run against the code they measure: every name a benchmark imports from this project exists
+(imports inside functions included), and bench_phase1 trains a recipe. Benchmarks run rarely, so a moved or renamed
+function would otherwise be found only by the next person who runs one."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,6 @@ def test_every_project_name_a_benchmark_imports_exists(path):
 
 def test_bench_phase1_trains_a_recipe_and_reports_its_row(synthetic):
     """bench_phase1's own training path (it reads the phase-1 engine's TrainingState) on the synthetic set."""
-    import importlib.util
-
     from sketch_env.data import load_dataset
 
     spec = importlib.util.spec_from_file_location("bench_phase1", ROOT / "benchmarks" / "bench_phase1.py")

@@ -10,8 +10,9 @@ from typing import Literal
 import pytest
 
 from sketch_env.data import DataError
+from sketch_env.options import arg
 from tune_runs import cli
-from tune_runs.cli import arg, main
+from tune_runs.cli import main
 
 CALLS: list = []
 

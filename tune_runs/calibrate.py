@@ -46,7 +46,6 @@ def run(cfg: CalibrateConfig) -> int:
 
     from policies.running.calibration import calibrate_run
 
-    cfg.check()
     torch.set_num_threads(cfg.num_threads)
     calibrate_run(cfg.run, cfg.data, cfg.split, cfg.method, cfg.folds, cfg.seed, level_batch=cfg.level_batch)
     return 0

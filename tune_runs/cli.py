@@ -39,7 +39,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from sketch_env.options import ADVANCED, EXPERIMENT, arg, checked_values, flag, unwrap_optional
+from sketch_env.options import ADVANCED, EXPERIMENT, checked_values, flag, unwrap_optional
 
 # name -> ("module:ConfigClass:function", one-line help); nested dicts are command groups.
 COMMANDS: dict[str, Any] = {
@@ -62,8 +62,6 @@ COMMANDS: dict[str, Any] = {
     "embed-photos": ("tune_runs.embed_photos:EmbedPhotosConfig:run",
                      "embed a photo collection on Ray workers into Parquet shards (a gallery for evaluate/serve)"),
 }
-
-
 
 
 def _options(cls) -> list[tuple[dataclasses.Field, Any]]:
