@@ -146,26 +146,30 @@ def load_local_grids(run_dir: str | Path) -> LocalGrids:
 def sketch_grids_for(grids: LocalGrids, sketches: SketchSet, run_dir: str | Path,
                      embed: SketchGridEmbedder | None = None) -> torch.Tensor:
     """(S, 17, h, w, d) float16 grids of `sketches` (looked up by id), the changed ones re-embedded by `embed`."""
-    rows = _rows(grids.sketch_id, sketches.sketch_id, "sketch", run_dir)
-    out = torch.from_numpy(grids.sketch_grids[rows].copy())
-    changed = _changed(grids.sketch_digest, rows, lambda: sketch_digests(sketches))
-    if len(changed):
-        if embed is None:
-            raise DataError(_stale(run_dir, "sketch", sketches.sketch_id[changed]))
-        out[changed] = _embedded(embed(sketches.subset(changed)), (len(changed), N_LEVELS, *grids.shape), "sketch")
-    return out
+    return _grids_for("sketch", grids.sketch_id, grids.sketch_grids, grids.sketch_digest, sketches,
+                      sketches.sketch_id, sketch_digests, embed, run_dir)
 
 
 def photo_grids_for(grids: LocalGrids, photos: PhotoSet, run_dir: str | Path,
                     embed: PhotoGridEmbedder | None = None) -> torch.Tensor:
     """(N, h, w, d) float16 grids of `photos` in their order, the changed ones re-embedded by `embed`."""
-    rows = _rows(grids.photo_id, photos.photo_id, "photo", run_dir)
-    out = torch.from_numpy(grids.photo_grids[rows].copy())
-    changed = _changed(grids.photo_digest, rows, lambda: photo_digests(photos))
+    return _grids_for("photo", grids.photo_id, grids.photo_grids, grids.photo_digest, photos,
+                      photos.photo_id, photo_digests, embed, run_dir)
+
+
+def _grids_for(what: str, stored_id: np.ndarray, stored: np.ndarray, stored_digest: np.ndarray | None, items,
+               item_id: np.ndarray, digests: Callable, embed: Callable | None, run_dir) -> torch.Tensor:
+    """The stored grids of `items` (rows found by id); items whose digest differs from the stored one are
+    re-embedded by `embed`, or refused by a DataError naming them when there is none."""
+    rows = _rows(stored_id, item_id, what, run_dir)
+    out = torch.from_numpy(stored[rows].copy())
+    if stored_digest is None:
+        return out
+    changed = np.flatnonzero(stored_digest[rows] != digests(items))
     if len(changed):
         if embed is None:
-            raise DataError(_stale(run_dir, "photo", photos.photo_id[changed]))
-        out[changed] = _embedded(embed(photos.subset(changed)), (len(changed), *grids.shape), "photo")
+            raise DataError(_stale(run_dir, what, item_id[changed]))
+        out[changed] = _embedded(embed(items.subset(changed)), (len(changed), *stored.shape[1:]), what)
     return out
 
 
@@ -176,12 +180,6 @@ def _rows(ids: np.ndarray, wanted, what: str, run_dir) -> np.ndarray:
         raise DataError(f"{run_dir}: the local grids have no {what} grid for {len(missing)} {what}(s), e.g. "
                         f"{missing[:3]}; export them again from this data set (`darp pretrain` on the run)")
     return np.array([index[key] for key in wanted], np.int64)
-
-
-def _changed(stored: np.ndarray | None, rows: np.ndarray, digests: Callable[[], np.ndarray]) -> np.ndarray:
-    if stored is None:
-        return np.zeros(0, np.int64)
-    return np.flatnonzero(stored[rows] != digests())
 
 
 def _stale(run_dir, what: str, ids) -> str:

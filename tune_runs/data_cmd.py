@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
-from sketch_env.data import DataError, Dataset, load_dataset
+from sketch_env.data import load_dataset
+from sketch_env.data.overview import describe, levels_sheet
 from sketch_env.errors import ConfigError
 from sketch_env.options import arg
 
@@ -131,58 +130,10 @@ def info(cfg: InfoConfig) -> int:
     return 0
 
 
-def describe(ds: Dataset) -> str:
-    """Counts per split, then points, strokes and drawers per sketch, as lines for the terminal."""
-    sk, ph = ds.sketches, ds.photos
-    lines = [f"{ds.path}: {ds.manifest.get('name')} (source {ds.manifest.get('source')})"]
-    lines.append(f"  {'split':<6} {'sketches':>8} {'photos':>7}")
-    for split in sorted(set(sk.split) | set(ph.split)):
-        lines.append(f"  {split:<6} {int((sk.split == split).sum()):>8} {int((ph.split == split).sum()):>7}")
-    lines.append(f"  {'total':<6} {len(sk):>8} {len(ph):>7}")
-    if len(sk):
-        sketch_of_point = np.repeat(np.arange(len(sk)), sk.lengths())
-        strokes = np.bincount(sketch_of_point, weights=sk.points[:, 2], minlength=len(sk))
-        for what, v in (("points per sketch", sk.lengths()), ("strokes per sketch", strokes)):
-            lines.append(f"  {what}: min {v.min():g}, median {np.median(v):g}, mean {v.mean():.1f}, max {v.max():g}")
-        canvases = sorted({(float(w), float(h)) for w, h in zip(sk.canvas_width, sk.canvas_height)})
-        canvas_text = ", ".join(f"{w:g}x{h:g}" for w, h in canvases)
-        lines.append(f"  drawers: {len(set(sk.drawer.tolist()))}; canvas: {canvas_text}")
-    return "\n".join(lines)
-
-
 def show(cfg: ShowConfig) -> int:
-    from PIL import Image, ImageDraw
-
     from sketch_env.atomic import atomic_write
-    from sketch_env.render import render_levels
 
-    ds = load_dataset(cfg.data)
-    if len(ds.sketches) == 0:
-        raise DataError(f"{cfg.data}: the data set has no sketches")
-    sketch_id = cfg.sketch or ds.sketches.sketch_id[0]
-    found = np.flatnonzero(ds.sketches.sketch_id == sketch_id)
-    if len(found) == 0:
-        raise DataError(f"{cfg.data}: no sketch with id {sketch_id!r}; ids look like {list(ds.sketches.sketch_id[:3])}")
-    i = int(found[0])
-    photo_id = ds.sketches.photo_id[i]
-    levels = render_levels(ds.sketches.subset([i]), cfg.size)[0]  # (17, size, size), ink = 1
-    photo = ds.photos.decode(ds.photos.index_of()[photo_id], cfg.size)
-
-    # A grid of 6 columns: the photo, then levels 0..16; each cell has a caption strip above it.
-    cols, caption, size = 6, 16, cfg.size
-    tiles = [("photo " + photo_id, Image.fromarray(photo))]
-    for lv, level in enumerate(levels):
-        tiles.append((f"level {lv} ({lv + 1}/{len(levels)})", Image.fromarray(((1.0 - level) * 255).astype(np.uint8))))
-    rows = -(-len(tiles) // cols)
-    sheet = Image.new("RGB", (cols * (size + 4), caption + rows * (size + caption + 4)), "white")
-    draw = ImageDraw.Draw(sheet)
-    sk = ds.sketches
-    draw.text((2, 2), f"{sketch_id} ({sk.split[i]}, drawer {sk.drawer[i]}, {len(sk.sketch(i))} points)", fill="black")
-    for k, (label, tile) in enumerate(tiles):
-        x, y = (k % cols) * (size + 4), caption + (k // cols) * (size + caption + 4)
-        draw.text((x + 2, y + 2), label, fill="black")
-        sheet.paste(tile.convert("RGB"), (x, y + caption))
-        draw.rectangle([x, y + caption, x + size - 1, y + caption + size - 1], outline=(160, 160, 160))
+    sheet, sketch_id, photo_id = levels_sheet(load_dataset(cfg.data), cfg.sketch, cfg.size)
     atomic_write(cfg.out, lambda p: sheet.save(p, format="PNG"))
-    print(f"wrote {cfg.out}: sketch {sketch_id} of photo {photo_id}, 17 levels at {size}x{size}")
+    print(f"wrote {cfg.out}: sketch {sketch_id} of photo {photo_id}, 17 levels at {cfg.size}x{cfg.size}")
     return 0
