@@ -25,6 +25,19 @@ def test_level_returns_credit_a_location_with_the_rest_of_the_level_it_is_read_o
     assert level_returns(rewards[3:], 3, t_started=3).tolist() == [11.0, 6.0, 15.0, 8.0, 0.0]
 
 
+def test_distinct_cells_count_the_chosen_glimpse_centres_on_an_8_by_8_grid():
+    from policies.darp.rollout import distinct_cells
+
+    locations = np.zeros((3, N_LEVELS, 2, 2), np.float32)  # episode 0: every glimpse at the centre
+    locations[1, :, 0] = (-0.99, -0.99)  # episode 1: two corners, alternating
+    locations[1, :, 1] = (0.99, 0.99)
+    locations[2] = np.random.default_rng(0).uniform(-1, 1, (N_LEVELS, 2, 2))
+    locations[2, -1, -1] = (-0.99, 0.99)  # the last location is never read: not counted
+    expected = len({(int((x + 1) * 4), int((y + 1) * 4)) for x, y in locations[2].reshape(-1, 2)[:-1]})
+    assert distinct_cells(locations).tolist() == [1, 2, expected]
+    assert distinct_cells(locations, grid=1).tolist() == [1, 1, 1]
+
+
 @pytest.mark.parametrize("rule", ["ink", "random"])
 def test_warm_start_episodes_are_what_the_env_shows_in_local_match(episodes, rule):
     from policies.darp.module import DARPModule

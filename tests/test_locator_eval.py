@@ -41,6 +41,10 @@ def test_every_locator_is_named_and_ink_rules_always_see_ink(darp_run, tmp_path)
         assert 0 < metrics["auir"] <= 100
         if rule in ("ink", "newest-ink"):
             assert metrics["fovea_on_ink"] == 1.0
+        if rule == "centre":
+            assert metrics["glimpse_cells"] == 1.0  # 8 x 8 cells: every chosen glimpse in the same one
+        if rule == "random":
+            assert metrics["glimpse_cells"] > 4.0  # 33 uniform choices per episode
     again = _evaluate(data, run_dir, tmp_path / "random2", "--locator", "random", "--seed", "1")
     assert again == json.loads((tmp_path / "random" / "metrics.json").read_text())
 

@@ -173,7 +173,7 @@ def test_evaluate_hands_other_runs_to_trained(data_dir, tmp_path, monkeypatch):
         calls.append((run, data, split, locator, seed, episodes))
         ranks = np.tile(np.arange(1, 18)[::-1] % 4 + 1, (5, 1))
         return {"ranks": ranks, "sketch_id": [f"s{i}" for i in range(5)], "n_photos": 4, "fovea_on_ink": 0.75,
-                "photo_id": ["a", "b", "c", "d", "a"], "gallery": Gallery(np.eye(4, dtype=np.float32), list("abcd")),
+                "glimpse_cells": 6.5, "photo_id": ["a", "b", "c", "d", "a"], "gallery": Gallery(np.eye(4, dtype=np.float32), list("abcd")),
                 "queries": np.random.default_rng(0).normal(size=(5, 17, 4)).astype(np.float32), "extras": {}}
 
     monkeypatch.setattr(trained, "evaluate_policy_run", fake)
@@ -185,7 +185,8 @@ def test_evaluate_hands_other_runs_to_trained(data_dir, tmp_path, monkeypatch):
     assert calls == [(run_dir, data_dir, "val", "newest-ink", 3, ("episodes", "val", 0, 0)), "glimpses.png"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_sketches"] == 5 and metrics["n_photos"] == 4
-    assert (metrics["locator"], metrics["locator_seed"], metrics["fovea_on_ink"]) == ("newest-ink", 3, 0.75)
+    assert (metrics["locator"], metrics["locator_seed"], metrics["fovea_on_ink"], metrics["glimpse_cells"]) == \
+        ("newest-ink", 3, 0.75, 6.5)
     assert metrics["acc@1"] == 0.0 and metrics["acc@5"] == 100.0  # the complete sketch ranks 2
     assert metrics["confidence"]["source"].startswith("calibrator of the run (constant / constant)")
     assert metrics["confidence"]["mean_top1"] == pytest.approx(0.25)

@@ -70,17 +70,17 @@ def test_locator_and_robustness_tables_take_differences_per_seed(tmp_path):
         t = fake_trial(model, seed, own)
         t["noise"] = {"2": t["metrics"] | {"auir": own - 1.0}, "4": t["metrics"] | {"auir": noisy, "acc@5": 40.0}}
         if fixed is not None:
-            t["locators"] = {"policy": {"auir": own, "fovea_on_ink": 0.5 + seed / 4},
-                             "centre": {"auir": fixed[0], "fovea_on_ink": 0.1},
-                             "ink": {"auir": fixed[1], "fovea_on_ink": 1.0}}
+            t["locators"] = {"policy": {"auir": own, "fovea_on_ink": 0.5 + seed / 4, "glimpse_cells": 4.0 + 2 * seed},
+                             "centre": {"auir": fixed[0], "fovea_on_ink": 0.1, "glimpse_cells": 1.0},
+                             "ink": {"auir": fixed[1], "fovea_on_ink": 1.0, "glimpse_cells": 19.0}}
         return t
 
     trials = {"triplet": [stressed("triplet", -1, 20.0, None, 19.0)],
               "darp": [stressed("darp", 0, 30.0, (29.0, 31.0), 25.0), stressed("darp", 1, 34.0, (30.0, 32.0), 30.0)]}
     loc = locator_table(trials)
-    assert loc.splitlines()[0] == "| model | own locator | centre | ink | own − best fixed | glimpses on ink (own) |"
+    assert loc.splitlines()[0] == "| model | own locator | centre | ink | own − best fixed | glimpses on ink (own) | cells per sketch (own / ink) |"
     # own - best fixed per seed: 30 - 31 = -1 and 34 - 32 = +2 -> mean 0.5, sample std 2.12
-    assert "| DARP-SBIR | 32.00 ± 2.83 | 29.50 ± 0.71 | 31.50 ± 0.71 | 0.50 ± 2.12 | 62.5% |" in loc
+    assert "| DARP-SBIR | 32.00 ± 2.83 | 29.50 ± 0.71 | 31.50 ± 0.71 | 0.50 ± 2.12 | 62.5% | 5.0 / 19.0 |" in loc
     assert "Triplet" not in loc  # the triplet network does not look
     rob = robustness_table(trials)
     assert "| AUIR clean | AUIR +2 | AUIR +4 | acc@5 clean | acc@5 +2 | acc@5 +4 | AUIR lost (+4) | acc@5 lost (+4) |" in rob

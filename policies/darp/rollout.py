@@ -125,30 +125,48 @@ def run_episodes(module, env, sketch_index: np.ndarray, explore: bool = False,
     return Trace(ranks, locations, queries, np.asarray(sketch_index), on_ink)
 
 
-def rollout_ranks(module, env, sketch_index: np.ndarray, locator: FixedLocator | None = None,
-                  with_on_ink: bool = False, with_queries: bool = False):
-    """Ranks (S, 17) for all sketches in `sketch_index`, in chunks of env.num_envs.
+@dataclass
+class Rollout:
+    """What `rollout_ranks` measured over a list of sketches.
 
-    with_on_ink: also return the share of chosen glimpses whose finest patch holds ink.
-    with_queries: also return the queries (S, 17, D) after each level's last glimpse, clipped to
-    [-1, 1] as the env clips them (what the ranks were computed from), last.
+    ranks: (S, 17); queries: (S, 17, D) after each level's last glimpse, clipped to [-1, 1] as the env
+    clips them (what the ranks were computed from); on_ink: share of chosen glimpses whose finest patch
+    holds ink; cells: (S,) distinct cells of an 8 x 8 grid over the canvas among each episode's chosen
+    glimpse centres (how widely a locator spreads its evidence: 17 x G - 1 choices per episode).
     """
+
+    ranks: np.ndarray
+    queries: np.ndarray
+    on_ink: float
+    cells: np.ndarray
+
+
+def distinct_cells(locations: np.ndarray, grid: int = 8) -> np.ndarray:
+    """(B,) distinct cells of a grid x grid partition of the canvas among each episode's chosen glimpse
+    centres; locations (B, 17, G, 2) in [-1, 1] as `run_episodes` records them (the last one is never read)."""
+    chosen = locations.reshape(len(locations), -1, 2)[:, :-1]
+    cell = np.clip(((chosen + 1) / 2 * grid).astype(np.int64), 0, grid - 1)
+    flat = np.sort(cell[..., 1] * grid + cell[..., 0], axis=1)
+    return (np.diff(flat, axis=1) != 0).sum(1) + 1
+
+
+def rollout_ranks(module, env, sketch_index: np.ndarray, locator: FixedLocator | None = None) -> Rollout:
+    """Ranks (S, 17) for all sketches in `sketch_index`, in chunks of env.num_envs, with the queries and
+    where the glimpses went (`Rollout`)."""
     B = env.num_envs
-    out, ink, queries = [], [], []
+    traces = []
     for start in range(0, len(sketch_index), B):
         chunk = np.asarray(sketch_index[start : start + B])
         padded = np.resize(chunk, B)  # repeat sketches to fill the last chunk
         trace = run_episodes(module, env, padded, locator=locator)
-        out.append(trace.ranks[: len(chunk)])
-        ink.append(trace.on_ink[: len(chunk)])
-        if with_queries:
-            queries.append(np.clip(trace.queries[: len(chunk)], -1.0, 1.0))
-    ranks = np.concatenate(out) if out else np.zeros((0, N_LEVELS), np.int64)
-    extra = (np.concatenate(queries) if queries else np.zeros((0, N_LEVELS, 0), np.float32),) if with_queries else ()
-    if not with_on_ink:
-        return (ranks, *extra) if with_queries else ranks
+        traces.append((trace.ranks[: len(chunk)], np.clip(trace.queries[: len(chunk)], -1.0, 1.0),
+                       trace.on_ink[: len(chunk)], distinct_cells(trace.locations[: len(chunk)])))
+    if not traces:
+        return Rollout(np.zeros((0, N_LEVELS), np.int64), np.zeros((0, N_LEVELS, 0), np.float32), float("nan"),
+                       np.zeros(0, np.int64))
+    ranks, queries, on_ink, cells = (np.concatenate(parts) for parts in zip(*traces))
     chosen = (N_LEVELS * env.config.n_glimpses - 1) * len(ranks)
-    return ranks, float(np.concatenate(ink).sum() / max(chosen, 1)) if ink else float("nan"), *extra
+    return Rollout(ranks, queries, float(on_ink.sum() / max(chosen, 1)), cells)
 
 
 class PolicyValidator:
@@ -177,7 +195,7 @@ class PolicyValidator:
 
     def evaluate(self, module_state: dict) -> dict:
         self.module.set_state(module_state)
-        ranks = rollout_ranks(self.module, self.env, self.sketch_index)
+        ranks = rollout_ranks(self.module, self.env, self.sketch_index).ranks
         metrics = retrieval_metrics(ranks, len(self.env.episodes.gallery))
         return {k: v for k, v in metrics.items() if k != "percentile_curve"} | {
             f"percentile_level_{i:02d}": v for i, v in enumerate(metrics["percentile_curve"])

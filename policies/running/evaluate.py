@@ -209,8 +209,10 @@ def evaluate_run(cfg: EvaluateConfig) -> dict:
     if record["match"] != "global":
         print(f"{record['match']} match: {record['cost_per_photo']} multiply-adds per gallery photo per query and level")
     if looks:
-        record.update(locator=cfg.locator, locator_seed=cfg.seed, fovea_on_ink=result["fovea_on_ink"])
-        print(f"locator: {cfg.locator}; glimpses with ink in the finest patch: {100 * result['fovea_on_ink']:.1f}%")
+        record.update(locator=cfg.locator, locator_seed=cfg.seed, fovea_on_ink=result["fovea_on_ink"],
+                      glimpse_cells=result["glimpse_cells"])
+        print(f"locator: {cfg.locator}; glimpses with ink in the finest patch: {100 * result['fovea_on_ink']:.1f}%; "
+              f"distinct cells (8 x 8) per sketch: {result['glimpse_cells']:.1f}")
     atomic_write_json(out / "metrics.json", record)
     write_ranks(out / "ranks.parquet", sketch_id, np.asarray(ranks),
                 {"p_top1": p1, "p_top5": p5} if figures is not None else None)

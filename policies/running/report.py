@@ -147,7 +147,7 @@ def _write_glimpses(out: Path, extras: dict) -> None:
 def stress_evaluations(cfg: ReportConfig, run_dir: Path, out: Path, looks: bool, **options) -> dict:
     """The run evaluated on cfg.split with each fixed locator (models that look) and with each count of
     noise strokes, through `darp evaluate` (`options`: more of its settings) into out/locator-NAME/ and
-    out/noise-N/: {"locators": {name: {"auir", "fovea_on_ink"}}, "noise": {"N": {metric: value}}}; in local
+    out/noise-N/: {"locators": {name: {"auir", "fovea_on_ink", "glimpse_cells"}}, "noise": {"N": {metric: value}}}; in local
     match also {"dense": metrics of the run ranked densely (out/dense/)}."""
     from policies.running.evaluate import EvaluateConfig, evaluate_run
 
@@ -159,7 +159,7 @@ def stress_evaluations(cfg: ReportConfig, run_dir: Path, out: Path, looks: bool,
     locators = {}
     for name in (l for l in cfg.locators if looks and l in LOCATORS):
         m = one(f"locator-{name}", locator=name, seed=cfg.noise_seed, **options)
-        locators[name] = {"auir": m["auir"], "fovea_on_ink": m["fovea_on_ink"]}
+        locators[name] = {"auir": m["auir"], "fovea_on_ink": m["fovea_on_ink"], "glimpse_cells": m["glimpse_cells"]}
     noise = {}
     for n in (n for n in cfg.noise_strokes if n > 0):
         m = one(f"noise-{n}", noise_strokes=n, noise_seed=cfg.noise_seed, **options)
@@ -195,7 +195,8 @@ def train_and_evaluate(cfg: ReportConfig, model: str, seed: int) -> dict:
     evaluated = time.time()
     stress = stress_evaluations(cfg, Path(train_cfg.run_dir), out, looks)
     if looks:
-        stress["locators"] = {"policy": {"auir": metrics["auir"], "fovea_on_ink": result["fovea_on_ink"]}} | stress["locators"]
+        own = {"auir": metrics["auir"], "fovea_on_ink": result["fovea_on_ink"], "glimpse_cells": result["glimpse_cells"]}
+        stress["locators"] = {"policy": own} | stress["locators"]
     from policies.running.evaluate import match_record
 
     done = {"model": model, "seed": seed, "train_s": trained - start, "eval_s": evaluated - trained,
@@ -373,26 +374,33 @@ def _mean_std(values) -> str:
 
 def locator_table(trials: dict[str, list[dict]]) -> str | None:
     """Locator value per model that looks: AUIR with its own locator and with each fixed one, the
-    difference to the best fixed one (per seed, then mean ± std), and the share of glimpses on ink."""
+    difference to the best fixed one (per seed, then mean ± std), the share of glimpses on ink and how
+    many distinct cells of an 8 x 8 grid an episode's glimpses visit (own locator / the ink rule)."""
     rows = {m: ts for m, ts in trials.items() if all(len(t.get("locators", {})) > 1 for t in ts)}
     if not rows:
         return None
     fixed = [name for name in next(iter(rows.values()))[0]["locators"] if name != "policy"]
     dense = [m for m in DENSE if all(m in t for ts in rows.values() for t in ts)]
     names = {"dense": "dense (every cell)", "dense-ink": "dense (inked cells)"}
-    lines = ["| model | own locator | " + " | ".join(fixed) + " | own − best fixed | glimpses on ink (own) |"
+    lines = ["| model | own locator | " + " | ".join(fixed) + " | own − best fixed | glimpses on ink (own) | cells per sketch (own / ink) |"
              + "".join(f" {names[m]} | own − {m} |" for m in dense),
-             "|---|" + "---|" * (len(fixed) + 3 + 2 * len(dense))]
+             "|---|" + "---|" * (len(fixed) + 4 + 2 * len(dense))]
     for model, ts in rows.items():
         cells = [_mean_std(t["locators"]["policy"]["auir"] for t in ts)]
         cells += [_mean_std(t["locators"][name]["auir"] for t in ts) for name in fixed]
         cells.append(_mean_std(t["locators"]["policy"]["auir"] - max(t["locators"][n]["auir"] for n in fixed) for t in ts))
         cells.append(f"{100 * np.mean([t['locators']['policy']['fovea_on_ink'] for t in ts]):.1f}%")
+        cells.append(" / ".join(_mean_cells(ts, name) for name in ("policy", "ink")))
         for m in dense:
             cells.append(_mean_std(t[m]["auir"] for t in ts))
             cells.append(_mean_std(t["locators"]["policy"]["auir"] - t[m]["auir"] for t in ts))
         lines.append(f"| {DISPLAY[model]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _mean_cells(trials: list[dict], locator: str) -> str:
+    values = [t["locators"].get(locator, {}).get("glimpse_cells") for t in trials]
+    return "–" if any(v is None for v in values) else f"{np.mean(values):.1f}"
 
 
 def cost_table(trials: dict[str, list[dict]]) -> str | None:

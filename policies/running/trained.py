@@ -221,8 +221,9 @@ def evaluate_policy_run(run_dir: Path, data_dir: Path, split: str, n_traces: int
     `load_run_episodes`, which re-embeds sketches changed since the run's phase-1 export).
     Returns {"ranks", "sketch_id", "photo_id" (each sketch's true photo), "n_photos", "queries" (S, 17, D:
     what each rank was computed from, as the env clipped it), "gallery" (they were ranked against),
-    "fovea_on_ink" (share of chosen glimpses with ink in the finest patch; None for a policy that does
-    not look), "extras": {"trace": Trace of the first n_traces, ...}}.
+    "fovea_on_ink" (share of chosen glimpses with ink in the finest patch) and "glimpse_cells" (mean
+    distinct cells of an 8 x 8 grid per episode among its chosen glimpses), both None for a policy that
+    does not look, "extras": {"trace": Trace of the first n_traces, ...}}.
     match: rank in another match mode than the run trained in (e.g. "dense": every cell's local
     term in place of the glimpses'); a run trained with local observations needs local or dense.
     """
@@ -238,18 +239,19 @@ def evaluate_policy_run(run_dir: Path, data_dir: Path, split: str, n_traces: int
         raise DataError(f"{run_dir}: a {run.get('kind')} run does not choose where to look; --locator needs a policy that looks")
     n = len(env.episodes)
     fixed = FixedLocator(locator, env.episodes, seed) if locator != "policy" else None
-    ranks, on_ink, queries = rollout_ranks(module, env, np.arange(n), locator=fixed, with_on_ink=True, with_queries=True)
+    rollout = rollout_ranks(module, env, np.arange(n), locator=fixed)
     trace_env = make_env(run, data_dir, split, num_envs=min(n_traces, n), episodes=episodes, match=match)
     trace_locator = FixedLocator(locator, trace_env.episodes, seed) if locator != "policy" else None
     trace = run_episodes(module, trace_env, np.arange(min(n_traces, n)), locator=trace_locator)
     return {
-        "ranks": ranks,
+        "ranks": rollout.ranks,
         "sketch_id": np.asarray(env.episodes.sketch_id),
         "photo_id": np.asarray(env.episodes.photo_id),
         "n_photos": len(env.episodes.gallery),
-        "queries": queries,
+        "queries": rollout.queries,
         "gallery": env.episodes.gallery,
-        "fovea_on_ink": on_ink if looks else None,
+        "fovea_on_ink": rollout.on_ink if looks else None,
+        "glimpse_cells": float(rollout.cells.mean()) if looks else None,
         "extras": {"trace": trace, "episodes": trace_env.episodes, "env_config": trace_env.config},
     }
 
@@ -303,12 +305,11 @@ def evaluate_triplet_local(embedding: Path, data_dir: Path, split: str, match: s
     options = {"match": match, "n_glimpses": n_glimpses, "local_weight": local_weight, "sketch_order": "sequential"}
     env = make_vector_env({**options, "num_envs": 64, "episodes": episodes})
     n = len(episodes)
-    ranks, on_ink = rollout_ranks(Phase1Query(), env, np.arange(n), locator=FixedLocator(locator, episodes, seed),
-                                  with_on_ink=True)
+    rollout = rollout_ranks(Phase1Query(), env, np.arange(n), locator=FixedLocator(locator, episodes, seed))
     trace_env = make_vector_env({**options, "num_envs": min(n_traces, n), "episodes": episodes})
     trace = run_episodes(Phase1Query(), trace_env, np.arange(min(n_traces, n)), locator=FixedLocator(locator, episodes, seed))
-    return {"ranks": ranks, "sketch_id": np.asarray(episodes.sketch_id), "n_photos": len(episodes.gallery),
-            "fovea_on_ink": on_ink, "extras": {"trace": trace, "episodes": episodes, "env_config": trace_env.config}}
+    return {"ranks": rollout.ranks, "sketch_id": np.asarray(episodes.sketch_id), "n_photos": len(episodes.gallery),
+            "fovea_on_ink": rollout.on_ink, "glimpse_cells": float(rollout.cells.mean()), "extras": {"trace": trace, "episodes": episodes, "env_config": trace_env.config}}
 
 
 class TrainedPolicy:
