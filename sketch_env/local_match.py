@@ -53,6 +53,14 @@ def cell_of(location: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return row * w + col
 
 
+def cell_centres(h: int, w: int) -> torch.Tensor:
+    """(h * w, 2) the sensor location (x, y) of each grid cell's centre, row-major: the inverse of `cell_of`."""
+    ys = (2.0 * torch.arange(h, dtype=torch.float32) + 1.0) / h - 1.0
+    xs = (2.0 * torch.arange(w, dtype=torch.float32) + 1.0) / w - 1.0
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([x.reshape(-1), y.reshape(-1)], dim=-1)
+
+
 def inked_cells(images: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(B, h * w) bool: the grid cells of images (B, H, W) (ink > 0) that hold any ink."""
     b, height, width = images.shape
@@ -158,5 +166,5 @@ def local_cost(match: str, n_glimpses: int, grid: tuple[int, int], local_dim: in
     return dim + cells * NEIGHBOURHOOD**2 * local_dim
 
 
-__all__ = ["BLOCK_ELEMENTS", "DENSE", "LocalGallery", "MATCHES", "NEIGHBOURHOOD", "cell_ink", "cell_of", "grid_similarity",
+__all__ = ["BLOCK_ELEMENTS", "DENSE", "LocalGallery", "MATCHES", "NEIGHBOURHOOD", "cell_centres", "cell_ink", "cell_of", "grid_similarity",
            "inked_cells", "local_cost", "neighbour_cells"]

@@ -11,7 +11,7 @@ import torch
 
 from sketch_env.env import EnvConfig, SketchRetrievalEnv, observation_space
 from sketch_env.gallery import Gallery
-from sketch_env.local_match import LocalGallery, cell_ink, cell_of, grid_similarity, local_cost, neighbour_cells
+from sketch_env.local_match import LocalGallery, cell_centres, cell_ink, cell_of, grid_similarity, local_cost, neighbour_cells
 from sketch_env.metrics import auir
 from sketch_env.render import N_LEVELS
 from sketch_env.vector_env import SketchRetrievalVectorEnv
@@ -192,3 +192,10 @@ def test_episode_data_checks_its_grids(episodes):
     with pytest.raises(ValueError, match="sketch_grids must have shape"):
         dataclasses.replace(grids, sketch_grids=grids.sketch_grids[:, :, :2])
     assert grids.local_shape == (H, W, D_LOCAL) and episodes.local_shape is None
+
+
+def test_cell_centres_are_the_inverse_of_cell_of():
+    centres = cell_centres(4, 8)  # 4 rows, 8 columns
+    assert centres.shape == (32, 2)
+    assert torch.equal(cell_of(centres, 4, 8), torch.arange(32))
+    assert torch.allclose(centres[0], torch.tensor([-7 / 8, -3 / 4])) and torch.allclose(centres[-1], torch.tensor([7 / 8, 3 / 4]))

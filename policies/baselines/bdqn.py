@@ -23,15 +23,14 @@ from torch import nn
 from policies.baselines.feature_policies import SupervisedLearner
 from policies.darp.defaults import ModelConfig
 from policies.darp.module import BOOTSTRAP_MASK, HEAD, DARPModule
+from sketch_env.local_match import cell_centres
 
 LOCATION_CELL = "location_cell"
 
 
 def grid_cells(grid: int) -> torch.Tensor:
     """(grid * grid, 2) cell centres (x, y) of a grid over [-1, 1]^2; cell a = row * grid + column."""
-    centres = (2.0 * torch.arange(grid, dtype=torch.float32) + 1.0) / grid - 1.0
-    y, x = torch.meshgrid(centres, centres, indexing="ij")
-    return torch.stack([x.reshape(-1), y.reshape(-1)], dim=-1)
+    return cell_centres(grid, grid)
 
 
 class QHeads(nn.Module):

@@ -31,6 +31,8 @@ class ModelConfig:
     phase-1 embedding. eval_heads: deterministic location from the mean of the heads or head 0.
     residual_query: the query is the phase-1 embedding plus a learned correction. dropout: on the core
     state before the action network, in updates only. retina_encoder: linear (the paper's) or conv.
+    locator_head: gaussian (the paper's K Gaussian heads over a point) or cells (K heads of logits over the
+    unread inked cells of the local grid, policies.darp.cell_locator; local match only).
     """
 
     hidden: int = 256
@@ -46,6 +48,7 @@ class ModelConfig:
     residual_query: bool = True
     dropout: float = 0.3
     retina_encoder: Literal["linear", "conv"] = "linear"
+    locator_head: Literal["gaussian", "cells"] = "gaussian"
 
     @classmethod
     def of(cls, model_config: dict[str, Any] | None) -> ModelConfig:

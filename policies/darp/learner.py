@@ -4,7 +4,8 @@ Loss per module (method.md, "Hybrid loss"), with m the loss mask over (B, T) and
 - supervised: mean_t ||a_t - e_target||^2 (or the infonce ranking loss, policies.darp.supervised), trains
   glimpse network, core RNN and action network;
 - policy gradient: -sum_{t,k} w_{t,k} log N(v_t | mu_k(h_t), std) (G_t - b_t) / sum w, where w is
-  the bootstrap mask drawn with each experience: head k learns only from experiences with w_k = 1;
+  the bootstrap mask drawn with each experience: head k learns only from experiences with w_k = 1 (with
+  the cell locator, policies.darp.cell_locator, log pi_k(c_t | h_t) of the chosen cell in place of log N);
 - baseline: mean_t (b_t - G_t)^2 (b_t reads h_t detached, so only the baseline layer learns from it);
 - total = rl_weight x (policy gradient + baseline) + sup_lambda x supervised.
 The locator and baseline read h detached, so the RL term never reaches the core (as in the recurrent
@@ -29,6 +30,7 @@ from ray.rllib.core.learner.learner import Learner
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.utils.annotations import override
 
+from policies.darp.cell_locator import CHOSEN_CELL
 from policies.darp.module import BOOTSTRAP_MASK, LOCATION_SAMPLE
 from policies.darp.schedules import StdSchedule
 from policies.darp.supervised import SupervisedObjective, build_supervised_term
@@ -59,9 +61,14 @@ def darp_loss(
         mean = (advantage * mask).sum() / n
         spread = ((((advantage - mean) ** 2) * mask).sum() / n).sqrt()
         advantage = (advantage - mean) / (spread + 1e-6)
-    means = fwd_out["locator_means"]  # (B, T, K, 2)
-    sample = batch[LOCATION_SAMPLE].unsqueeze(-2)  # (B, T, 1, 2)
-    logp = torch.distributions.Normal(means, std).log_prob(sample).sum(-1)  # (B, T, K)
+    if "locator_logits" in fwd_out:  # the cell locator (policies.darp.cell_locator): masked softmax per head
+        logits = fwd_out["locator_logits"]  # (B, T, K, C)
+        chosen = batch[CHOSEN_CELL].long()[..., None, None].expand(*logits.shape[:3], 1)
+        logp = torch.log_softmax(logits, -1).gather(-1, chosen).squeeze(-1)  # (B, T, K)
+    else:
+        means = fwd_out["locator_means"]  # (B, T, K, 2)
+        sample = batch[LOCATION_SAMPLE].unsqueeze(-2)  # (B, T, 1, 2)
+        logp = torch.distributions.Normal(means, std).log_prob(sample).sum(-1)  # (B, T, K)
     weights = batch[BOOTSTRAP_MASK].float() * mask.unsqueeze(-1)
     policy = -(logp * advantage.unsqueeze(-1) * weights).sum() / weights.sum().clamp(min=1.0)
     baseline_loss = (((baseline - returns) ** 2) * mask).sum() / n

@@ -111,6 +111,9 @@ class TrainConfig:
     n_heads: int = arg(MODEL_DEFAULTS.n_heads, "bootstrapped locator heads K")
     bootstrap_p: float = arg(MODEL_DEFAULTS.bootstrap_p, "Bernoulli probability of each head's bootstrap mask", advanced=True)
     grid: int = arg(MODEL_DEFAULTS.grid, "bdqn: locations per side of the grid (grid x grid actions)", advanced=True)
+    locator_head: Literal["gaussian", "cells"] = arg(
+        MODEL_DEFAULTS.locator_head, "darp: where its locator heads point: a Gaussian over a point (the paper's), or "
+        "logits over the unread inked cells of the local grid (--match local; policies.darp.cell_locator)", advanced=True)
     std_start: float = arg(DEFAULT_STD_SCHEDULE.start, "locator std at the start")
     std_end: float = arg(DEFAULT_STD_SCHEDULE.end, "locator std at the end of the schedule")
     std_shape: StdShape = arg(DEFAULT_STD_SCHEDULE.shape, "shape of the std decay", advanced=True)
@@ -227,6 +230,9 @@ def with_algo_defaults(cfg: TrainConfig) -> TrainConfig:
     if cfg.match != "global" and cfg.algo in ("vanilla-pg", "ppo"):
         raise ValueError(f"--match {cfg.match} ranks with local descriptors the policy observes; {cfg.algo} reads the "
                          "phase-1 features only (use darp, its ablations or bdqn)")
+    if cfg.locator_head == "cells" and (cfg.algo != "darp" or cfg.match != "local"):
+        raise ValueError(f"--locator-head cells is darp's locator over the local grid's cells: it needs --algo darp and "
+                         f"--match local (got --algo {cfg.algo} --match {cfg.match})")
     if cfg.algo == "darp-no-exploration":
         values.update(n_heads=1, bootstrap_p=1.0, std_start=NO_EXPLORATION_STD, std_end=NO_EXPLORATION_STD)
     return dataclasses.replace(cfg, **values)
@@ -277,6 +283,11 @@ def _algorithm_config(cfg: TrainConfig):
         from policies.baselines.bdqn import BDQNLearner, BDQNModule
 
         module_class, learner_class = BDQNModule, BDQNLearner
+    elif cfg.locator_head == "cells":
+        from policies.darp.cell_locator import CellLocatorModule
+        from policies.darp.learner import DARPLearner
+
+        module_class, learner_class = CellLocatorModule, DARPLearner
     else:
         return config
     return config.rl_module(rl_module_spec=RLModuleSpec(module_class=module_class)).learners(learner_class=learner_class)
